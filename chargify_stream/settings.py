@@ -1,0 +1,149 @@
+"""The one settings object of every process, read once from the environment.
+
+Nothing else in the project reads ``os.environ``: a process calls :func:`load_settings`
+at start, and hands the frozen result down. A bad value fails there, with a message that
+names the variable. Secrets are :class:`~pydantic.SecretStr` and masked when printed.
+
+libpq's own ``PG*`` variables are left to libpq: ``DATABASE_URL`` may be as short as
+``postgresql:///chargify`` and psycopg fills in the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from chargify_stream.errors import ConfigError
+
+# Local defaults: the addresses `chargify-stream up` starts Kafka and Postgres on.
+DEFAULT_KAFKA = "127.0.0.1:9092"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5433/chargify"
+
+
+class Settings(BaseSettings):
+    """Effective configuration. Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+
+    kafka_bootstrap_servers: str = DEFAULT_KAFKA
+    database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
+    chargify_shared_keys: SecretStr = SecretStr("")
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8080, ge=1, le=65535)
+
+    # Gateway behaviour.
+    gateway_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    gateway_publish_timeout_s: float = Field(default=5.0, gt=0, le=14)
+    gateway_allow_unsigned: bool = False
+
+    # Kafka names. Each can be set alone; KAFKA_TOPIC_PREFIX is put before every one.
+    kafka_topic_prefix: str = ""
+    topic_raw: str = "chargify.webhooks.raw"
+    topic_transactions: str = "chargify.transactions"
+    topic_subscriptions: str = "chargify.subscriptions"
+    topic_deadletter: str = "chargify.deadletter"
+    topic_partitions: int = Field(default=3, ge=1)
+    topic_replication_factor: int = Field(default=1, ge=1)
+    processor_app_id: str = "chargify-processor"
+    sink_group_id: str = "chargify-sink"
+
+    # Processor behaviour.
+    processor_web_port: int = Field(default=6066, ge=1, le=65535)
+    processor_dedup_window_s: int = Field(default=7 * 24 * 3600, ge=60)
+    processor_data_dir: str = ".local/processor"
+
+    # Sink behaviour.
+    sink_batch_size: int = Field(default=500, ge=1)
+    sink_batch_timeout_ms: int = Field(default=200, ge=1)
+    sink_metrics_port: int = Field(default=9108, ge=0, le=65535)
+
+    log_level: str = "INFO"
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _bootstrap_not_empty(cls, value: str) -> str:
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        if not servers or any(":" not in s for s in servers):
+            raise ValueError("expected host:port[,host:port...]")
+        return ",".join(servers)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in {"postgresql", "postgres"}:
+            raise ValueError("expected a postgresql:// URL")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
+        return level
+
+    @property
+    def shared_keys(self) -> tuple[bytes, ...]:
+        """The Chargify site shared keys, as bytes; several during a key rotation."""
+        raw = self.chargify_shared_keys.get_secret_value()
+        return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
+
+    def topic(self, name: str) -> str:
+        """The full name of topic ``raw``, ``transactions``, ``subscriptions`` or ``deadletter``."""
+        return self.kafka_topic_prefix + str(getattr(self, f"topic_{name}"))
+
+    @property
+    def all_topics(self) -> tuple[str, ...]:
+        return tuple(self.topic(n) for n in ("raw", "transactions", "subscriptions", "deadletter"))
+
+    def database_dsn(self) -> str:
+        return self.database_url.get_secret_value()
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as environment variables, to hand to a child process."""
+        out = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            out[name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+        return out
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as plain values, with every secret masked."""
+        out: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if name == "database_url":
+                out[name] = _mask_url(value.get_secret_value())
+            elif isinstance(value, SecretStr):
+                count = len(self.shared_keys) if name == "chargify_shared_keys" else None
+                out[name] = f"****** ({count} keys)" if count is not None else "******"
+            else:
+                out[name] = value
+        return out
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}:******@{host}" if parts.username else f":******@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment once; raise :class:`ConfigError` naming any bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "?"
+            problems.append(f"{field.upper()}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
