@@ -1,0 +1,153 @@
+"""Avro single-object encoding of ``Transaction`` and ``SubscriptionChange`` values.
+
+Wire format (Avro specification, "Single-object encoding")::
+
+    C3 01 | CRC-64-AVRO fingerprint of the writer schema, 8 bytes little-endian | Avro binary
+
+The fingerprint is taken over the schema's Parsing Canonical Form as the specification and
+the Java library define it: logical types are stripped, so a ``timestamp-micros`` field is
+plain ``"long"``. The ``avro`` package's own ``canonical_form`` keeps ``{"type":"long"}``
+there, which gives a different fingerprint than Java consumers compute, so the canonical
+form comes from fastavro and ``avro`` is used to validate the schema files.
+
+Values are written with the current schema (``schemas/avro/*.avsc``). Reading also accepts
+any schema in ``schemas/avro/history/`` and resolves it to the current schema of the same
+record name, so records already on a topic stay readable after a compatible change.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
+from typing import Any
+
+import avro.schema
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import fingerprint as _crc64_hex
+from fastavro.schema import to_parsing_canonical_form
+
+from chargify_stream.errors import UnsupportedSchema
+from schemas.records import SubscriptionChange, Transaction
+
+__all__ = ["MARKER", "decode", "encode", "fingerprint"]
+
+MARKER = b"\xc3\x01"
+_HEADER_LENGTH = len(MARKER) + 8
+
+_RECORD_TYPES: dict[str, Callable[[dict[str, Any]], Transaction | SubscriptionChange]] = {
+    "io.chargifystream.Transaction": Transaction.from_avro,
+    "io.chargifystream.SubscriptionChange": SubscriptionChange.from_avro,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Schema:
+    full_name: str
+    fingerprint: bytes
+    parsed: Any  # fastavro's parsed form
+
+
+@dataclass(frozen=True, slots=True)
+class _Reader:
+    writer: Any
+    reader: Any  # None when the writer schema is the current one: nothing to resolve
+    build: Callable[[dict[str, Any]], Transaction | SubscriptionChange]
+
+
+@dataclass(frozen=True, slots=True)
+class _Registry:
+    current: dict[str, _Schema]  # by full name
+    readers: dict[bytes, _Reader]  # by fingerprint
+
+
+def _load(text: str, origin: str) -> _Schema:
+    avro.schema.parse(text)  # raises on a schema the reference implementation rejects
+    parsed: Any = parse_schema(json.loads(text))
+    full_name: str = parsed["name"]
+    if full_name not in _RECORD_TYPES:
+        raise RuntimeError(f"{origin}: no record type for schema {full_name}")
+    canonical = to_parsing_canonical_form(parsed)
+    return _Schema(full_name, bytes.fromhex(_crc64_hex(canonical, "CRC-64-AVRO")), parsed)
+
+
+def _load_registry(folder: Traversable) -> _Registry:
+    """Current schemas from ``folder``, readers for them and for ``folder/history``."""
+    current: dict[str, _Schema] = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".avsc"):
+            schema = _load(entry.read_text(encoding="utf-8"), entry.name)
+            current[schema.full_name] = schema
+    readers: dict[bytes, _Reader] = {}
+    for entry in sorted(folder.joinpath("history").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".avsc"):
+            old = _load(entry.read_text(encoding="utf-8"), f"history/{entry.name}")
+            if old.full_name not in current:
+                raise RuntimeError(f"history/{entry.name}: {old.full_name} has no current schema")
+            readers[old.fingerprint] = _Reader(
+                old.parsed, current[old.full_name].parsed, _RECORD_TYPES[old.full_name]
+            )
+    for schema in current.values():
+        readers[schema.fingerprint] = _Reader(schema.parsed, None, _RECORD_TYPES[schema.full_name])
+    return _Registry(current, readers)
+
+
+@functools.cache
+def _registry() -> _Registry:
+    return _load_registry(resources.files("schemas").joinpath("avro"))
+
+
+def fingerprint(name: str) -> bytes:
+    """The 8-byte CRC-64-AVRO fingerprint (as on the wire) of the current schema ``name``.
+
+    ``name`` is the record name, short (``Transaction``) or full
+    (``io.chargifystream.Transaction``).
+    """
+    current = _registry().current
+    full_name = name if "." in name else f"io.chargifystream.{name}"
+    try:
+        return current[full_name].fingerprint
+    except KeyError:
+        raise KeyError(f"no current Avro schema named {name!r}") from None
+
+
+def encode(record: Transaction | SubscriptionChange) -> bytes:
+    """Single-object encode ``record`` with its current schema."""
+    schema = _registry().current[f"io.chargifystream.{type(record).__name__}"]
+    out = io.BytesIO()
+    out.write(MARKER)
+    out.write(schema.fingerprint)
+    schemaless_writer(out, schema.parsed, record.to_avro())
+    return out.getvalue()
+
+
+def decode(data: bytes) -> Transaction | SubscriptionChange:
+    """Decode a single-object encoded value written with a current or historical schema.
+
+    Raises ``UnsupportedSchema`` when the marker or fingerprint is unknown, or the body is
+    truncated, corrupt or followed by extra bytes.
+    """
+    if len(data) < _HEADER_LENGTH or data[:2] != MARKER:
+        raise UnsupportedSchema("value is not Avro single-object encoded (no C3 01 header)")
+    found = bytes(data[2:_HEADER_LENGTH])
+    reader = _registry().readers.get(found)
+    if reader is None:
+        raise UnsupportedSchema(f"unknown Avro schema fingerprint {found.hex()}")
+    buffer = io.BytesIO(data)
+    buffer.seek(_HEADER_LENGTH)
+    try:
+        datum = schemaless_reader(buffer, reader.writer, reader.reader)
+        record = reader.build(datum)  # type: ignore[arg-type]
+    # Corrupt bytes surface as whatever the decoder trips on (EOFError, ValueError,
+    # UnicodeDecodeError, OverflowError, ...); all of them mean the same thing here.
+    except Exception as exc:
+        raise UnsupportedSchema(
+            f"Avro body does not decode with schema {found.hex()}: {type(exc).__name__}"
+        ) from exc
+    if buffer.tell() != len(data):
+        raise UnsupportedSchema(f"{len(data) - buffer.tell()} unexpected bytes after Avro body")
+    return record

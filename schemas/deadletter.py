@@ -1,0 +1,163 @@
+"""Dead-letter headers: build them when a record is parked, read them when it is replayed.
+
+A dead-lettered record keeps its key, value and original headers; the ``dlq-*`` headers of
+DESIGN.md say why and where it came from. Replay sends it back to ``dlq-source-topic`` with
+the original headers and ``dlq-replay-count`` + 1.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from schemas import headers
+
+__all__ = [
+    "ERROR_MAX_CHARS",
+    "DeadLetterInfo",
+    "dead_letter_headers",
+    "format_timestamp",
+    "parse_dead_letter",
+    "replay_headers",
+]
+
+ERROR_MAX_CHARS = 500
+
+Headers = list[tuple[str, bytes]]
+
+# A run of text holding both "=" and "&" is form data (a body or part of one). Error
+# messages should never carry it, but a message built from a library exception might.
+_FORM_DATA = re.compile(r"\S*=\S*&\S*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterInfo:
+    """What the ``dlq-*`` headers of a dead-lettered record say."""
+
+    reason: str
+    stage: str
+    error: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    failed_at: datetime | None
+    replay_count: int
+
+
+def _is_dlq(name: str) -> bool:
+    return name.lower().startswith("dlq-")
+
+
+def _clean_error(error: str) -> str:
+    text = _FORM_DATA.sub("[form data removed]", error)
+    text = _CONTROL.sub(" ", text).strip()
+    if len(text) > ERROR_MAX_CHARS:
+        text = text[: ERROR_MAX_CHARS - 3] + "..."
+    return text
+
+
+def _replay_count(original: Sequence[tuple[str, bytes | None]]) -> int:
+    """The last ``dlq-replay-count`` in ``original``; 0 when absent or unreadable."""
+    count = 0
+    for name, value in original:
+        if name.lower() == headers.DLQ_REPLAY_COUNT and value is not None:
+            try:
+                count = max(0, int(value.decode("ascii")))
+            except (UnicodeDecodeError, ValueError):
+                count = 0
+    return count
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 UTC with milliseconds and ``Z``, as in ``received-at`` and ``dlq-failed-at``."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def dead_letter_headers(
+    *,
+    reason: str,
+    stage: str,
+    error: str,
+    source_topic: str,
+    source_partition: int,
+    source_offset: int,
+    original_headers: Sequence[tuple[str, bytes]],
+    replay_count: int | None = None,
+    failed_at: datetime | None = None,
+) -> Headers:
+    """The headers of a dead-letter record: the original ones (minus old ``dlq-*``) + ``dlq-*``.
+
+    ``reason`` must be one of ``headers.REASONS`` and ``stage`` ``processor`` or ``sink``.
+    ``error`` is made single-line, stripped of anything that looks like form data and cut
+    to ``ERROR_MAX_CHARS`` characters. ``replay_count`` defaults to the
+    ``dlq-replay-count`` the original headers carry (a replayed record that fails again),
+    else 0. ``failed_at`` defaults to now.
+    """
+    if reason not in headers.REASONS:
+        raise ValueError(
+            f"unknown dead-letter reason {reason!r}; expected one of {headers.REASONS}"
+        )
+    if stage not in (headers.STAGE_PROCESSOR, headers.STAGE_SINK):
+        raise ValueError(f"unknown dead-letter stage {stage!r}")
+    if replay_count is None:
+        replay_count = _replay_count(original_headers)
+    if failed_at is None:
+        failed_at = datetime.now(UTC)
+    kept = [(name, value) for name, value in original_headers if not _is_dlq(name)]
+    return [
+        *kept,
+        (headers.DLQ_REASON, reason.encode()),
+        (headers.DLQ_STAGE, stage.encode()),
+        (headers.DLQ_ERROR, _clean_error(error).encode()),
+        (headers.DLQ_SOURCE_TOPIC, source_topic.encode()),
+        (headers.DLQ_SOURCE_PARTITION, str(source_partition).encode()),
+        (headers.DLQ_SOURCE_OFFSET, str(source_offset).encode()),
+        (headers.DLQ_FAILED_AT, format_timestamp(failed_at).encode()),
+        (headers.DLQ_REPLAY_COUNT, str(replay_count).encode()),
+    ]
+
+
+def replay_headers(dead_letter: Sequence[tuple[str, bytes]]) -> Headers:
+    """Headers for re-publishing a dead letter: the originals plus ``dlq-replay-count`` + 1."""
+    count = _replay_count(dead_letter)
+    kept = [(name, value) for name, value in dead_letter if not _is_dlq(name)]
+    return [*kept, (headers.DLQ_REPLAY_COUNT, str(count + 1).encode())]
+
+
+def parse_dead_letter(record_headers: Sequence[tuple[str, bytes | None]]) -> DeadLetterInfo | None:
+    """Read the ``dlq-*`` headers; ``None`` unless reason, stage, source topic, partition and
+    offset are all present and readable (the record is not a dead letter)."""
+    found: dict[str, str] = {}
+    for name, value in record_headers:
+        lowered = name.lower()
+        if _is_dlq(lowered) and value is not None:
+            found[lowered] = value.decode("utf-8", errors="replace")
+    try:
+        partition = int(found[headers.DLQ_SOURCE_PARTITION])
+        offset = int(found[headers.DLQ_SOURCE_OFFSET])
+        info = DeadLetterInfo(
+            reason=found[headers.DLQ_REASON],
+            stage=found[headers.DLQ_STAGE],
+            error=found.get(headers.DLQ_ERROR, ""),
+            source_topic=found[headers.DLQ_SOURCE_TOPIC],
+            source_partition=partition,
+            source_offset=offset,
+            failed_at=_parse_time(found.get(headers.DLQ_FAILED_AT)),
+            replay_count=max(0, int(found.get(headers.DLQ_REPLAY_COUNT) or 0)),
+        )
+    except (KeyError, ValueError):
+        return None
+    return info
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment.astimezone(UTC) if moment.tzinfo is not None else None
