@@ -1,0 +1,139 @@
+"""Fixtures shared by every test.
+
+Session-scoped real services (``kafka_service``, ``postgres_service``; see
+``tests/services.py``), and per-test factories that give each test its own topics (a
+unique prefix), consumer groups, Faust app id and database, so tests never see each
+other's records.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.local.ports import free_port
+from chargify_stream.settings import Settings, load_settings
+from sink.migrate import migrate
+from tests.services import KafkaService, PostgresService, start_kafka, start_postgres
+from tests.stages import Stage
+
+TEST_SHARED_KEY = "test-shared-key"
+
+
+@pytest.fixture(scope="session")
+def kafka_service() -> Iterator[KafkaService]:
+    service = start_kafka()
+    yield service
+    service.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_service() -> Iterator[PostgresService]:
+    service = start_postgres()
+    yield service
+    service.close()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def topic_factory(kafka_service: KafkaService) -> Callable[..., str]:
+    """Create a topic with a unique name and return the name."""
+
+    def make(prefix: str = "t", partitions: int = 1) -> str:
+        name = unique(f"{prefix}-")
+        ensure_topics(kafka_service.bootstrap_servers, [name], partitions=partitions)
+        return name
+
+    return make
+
+
+@pytest.fixture
+def database_factory(postgres_service: PostgresService) -> Callable[..., str]:
+    """Create a fresh, migrated database and return its DSN."""
+
+    def make(migrated: bool = True) -> str:
+        dsn = postgres_service.create_database(unique("t_"))
+        if migrated:
+            migrate(dsn)
+        return dsn
+
+    return make
+
+
+@pytest.fixture
+def make_settings(
+    kafka_service: KafkaService,
+    database_factory: Callable[..., str],
+    tmp_path: Path,
+) -> Callable[..., Settings]:
+    """Settings for one test: unique topics (created), groups, app id and database."""
+
+    def make(partitions: int = 1, **overrides: Any) -> Settings:
+        tag = unique("")
+        values: dict[str, Any] = {
+            "kafka_bootstrap_servers": kafka_service.bootstrap_servers,
+            "database_url": overrides.pop("database_url", None) or database_factory(),
+            "chargify_shared_keys": TEST_SHARED_KEY,
+            "kafka_topic_prefix": f"t{tag}.",
+            "topic_partitions": partitions,
+            "processor_app_id": f"processor-{tag}",
+            "sink_group_id": f"sink-{tag}",
+            "gateway_port": free_port(),
+            "processor_web_port": free_port(),
+            "sink_metrics_port": free_port(),
+            "processor_data_dir": str(tmp_path / f"processor-{tag}"),
+            "sink_batch_timeout_ms": 50,
+        }
+        values.update(overrides)
+        settings = load_settings(**values)
+        ensure_topics(settings.kafka_bootstrap_servers, settings.all_topics, partitions=partitions)
+        return settings
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection to the test's database."""
+    with psycopg.connect(settings.database_dsn(), autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def stages(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Stage]]:
+    """Start ``chargify-stream <stage>`` processes; all are stopped at the end of the test."""
+    started: list[Stage] = []
+
+    def start(name: str, settings: Settings, *args: str) -> Stage:
+        stage = Stage(name, settings, tmp_path, *args).start()
+        started.append(stage)
+        return stage
+
+    yield start
+    failed = getattr(request.node, "rep_call", None)
+    for stage in started:
+        if stage.running:
+            stage.kill()
+        if failed is not None and failed.failed:
+            print(f"\n----- {stage.name} log -----\n{stage.log()[-6000:]}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -1,0 +1,90 @@
+"""Small, blocking Kafka helpers for tests: read what a topic holds, write test records."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+
+
+def consume(
+    bootstrap_servers: str,
+    topic: str,
+    *,
+    count: int,
+    timeout: float = 30.0,
+    settle: float = 0.0,
+) -> list[Message]:
+    """Read ``topic`` from the start until ``count`` records arrived (or ``timeout``).
+
+    With ``settle`` > 0, keep reading that long after ``count`` is reached, so a test can
+    prove that nothing *more* arrived (a duplicate, say).
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": f"test-reader-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    consumer.subscribe([topic])
+    out: list[Message] = []
+    deadline = time.monotonic() + timeout
+    settle_until: float | None = None
+    try:
+        while time.monotonic() < deadline:
+            if len(out) >= count and settle_until is None:
+                if settle <= 0:
+                    break
+                settle_until = time.monotonic() + settle
+            if settle_until is not None and time.monotonic() >= settle_until:
+                break
+            msg = consumer.poll(0.2)
+            if msg is None:
+                continue
+            if msg.error():
+                continue
+            out.append(msg)
+    finally:
+        consumer.close()
+    return out
+
+
+def end_offsets(bootstrap_servers: str, topic: str) -> int:
+    """The number of records ever written to ``topic`` (sum of high watermarks)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "watermarks"})
+    try:
+        md = consumer.list_topics(topic, timeout=10)
+        total = 0
+        for p in md.topics[topic].partitions:
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            total += high
+        return total
+    finally:
+        consumer.close()
+
+
+def produce(
+    bootstrap_servers: str,
+    topic: str,
+    records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
+) -> None:
+    """Write (key, value, headers) records and wait until the broker has every one."""
+    producer = Producer({"bootstrap.servers": bootstrap_servers, "acks": "all"})
+    errors: list[str] = []
+
+    def report(err: object, _msg: Message) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    for key, value, headers in records:
+        producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
+    producer.flush(30)
+    assert not errors, errors
+
+
+def headers_of(msg: Message) -> dict[str, bytes]:
+    return {k: v for k, v in (msg.headers() or []) if v is not None}

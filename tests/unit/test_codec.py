@@ -1,0 +1,234 @@
+"""Avro single-object encoding: round trips, the wire header, bad input, older writers."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import pytest
+
+from chargify_stream.errors import UnsupportedSchema
+from schemas import codec
+from schemas.records import ComponentAllocation, SubscriptionChange, Transaction
+
+AVRO = Path(str(resources.files("schemas").joinpath("avro")))
+
+TRANSACTION = Transaction(
+    transaction_id=161537369,
+    kind="payment",
+    amount_cents=6400,
+    currency="USD",
+    customer_reference="cust-1",
+    subscription_id=15100141,
+    memo="Pookie Test - $10 Basic Plan: Renewal payment",
+    occurred_at=datetime(2016, 11, 8, 21, 22, 20, 123456, tzinfo=UTC),
+    webhook_id=141765008,
+    event_id=347299364,
+    event="payment_success",
+    site_id=31615,
+    site_subdomain="general-goods",
+)
+REFUND = Transaction(
+    transaction_id=2**40,
+    kind="refund",
+    amount_cents=-(2**62),
+    customer_reference="ü-ref",
+    refunded_payment_id=161537369,
+    occurred_at=datetime(2013, 11, 27, 0, 59, 35, tzinfo=UTC),
+    webhook_id=2566279204,
+    event="refund_success",
+)
+CHANGE = SubscriptionChange(
+    subscription_id=15100141,
+    customer_reference="cust-1",
+    state="active",
+    product_id=3792003,
+    components=(
+        ComponentAllocation(component_id=277221, component_name="Users", new_allocation=5.0),
+        ComponentAllocation(component_id=1, previous_allocation=0.5, new_allocation=1.5),
+    ),
+    occurred_at=datetime(2012, 11, 19, 16, 59, 13, tzinfo=UTC),
+    webhook_id=177103664,
+    event="component_allocation_change",
+)
+RECORDS = [TRANSACTION, REFUND, CHANGE]
+
+
+def _crc64_avro(data: bytes) -> int:
+    """CRC-64-AVRO exactly as the Avro specification's reference code computes it."""
+    empty = 0xC15D213AA4D7A795
+    table = []
+    for i in range(256):
+        fp = i
+        for _ in range(8):
+            fp = (fp >> 1) ^ (empty & -(fp & 1))
+        table.append(fp)
+    fp = empty
+    for byte in data:
+        fp = (fp >> 8) ^ table[(fp ^ byte) & 0xFF]
+    return fp
+
+
+def test_crc_reference_matches_the_specification_test_vector() -> None:
+    # share/test/data/schema-tests.txt in the Avro repository: "null" -> 7195948357588979594.
+    assert _crc64_avro(b'"null"') == 7195948357588979594
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.event)
+def test_round_trip(record: Transaction | SubscriptionChange) -> None:
+    decoded = codec.decode(codec.encode(record))
+    assert decoded == record
+    assert type(decoded) is type(record)
+    assert decoded.occurred_at.tzinfo is not None
+
+
+def test_round_trip_normalises_offsets_to_utc() -> None:
+    eastern = datetime(2016, 11, 8, 16, 22, 20, tzinfo=timezone(timedelta(hours=-5)))
+    decoded = codec.decode(codec.encode(dataclasses.replace(TRANSACTION, occurred_at=eastern)))
+    assert decoded.occurred_at == eastern
+    assert decoded.occurred_at.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(
+    ("record", "name", "file"),
+    [
+        (TRANSACTION, "Transaction", "transaction.avsc"),
+        (CHANGE, "SubscriptionChange", "subscription_change.avsc"),
+    ],
+)
+def test_header_is_marker_then_spec_fingerprint(
+    record: Transaction | SubscriptionChange, name: str, file: str
+) -> None:
+    data = codec.encode(record)
+    assert data[:2] == b"\xc3\x01"
+    assert data[2:10] == codec.fingerprint(name) == codec.fingerprint(f"io.chargifystream.{name}")
+    canonical = fastavro.schema.to_parsing_canonical_form(
+        fastavro.parse_schema(json.loads((AVRO / file).read_text()))
+    )
+    # Logical types are stripped from the canonical form, as in Java's SchemaNormalization.
+    assert '"logicalType"' not in canonical and '{"name":"occurred_at","type":"long"}' in canonical
+    assert data[2:10] == _crc64_avro(canonical.encode()).to_bytes(8, "little")
+
+
+def test_body_is_plain_avro_binary() -> None:
+    data = codec.encode(TRANSACTION)
+    schema = fastavro.parse_schema(json.loads((AVRO / "transaction.avsc").read_text()))
+    datum: Any = fastavro.schemaless_reader(io.BytesIO(data[10:]), schema, None)
+    assert datum["transaction_id"] == 161537369
+    assert datum["occurred_at"] == TRANSACTION.occurred_at
+
+
+def test_fingerprint_of_unknown_name() -> None:
+    with pytest.raises(KeyError):
+        codec.fingerprint("Nope")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\xc3", b"\xc3\x01", b"\x00\x01" + bytes(8) + b"\x02", b"\xc3\x02" + bytes(10)],
+)
+def test_bad_marker_is_unsupported(data: bytes) -> None:
+    with pytest.raises(UnsupportedSchema):
+        codec.decode(data)
+
+
+def test_unknown_fingerprint_is_unsupported() -> None:
+    data = bytearray(codec.encode(TRANSACTION))
+    data[2] ^= 0xFF
+    with pytest.raises(UnsupportedSchema, match="fingerprint"):
+        codec.decode(bytes(data))
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.event)
+def test_every_truncation_is_unsupported(record: Transaction | SubscriptionChange) -> None:
+    data = codec.encode(record)
+    for end in range(len(data)):
+        with pytest.raises(UnsupportedSchema):
+            codec.decode(data[:end])
+
+
+def test_trailing_bytes_are_unsupported() -> None:
+    with pytest.raises(UnsupportedSchema):
+        codec.decode(codec.encode(TRANSACTION) + b"\x00")
+
+
+def test_unsupported_schema_carries_its_reason() -> None:
+    with pytest.raises(UnsupportedSchema) as caught:
+        codec.decode(b"not avro")
+    assert caught.value.reason == "unsupported_schema"
+
+
+def _single_object(schema_json: dict[str, object], datum: dict[str, object]) -> bytes:
+    parsed = fastavro.parse_schema(schema_json)
+    canonical = fastavro.schema.to_parsing_canonical_form(parsed)
+    out = io.BytesIO()
+    out.write(b"\xc3\x01" + _crc64_avro(canonical.encode()).to_bytes(8, "little"))
+    fastavro.schemaless_writer(out, parsed, datum)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("path", sorted((AVRO / "history").glob("*.avsc")), ids=lambda p: p.name)
+def test_values_written_with_each_history_schema_decode(path: Path) -> None:
+    schema = json.loads(path.read_text())
+    record = TRANSACTION if schema["name"] == "Transaction" else CHANGE
+    fields = {field["name"] for field in schema["fields"]}
+    datum = {k: v for k, v in record.to_avro().items() if k in fields}
+    decoded = codec.decode(_single_object(schema, datum))
+    assert type(decoded) is type(record)
+    assert {k: v for k, v in decoded.to_avro().items() if k in fields} == datum
+
+
+def test_an_older_writer_is_resolved_to_the_current_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer schema that lacks a defaulted field decodes with the default filled in."""
+    (tmp_path / "history").mkdir()
+    for file in ("transaction.avsc", "subscription_change.avsc"):
+        (tmp_path / file).write_text((AVRO / file).read_text())
+    older = json.loads((AVRO / "transaction.avsc").read_text())
+    older["fields"] = [f for f in older["fields"] if f["name"] not in ("site_id", "site_subdomain")]
+    (tmp_path / "history" / "transaction.v0.avsc").write_text(json.dumps(older))
+    registry = codec._load_registry(tmp_path)
+    monkeypatch.setattr(codec, "_registry", lambda: registry)
+
+    datum = {
+        k: v for k, v in TRANSACTION.to_avro().items() if k not in ("site_id", "site_subdomain")
+    }
+    decoded = codec.decode(_single_object(older, datum))
+    assert decoded == dataclasses.replace(TRANSACTION, site_id=None, site_subdomain=None)
+    # Without the history file the same bytes are refused.
+    (tmp_path / "history" / "transaction.v0.avsc").unlink()
+    monkeypatch.setattr(codec, "_registry", lambda: codec._load_registry(tmp_path))
+    with pytest.raises(UnsupportedSchema, match="fingerprint"):
+        codec.decode(_single_object(older, datum))
+
+
+def test_record_fields_mirror_the_schemas() -> None:
+    for cls, file in (
+        (Transaction, "transaction.avsc"),
+        (SubscriptionChange, "subscription_change.avsc"),
+    ):
+        schema = json.loads((AVRO / file).read_text())
+        fields = dataclasses.fields(cls)
+        assert [f.name for f in fields] == [f["name"] for f in schema["fields"]]
+        for field, avro_field in zip(fields, schema["fields"], strict=True):
+            has_default = field.default is not dataclasses.MISSING
+            assert has_default == ("default" in avro_field), field.name
+    items = json.loads((AVRO / "subscription_change.avsc").read_text())["fields"][8]["type"][
+        "items"
+    ]
+    fields = dataclasses.fields(ComponentAllocation)
+    assert [f.name for f in fields] == [f["name"] for f in items["fields"]]
+
+
+def test_records_reject_naive_times_and_bad_kinds() -> None:
+    with pytest.raises(ValueError):
+        dataclasses.replace(TRANSACTION, occurred_at=datetime(2016, 1, 1))
+    with pytest.raises(ValueError):
+        dataclasses.replace(TRANSACTION, kind="charge")  # type: ignore[arg-type]
