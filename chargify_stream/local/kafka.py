@@ -156,6 +156,11 @@ class LocalKafka:
             "num.network.threads": "2",
             "num.io.threads": "2",
             "auto.create.topics.enable": "false",
+            # After a SIGKILL the controller refuses the restarted broker
+            # (DUPLICATE_BROKER_REGISTRATION) until the old session expires: 9 s by
+            # default. One local node needs no such grace.
+            "broker.session.timeout.ms": "3000",
+            "broker.heartbeat.interval.ms": "1000",
             # Durability on one node: every write is fsynced-by-OS-page-cache like any
             # single broker; min.insync.replicas=1 is all one node can offer.
             "min.insync.replicas": "1",
