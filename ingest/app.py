@@ -2,9 +2,10 @@
 
 ``POST /webhooks/chargify`` checks, in this order, what can be checked cheapest and
 before reading more than needed: method and path, content type, declared length, the
-body (read up to the limit), the signature over the raw bytes, and the few fields the
-record needs. Only then is the body published, byte for byte; 200 means the broker has
-it. Every refusal is counted by reason and logged without secrets or bodies.
+body (read up to the limit, never further), the signature over the raw bytes, and the
+few fields the record needs. Only then is the body published, byte for byte; 200 means
+the broker acknowledged it. Every refusal is counted by reason and logged without
+secrets or bodies; no input, and no bug, escapes as an unanswered request.
 
 =========================  ======  ==========================================
 outcome                    status  Chargify's reaction
@@ -15,12 +16,16 @@ body over the limit        413     retries
 not a form                 415     retries
 undecodable / no id/event  400     retries
 broker down or slow        503     retries: nothing acknowledged is lost
+a bug in the gateway       500     retries
 =========================  ======  ==========================================
+
+``event=test`` (Chargify's endpoint test) is published like any webhook: DESIGN.md keeps
+it on the raw topic and the processor ignores it. The 2010-style test body has no id, so
+its record has no key and no ``chargify-webhook-id`` header.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -35,28 +40,37 @@ from ingest.publisher import Headers, PublishError
 from ingest.signature import verify
 from schemas import headers as h
 
+__all__ = ["WEBHOOK_PATH", "GatewayApp", "Sink"]
+
 log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+Hook = Callable[[], Awaitable[None]]
 
 WEBHOOK_PATH = "/webhooks/chargify"
 SIGNATURE_HEADER = b"x-chargify-webhook-signature-hmac-sha-256"
 SIGNATURE_PARAM = "signature_hmac_sha_256"
 FORM_TYPE = b"application/x-www-form-urlencoded"
 
+_TEXT = (b"content-type", b"text/plain; charset=utf-8")
+
 
 class Sink(Protocol):
-    """What the app publishes through (a :class:`~ingest.publisher.Publisher`)."""
+    """Where the app publishes (a :class:`~ingest.publisher.Publisher`, or a test double)."""
 
-    async def publish(self, topic: str, key: bytes, value: bytes, headers: Headers) -> None: ...
+    async def publish(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers
+    ) -> None: ...
 
-    def ping(self, topic: str, timeout: float = 2.0) -> bool: ...
+    async def ready(self, topic: str) -> bool: ...
 
 
 class _Reject(Exception):
+    """A webhook refused with ``status``; ``reason`` is its metrics label."""
+
     def __init__(self, status: int, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.status = status
@@ -65,55 +79,63 @@ class _Reject(Exception):
 
 
 class GatewayApp:
-    """ASGI app; ``publisher`` is any :class:`Sink`, so tests may hand in another."""
+    """The ASGI app. ``startup``/``shutdown`` run in the lifespan (they own the producer)."""
 
     def __init__(
         self,
         *,
-        publisher: Sink,
+        sink: Sink,
         topic: str,
         shared_keys: tuple[bytes, ...],
         max_body_bytes: int,
         allow_unsigned: bool = False,
         metrics: GatewayMetrics | None = None,
-        on_startup: Callable[[], None] | None = None,
-        on_shutdown: Callable[[], None] | None = None,
+        startup: Hook | None = None,
+        shutdown: Hook | None = None,
     ) -> None:
-        self.publisher = publisher
+        self.sink = sink
         self.topic = topic
         self.shared_keys = shared_keys
         self.max_body_bytes = max_body_bytes
         self.allow_unsigned = allow_unsigned
         self.metrics = metrics or GatewayMetrics()
-        self._on_startup = on_startup
-        self._on_shutdown = on_shutdown
+        self._startup = startup
+        self._shutdown = shutdown
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
             await self._lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
         method = scope["method"]
         if path == WEBHOOK_PATH:
-            if method != "POST":
-                await _respond(send, 405, b"method not allowed\n", [(b"allow", b"POST")])
-                return
-            await self._webhook(scope, receive, send)
+            if method == "POST":
+                await self._webhook(scope, receive, send)
+            else:
+                self._refused(scope, _Reject(405, "method", f"method {method} not allowed"))
+                self.metrics.answered(405)
+                await _respond(send, 405, b"method not allowed\n", (b"allow", b"POST"))
         elif path in ("/healthz", "/readyz", "/metrics"):
             if method not in ("GET", "HEAD"):
-                await _respond(send, 405, b"method not allowed\n", [(b"allow", b"GET")])
+                await _respond(send, 405, b"method not allowed\n", (b"allow", b"GET, HEAD"))
             elif path == "/healthz":
                 await _respond(send, 200, b"ok\n")
             elif path == "/readyz":
-                ok = await asyncio.to_thread(self.publisher.ping, self.topic)
+                try:
+                    ok = await self.sink.ready(self.topic)
+                except Exception:
+                    log.exception("readiness check failed")
+                    ok = False
                 await _respond(
                     send, 200 if ok else 503, b"ready\n" if ok else b"broker unreachable\n"
                 )
             else:
                 body = self.metrics.render()
-                await _respond(send, 200, body, [(b"content-type", METRICS_CONTENT_TYPE.encode())])
+                await _respond(send, 200, body, (b"content-type", METRICS_CONTENT_TYPE.encode()))
         else:
             await _respond(send, 404, b"not found\n")
 
@@ -121,12 +143,22 @@ class GatewayApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                if self._on_startup is not None:
-                    self._on_startup()
+                try:
+                    if self._startup is not None:
+                        await self._startup()
+                except Exception as exc:
+                    log.exception("gateway startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self._on_shutdown is not None:
-                    self._on_shutdown()
+                try:
+                    if self._shutdown is not None:
+                        await self._shutdown()
+                except Exception as exc:
+                    log.exception("gateway shutdown failed")
+                    await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
+                    return
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -134,61 +166,83 @@ class GatewayApp:
         metrics = self.metrics
         metrics.in_flight.inc()
         try:
-            status = await self._handle(scope, receive)
-        except _Reject as rej:
-            metrics.rejects.labels(rej.reason).inc()
-            log.warning("rejected webhook: %s (%s)", rej.reason, rej.detail)
-            status = rej.status
-            await _respond(send, status, rej.detail.encode() + b"\n")
-        else:
-            await _respond(send, status, b"ok\n")
+            try:
+                await self._accept(scope, receive)
+                status, text = 200, b"ok\n"
+            except _Reject as rej:
+                self._refused(scope, rej)
+                status, text = rej.status, rej.detail.encode() + b"\n"
+            except Exception:
+                # A bug, not bad input: answer so Chargify retries, and keep serving.
+                log.exception("internal error while handling a webhook")
+                metrics.rejects.labels("internal").inc()
+                status, text = 500, b"internal error, retry later\n"
+            metrics.answered(status)
+            try:
+                await _respond(send, status, text)
+            except Exception as exc:
+                # The client went away before its answer; what was published stays published.
+                log.info("could not answer a webhook (%s): %s", status, exc)
         finally:
             metrics.in_flight.dec()
-        metrics.requests.labels(str(status)).inc()
 
-    async def _handle(self, scope: Scope, receive: Receive) -> int:
+    def _refused(self, scope: Scope, rej: _Reject) -> None:
+        self.metrics.rejects.labels(rej.reason).inc()
+        log.warning(
+            "webhook refused: status=%d reason=%s source_ip=%s detail=%s",
+            rej.status,
+            rej.reason,
+            _client_ip(scope),
+            rej.detail,
+        )
+
+    async def _accept(self, scope: Scope, receive: Receive) -> None:
+        """Check, then publish one webhook; raise :class:`_Reject` to refuse it."""
+        received_at = datetime.now(UTC)
         headers = dict(scope["headers"])
         ctype = headers.get(b"content-type", b"")
-        if ctype.split(b";", 1)[0].strip().lower() != FORM_TYPE:
+        if ctype.partition(b";")[0].strip().lower() != FORM_TYPE:
             raise _Reject(415, "content_type", "expected application/x-www-form-urlencoded")
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            # Refused before reading a byte of the body (and before a 100-continue).
             raise _Reject(413, "too_large", f"body over {self.max_body_bytes} bytes")
         body = await self._read_body(receive)
 
-        provided = headers.get(SIGNATURE_HEADER)
-        if provided is None and scope.get("query_string"):
-            values = parse_qs(scope["query_string"].decode("latin-1")).get(SIGNATURE_PARAM)
-            provided = values[0].encode("latin-1") if values else None
-        if not verify(self.shared_keys, body, provided):
+        if not verify(self.shared_keys, body, headers.get(SIGNATURE_HEADER), _query_sig(scope)):
             if not self.allow_unsigned:
-                raise _Reject(401, "bad_signature" if provided else "no_signature", "bad signature")
-            log.warning("accepting a webhook WITHOUT a valid signature (GATEWAY_ALLOW_UNSIGNED)")
+                signed = bool(headers.get(SIGNATURE_HEADER) or _query_sig(scope))
+                reason = "bad_signature" if signed else "no_signature"
+                raise _Reject(401, reason, "missing or invalid signature")
+            log.warning(
+                "ACCEPTING A WEBHOOK WITHOUT A VALID SIGNATURE (GATEWAY_ALLOW_UNSIGNED=true)"
+            )
 
         try:
             fr = frame(body)
         except FramingError as exc:
-            raise _Reject(400, "malformed", str(exc)) from None
+            raise _Reject(400, exc.reason, str(exc)) from None
 
-        client = scope.get("client")
-        record_headers: list[tuple[str, bytes]] = [
-            (h.WEBHOOK_ID, fr.webhook_id.encode()),
+        record_headers: list[tuple[str, bytes]] = []
+        if fr.webhook_id is not None:
+            record_headers.append((h.WEBHOOK_ID, fr.webhook_id.encode()))
+        record_headers += [
             (h.EVENT, fr.event.encode()),
-            (h.RECEIVED_AT, _now_rfc3339().encode()),
+            (h.RECEIVED_AT, _rfc3339(received_at).encode()),
             (h.CONTENT_TYPE, ctype),
-            (h.SOURCE_IP, (client[0] if client else "").encode()),
+            (h.SOURCE_IP, _client_ip(scope).encode()),
         ]
         started = time.perf_counter()
         try:
-            await self.publisher.publish(self.topic, fr.key, body, record_headers)
+            await self.sink.publish(self.topic, fr.key, body, record_headers)
         except PublishError as exc:
             raise _Reject(503, "broker_unavailable", f"not stored, retry later: {exc}") from None
-        self.metrics.publish_seconds.observe(time.perf_counter() - started)
+        finally:
+            self.metrics.publish_seconds.observe(time.perf_counter() - started)
         self.metrics.published.labels(fr.event).inc()
-        log.debug("published webhook %s (%s)", fr.webhook_id, fr.event)
-        return 200
 
     async def _read_body(self, receive: Receive) -> bytes:
+        """The whole body, or :class:`_Reject` as soon as it passes the limit."""
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -198,23 +252,39 @@ class GatewayApp:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                # Stop reading here: the rest of an oversized body is never buffered.
+                # Stop here: the rest of an oversized body is never buffered.
                 raise _Reject(413, "too_large", f"body over {self.max_body_bytes} bytes")
-            chunks.append(chunk)
             if not message.get("more_body", False):
+                if not chunks:
+                    return bytes(chunk)
+                chunks.append(chunk)
                 return b"".join(chunks)
+            chunks.append(chunk)
 
 
-def _now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def _query_sig(scope: Scope) -> str | None:
+    """The ``signature_hmac_sha_256`` query parameter (WEBHOOKS.md §2.1), if any."""
+    query: bytes = scope.get("query_string", b"")
+    if SIGNATURE_PARAM.encode() not in query:
+        return None
+    values = parse_qs(query.decode("latin-1")).get(SIGNATURE_PARAM)
+    return values[0] if values else None
+
+
+def _client_ip(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def _respond(
-    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+    send: Send, status: int, body: bytes, header: tuple[bytes, bytes] = _TEXT
 ) -> None:
-    headers = [(b"content-length", str(len(body)).encode())]
-    if not extra or all(k != b"content-type" for k, _ in extra):
-        headers.append((b"content-type", b"text/plain; charset=utf-8"))
-    headers.extend(extra or [])
+    headers = [(b"content-length", str(len(body)).encode()), header]
+    if header[0] != b"content-type":
+        headers.append(_TEXT)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -1,4 +1,16 @@
-"""The gateway's Prometheus metrics, in a registry of its own (one per app instance)."""
+"""The gateway's Prometheus metrics, in a registry of its own (one per app instance).
+
+Exposed on ``GET /metrics``:
+
+- ``gateway_requests_total{status}``: webhook requests answered, by HTTP status;
+- ``gateway_rejects_total{reason}``: webhook requests refused, by reason code;
+- ``gateway_published_total{event}``: webhooks the broker acknowledged, by Chargify event;
+- ``gateway_publish_seconds``: histogram, produce to broker acknowledgement (or failure);
+- ``gateway_in_flight``: webhook requests being handled now.
+
+Label values are bounded: statuses and reasons are fixed sets, and events reach the
+``published`` counter only after the signature check, so only Chargify names them.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +18,29 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+# Why a webhook was refused; every refusal is counted under exactly one of these.
+REJECT_REASONS = (
+    "method",  # 405
+    "content_type",  # 415
+    "too_large",  # 413
+    "disconnected",  # the client went away mid-body
+    "no_signature",  # 401
+    "bad_signature",  # 401
+    "not_utf8",  # 400
+    "bad_escape",  # 400
+    "no_id",  # 400
+    "no_event",  # 400
+    "broker_unavailable",  # 503
+    "internal",  # 500: a bug; Chargify retries
+)
+
+_STATUSES = (200, 400, 401, 405, 413, 415, 500, 503)
+
 
 class GatewayMetrics:
+    """The gateway's metrics; children for known label values are created up front, so
+    every series shows (as 0) from the first scrape and the hot path skips ``labels()``."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -33,10 +66,21 @@ class GatewayMetrics:
         )
         self.publish_seconds = Histogram(
             "gateway_publish_seconds",
-            "Time from produce to broker acknowledgement",
+            "Time from produce to broker acknowledgement or failure",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self._status = {s: self.requests.labels(str(s)) for s in _STATUSES}
+        for reason in REJECT_REASONS:
+            self.rejects.labels(reason)
+
+    def answered(self, status: int) -> None:
+        """Count one webhook request answered with ``status``."""
+        child = self._status.get(status)
+        if child is None:
+            child = self._status[status] = self.requests.labels(str(status))
+        child.inc()
 
     def render(self) -> bytes:
+        """The registry in Prometheus' text format."""
         return generate_latest(self.registry)

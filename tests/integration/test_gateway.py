@@ -1,0 +1,503 @@
+"""The gateway as a real process (``chargify-stream gateway``) against the real broker.
+
+One gateway serves most tests of this module (starting a process per test would cost
+seconds each); every test reads the raw topic's growth (its end offset, which an
+``acks=all`` write has moved before the broker answers) or the records themselves, so
+"200" is checked to mean "on the topic" and a refusal to mean "nothing published". The
+test that stops the broker runs last and always starts it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from confluent_kafka import KafkaError
+
+from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.local.ports import free_port
+from chargify_stream.settings import Settings, load_settings
+from ingest.publisher import Publisher
+from ingest.signature import sign
+from tests.builders import build_body
+from tests.kafka_tools import consume, end_offsets, headers_of
+from tests.samples import raw_form_samples
+from tests.services import KafkaService
+from tests.stages import Stage
+
+pytestmark = pytest.mark.integration
+
+# Two keys, as during a rotation, plus the key of Chargify's documented example.
+CURRENT_KEY = "current-shared-key"
+PREVIOUS_KEY = "previous-shared-key"
+DOCS_KEY = "123"
+FORM = "application/x-www-form-urlencoded"
+SIGNATURE = "X-Chargify-Webhook-Signature-Hmac-Sha-256"
+PUBLISH_TIMEOUT_S = 2.0
+
+DOCS_BODY = b"payload[chargify]=testing&event=test"
+DOCS_SIGNATURE = "19826d51b9f866b26eda1f154de192593360f8d0bcb63df8a28540a5dcf733f1"
+
+
+class Gateway:
+    """A running gateway, its settings, and a client for it."""
+
+    def __init__(self, stage: Stage, settings: Settings) -> None:
+        self.stage = stage
+        self.settings = settings
+        self.base = f"http://127.0.0.1:{settings.gateway_port}"
+        self.client = httpx.Client(base_url=self.base, timeout=20)
+
+    @property
+    def topic(self) -> str:
+        return self.settings.topic("raw")
+
+    @property
+    def bootstrap(self) -> str:
+        return self.settings.kafka_bootstrap_servers
+
+    def post(
+        self,
+        body: bytes,
+        *,
+        key: str | None = CURRENT_KEY,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        """POST ``body`` as Chargify does: form content type, signed with ``key``."""
+        sent = {"Content-Type": FORM}
+        if key is not None:
+            sent[SIGNATURE] = sign(key.encode(), body)
+        sent.update(headers or {})
+        return self.client.post("/webhooks/chargify", content=body, headers=sent, params=params)
+
+    def published(self) -> int:
+        return end_offsets(self.bootstrap, self.topic)
+
+    def metric(self, name: str) -> float:
+        """One sample's value from ``/metrics`` (0 when the series is absent)."""
+        for line in self.client.get("/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+
+def gateway_settings(kafka: KafkaService, **overrides: Any) -> Settings:
+    """Settings for a gateway of its own: a unique raw topic, a free port, rotation keys."""
+    tag = f"gw{time.monotonic_ns()}"
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": kafka.bootstrap_servers,
+        "chargify_shared_keys": f"{CURRENT_KEY},{PREVIOUS_KEY},{DOCS_KEY}",
+        "kafka_topic_prefix": f"t{tag}.",
+        "topic_partitions": 3,
+        "gateway_port": free_port(),
+        "gateway_publish_timeout_s": PUBLISH_TIMEOUT_S,
+    }
+    values.update(overrides)
+    settings = load_settings(**values)
+    ensure_topics(settings.kafka_bootstrap_servers, [settings.topic("raw")], partitions=3)
+    return settings
+
+
+def start_gateway(settings: Settings, log_dir: Path) -> Gateway:
+    stage = Stage("gateway", settings, log_dir).start()
+    gateway = Gateway(stage, settings)
+    stage.wait_http_ready(f"{gateway.base}/readyz")
+    return gateway
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    kafka_service: KafkaService, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    gw = start_gateway(gateway_settings(kafka_service), tmp_path_factory.mktemp("gateway"))
+    yield gw
+    gw.client.close()
+    gw.stage.kill()
+
+
+@pytest.fixture
+def gateway_log(gateway: Gateway, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Print the shared gateway's log when the test using it failed."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(f"\n----- gateway log -----\n{gateway.stage.log()[-6000:]}")
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# -- signatures --------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("gateway_log")
+class TestSignatures:
+    def test_documented_example_is_accepted_and_published_unchanged(self, gateway: Gateway) -> None:
+        before = gateway.published()
+        response = gateway.post(DOCS_BODY, key=None, headers={SIGNATURE: DOCS_SIGNATURE})
+        assert response.status_code == 200, response.text
+        assert gateway.published() == before + 1
+        records = consume(gateway.bootstrap, gateway.topic, count=before + 1)
+        [record] = [r for r in records if r.value() == DOCS_BODY]
+        # The 2010-style test body has no id: no key, no webhook-id header.
+        assert record.key() is None
+        assert headers_of(record)["chargify-event"] == b"test"
+        assert "chargify-webhook-id" not in headers_of(record)
+
+    def test_both_keys_of_a_rotation_are_accepted(self, gateway: Gateway) -> None:
+        before = gateway.published()
+        for key in (CURRENT_KEY, PREVIOUS_KEY):
+            body = build_body("payment_success")
+            assert gateway.post(body, key=key).status_code == 200
+        assert gateway.published() == before + 2
+
+    def test_query_parameter_signature_is_accepted(self, gateway: Gateway) -> None:
+        body = build_body("signup_success")
+        before = gateway.published()
+        response = gateway.post(
+            body, key=None, params={"signature_hmac_sha_256": sign(CURRENT_KEY.encode(), body)}
+        )
+        assert response.status_code == 200, response.text
+        assert gateway.published() == before + 1
+
+    @pytest.mark.parametrize(
+        ("signature", "reason"),
+        [
+            (None, "no_signature"),
+            ("", "no_signature"),
+            ("signed-with-another-key", "bad_signature"),
+            ("signed-over-another-body", "bad_signature"),
+            ("0" * 64, "bad_signature"),
+            ("not hex", "bad_signature"),
+        ],
+    )
+    def test_missing_or_wrong_signature_is_401_and_nothing_is_published(
+        self, gateway: Gateway, signature: str | None, reason: str
+    ) -> None:
+        body = build_body("payment_success")
+        if signature == "signed-with-another-key":
+            signature = sign(b"not-a-configured-key", body)
+        elif signature == "signed-over-another-body":
+            signature = sign(CURRENT_KEY.encode(), body + b"&x=1")
+        headers = {} if signature is None else {SIGNATURE: signature}
+        rejected = f'gateway_rejects_total{{reason="{reason}"}}'
+        before, counted = gateway.published(), gateway.metric(rejected)
+        response = gateway.post(body, key=None, headers=headers)
+        assert response.status_code == 401
+        assert gateway.published() == before
+        assert gateway.metric(rejected) == counted + 1
+
+
+# -- what a 200 means ----------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("gateway_log")
+class TestPublishing:
+    def test_200_comes_after_the_record_is_readable(self, gateway: Gateway) -> None:
+        body = build_body("payment_success", webhook_id=4_100_000_001, subscription_id=77001)
+        before = gateway.published()
+        response = gateway.post(body)
+        assert response.status_code == 200, response.text
+        # No waiting: with acks=all the end offset moved before the broker answered.
+        assert gateway.published() == before + 1
+        records = consume(gateway.bootstrap, gateway.topic, count=before + 1)
+        [record] = [r for r in records if r.value() == body]
+        assert record.key() == b"77001"
+        hdrs = headers_of(record)
+        assert hdrs["chargify-webhook-id"] == b"4100000001"
+        assert hdrs["chargify-event"] == b"payment_success"
+        assert hdrs["content-type"] == FORM.encode()
+        assert hdrs["source-ip"] == b"127.0.0.1"
+        assert hdrs["received-at"].endswith(b"Z")
+
+    def test_key_falls_back_to_the_webhook_id(self, gateway: Gateway) -> None:
+        body = b"id=4100000002&event=customer_update&payload[customer][id]=9"
+        before = gateway.published()
+        assert gateway.post(body).status_code == 200
+        records = consume(gateway.bootstrap, gateway.topic, count=before + 1)
+        [record] = [r for r in records if r.value() == body]
+        assert record.key() == b"4100000002"
+
+    def test_chargify_endpoint_test_is_200(self, gateway: Gateway) -> None:
+        body = b"id=123456&event=test&payload[chargify]=testing"
+        before = gateway.published()
+        assert gateway.post(body).status_code == 200
+        assert gateway.published() == before + 1
+
+    def test_a_duplicate_delivery_is_published_again(self, gateway: Gateway) -> None:
+        body = build_body("payment_success", webhook_id=4_100_000_003)
+        before = gateway.published()
+        assert [gateway.post(body).status_code for _ in range(2)] == [200, 200]
+        assert gateway.published() == before + 2
+        records = consume(gateway.bootstrap, gateway.topic, count=before + 2)
+        assert sum(r.value() == body for r in records) == 2
+
+    def test_every_raw_sample_is_accepted_and_published_byte_for_byte(
+        self, gateway: Gateway
+    ) -> None:
+        samples = raw_form_samples()
+        assert len(samples) >= 20, sorted(samples)
+        before = gateway.published()
+        for name, body in samples.items():
+            response = gateway.post(body)
+            assert response.status_code == 200, (name, response.text)
+        assert gateway.published() == before + len(samples)
+        records = consume(gateway.bootstrap, gateway.topic, count=before + len(samples))
+        values = [r.value() for r in records]
+        for name, body in samples.items():
+            assert body in values, f"{name} not on the topic byte for byte"
+
+    def test_probes_and_metrics(self, gateway: Gateway) -> None:
+        assert gateway.client.get("/healthz").status_code == 200
+        assert gateway.client.get("/readyz").status_code == 200
+        metrics = gateway.client.get("/metrics")
+        assert metrics.status_code == 200
+        assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert gateway.metric('gateway_requests_total{status="200"}') >= 1
+        assert gateway.metric("gateway_publish_seconds_count") >= 1
+        assert "gateway_in_flight " in metrics.text
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+def raw_exchange(gateway: Gateway, head: bytes, chunks: list[bytes]) -> bytes:
+    """Send ``head`` and then ``chunks`` on a raw socket until the server answers.
+
+    Returns the first bytes of the answer. The server may answer (and close) before it
+    has all chunks: that is the point of the 413 tests, so a reset while sending is fine.
+    """
+    with socket.create_connection(("127.0.0.1", gateway.settings.gateway_port), 10) as sock:
+        sock.sendall(head)
+        sock.settimeout(0.05)
+        for chunk in chunks:
+            try:
+                answer = sock.recv(4096)
+            except TimeoutError:
+                answer = b""
+            if answer:
+                return answer
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break
+        sock.settimeout(10)
+        return sock.recv(4096)
+
+
+@pytest.mark.usefixtures("gateway_log")
+class TestBadInput:
+    def test_declared_oversized_body_is_413_before_it_is_sent(self, gateway: Gateway) -> None:
+        limit = gateway.settings.gateway_max_body_bytes
+        head = (
+            b"POST /webhooks/chargify HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: " + str(limit + 1).encode() + b"\r\n\r\n"
+        )
+        before = gateway.published()
+        # Not one byte of the body is sent: the answer must come from the headers alone.
+        answer = raw_exchange(gateway, head, [])
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+        assert gateway.published() == before
+
+    def test_chunked_oversized_body_is_413_without_reading_it_all(self, gateway: Gateway) -> None:
+        limit = gateway.settings.gateway_max_body_bytes
+        head = (
+            b"POST /webhooks/chargify HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        piece = b"a" * 65536
+        chunk = b"%x\r\n" % len(piece) + piece + b"\r\n"
+        # Offer up to 4x the limit; the answer must come long before the end.
+        chunks = [chunk] * (4 * limit // len(piece))
+        answer = raw_exchange(gateway, head, chunks)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+
+    @pytest.mark.parametrize(
+        ("content_type", "status"),
+        [
+            ("application/json", 415),
+            ("text/plain", 415),
+            ("multipart/form-data; boundary=x", 415),
+            ("application/x-www-form-urlencoded; charset=utf-8", 200),
+            ("Application/X-WWW-Form-Urlencoded", 200),
+        ],
+    )
+    def test_content_type(self, gateway: Gateway, content_type: str, status: int) -> None:
+        body = build_body("payment_success")
+        assert gateway.post(body, headers={"Content-Type": content_type}).status_code == status
+
+    def test_missing_content_type_is_415(self, gateway: Gateway) -> None:
+        body = build_body("payment_success")
+        request = gateway.client.build_request(
+            "POST",
+            "/webhooks/chargify",
+            content=body,
+            headers={SIGNATURE: sign(CURRENT_KEY.encode(), body)},
+        )
+        assert "content-type" not in request.headers
+        assert gateway.client.send(request).status_code == 415
+
+    @pytest.mark.parametrize(
+        ("body", "reason"),
+        [
+            (b"", "no_event"),
+            (b'{"id": 1, "event": "payment_success"}', "no_event"),
+            (b"event=payment_success&payload[subscription][id]=1", "no_id"),
+            (b"id=abc&event=payment_success", "no_id"),
+            (b"id=12&payload[subscription][id]=1", "no_event"),
+            (b"id=12&event=payment%20success", "no_event"),
+            (b"id=12&event=payment_success&memo=\xff\xfe", "not_utf8"),
+            (b"id=12&event=payment_success&memo=100%", "bad_escape"),
+            (b"id=12&event=payment_success&memo=%C3%28", "bad_escape"),
+        ],
+    )
+    def test_undecodable_or_incomplete_form_is_400(
+        self, gateway: Gateway, body: bytes, reason: str
+    ) -> None:
+        rejected = f'gateway_rejects_total{{reason="{reason}"}}'
+        before, counted = gateway.published(), gateway.metric(rejected)
+        response = gateway.post(body)
+        assert response.status_code == 400, response.text
+        assert gateway.published() == before
+        assert gateway.metric(rejected) == counted + 1
+
+    @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+    def test_other_methods_are_405(self, gateway: Gateway, method: str) -> None:
+        response = gateway.client.request(method, "/webhooks/chargify")
+        assert response.status_code == 405
+        assert response.headers["allow"] == "POST"
+
+    def test_the_gateway_logs_refusals_without_the_body_or_key(self, gateway: Gateway) -> None:
+        marker = "secret-looking-value-7f3a"
+        body = f"id=12&memo={marker}".encode()
+        assert gateway.post(body).status_code == 400
+        gateway.stage.wait_for_log("reason=no_event", timeout=10)
+        log = gateway.stage.log()
+        assert marker not in log
+        assert CURRENT_KEY not in log and PREVIOUS_KEY not in log
+
+
+# -- the publisher on its own ---------------------------------------------------------------
+
+
+def test_publisher_replaces_a_producer_after_a_fatal_error(gateway: Gateway) -> None:
+    """A fatal idempotence error would refuse every later record; the gateway recovers."""
+
+    async def scenario() -> None:
+        publisher = Publisher(gateway.bootstrap, timeout_s=PUBLISH_TIMEOUT_S)
+        publisher.start()
+        try:
+            await publisher.publish(gateway.topic, b"k", b"before", [])
+            broken = publisher._producer
+            publisher._on_error(KafkaError(KafkaError._FATAL, "simulated", fatal=True))
+            assert not publisher.healthy
+            assert not await publisher.ready(gateway.topic)
+            deadline = time.monotonic() + 10
+            while publisher._producer is broken and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert publisher._producer is not broken
+            assert publisher.healthy
+            await publisher.publish(gateway.topic, b"k", b"after", [])
+            assert await publisher.ready(gateway.topic)
+        finally:
+            await publisher.close()
+
+    before = gateway.published()
+    asyncio.run(scenario())
+    assert gateway.published() == before + 2
+
+
+# -- shutdown and broker faults (last: they stop processes) --------------------------------
+
+
+def refuses(gw: Gateway) -> bool:
+    try:
+        httpx.get(f"{gw.base}/healthz", timeout=2)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+def test_graceful_shutdown_answers_a_request_in_flight(
+    kafka_service: KafkaService, tmp_path: Path
+) -> None:
+    gw = start_gateway(gateway_settings(kafka_service), tmp_path)
+    body = build_body("payment_success")
+    head = (
+        b"POST /webhooks/chargify HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n"
+        + f"{SIGNATURE}: {sign(CURRENT_KEY.encode(), body)}\r\n".encode()
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
+    half = len(body) // 2
+    with socket.create_connection(("127.0.0.1", gw.settings.gateway_port), 10) as sock:
+        # Half a request: the gateway is now waiting for the rest of this body.
+        sock.sendall(head + body[:half])
+        wait_for(lambda: gw.metric("gateway_in_flight") == 1, 10, "the request in flight")
+        gw.client.close()
+        gw.stage.signal(signal.SIGTERM)
+        gw.stage.wait_for_log("Shutting down", timeout=10)
+        wait_for(lambda: refuses(gw), 10, "the listener to close")
+        sock.sendall(body[half:])
+        sock.settimeout(10)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert gw.stage.proc is not None
+    exit_code = gw.stage.proc.wait(20)
+    # uvicorn re-raises the SIGTERM it handled once shut down, so the exit status is the
+    # signal's; the log shows the shutdown ran to the end.
+    assert exit_code in (0, -signal.SIGTERM), gw.stage.log()[-3000:]
+    assert "flushing the producer" in gw.stage.log()
+    assert "Application shutdown complete" in gw.stage.log()
+    [record] = consume(gw.bootstrap, gw.topic, count=1)
+    assert record.value() == body
+
+
+def test_503_while_the_broker_is_down_then_200_again(
+    gateway: Gateway, kafka_service: KafkaService
+) -> None:
+    if not kafka_service.can_restart:
+        pytest.skip("needs CHARGIFY_TEST_BACKEND=local to stop the broker")
+    assert gateway.post(build_body("payment_success")).status_code == 200
+    body = build_body("payment_success", webhook_id=4_100_000_009)
+    try:
+        kafka_service.stop()
+        started = time.monotonic()
+        response = gateway.post(body)
+        took = time.monotonic() - started
+        assert response.status_code == 503, response.text
+        # Within the publish bound (plus the report's trip), far below Chargify's 15 s.
+        assert took < PUBLISH_TIMEOUT_S + 2.0
+        assert gateway.client.get("/readyz").status_code == 503
+        assert gateway.client.get("/healthz").status_code == 200
+        assert gateway.metric('gateway_rejects_total{reason="broker_unavailable"}') >= 1
+    finally:
+        kafka_service.start()
+    # Chargify retries the same body; once the broker is back it must be taken.
+    statuses: list[int] = []
+
+    def retried() -> bool:
+        statuses.append(gateway.post(body).status_code)
+        return statuses[-1] == 200
+
+    wait_for(retried, 30, "a 200 after the broker restarted")
+    assert set(statuses) <= {200, 503}, statuses
+    assert gateway.client.get("/readyz").status_code == 200
+    records = consume(gateway.bootstrap, gateway.topic, count=gateway.published())
+    assert any(r.value() == body for r in records)
