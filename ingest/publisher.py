@@ -62,6 +62,9 @@ class Publisher:
             # at high rates, for at most this many milliseconds of added latency.
             "linger.ms": 2,
             "compression.type": "lz4",
+            # Kafka's own (Java) partitioner, which aiokafka under Faust also uses: a
+            # subscription's webhooks land where any other client would put them.
+            "partitioner": "murmur2_random",
             "message.timeout.ms": int(timeout_s * 1000),
             "socket.keepalive.enable": True,
             "error_cb": self._on_error,
