@@ -1,6 +1,7 @@
 """``chargify-stream sink``: consume the two output topics and write Postgres.
 
-The loop, per batch (up to ``SINK_BATCH_SIZE`` records or ``SINK_BATCH_TIMEOUT_MS``):
+The loop, per batch (up to ``SINK_BATCH_SIZE`` records, or what arrived within
+``SINK_BATCH_TIMEOUT_MS``):
 
 1. decode each Avro value; one that cannot be decoded is dead-lettered
    (``unsupported_schema``);
@@ -9,41 +10,69 @@ The loop, per batch (up to ``SINK_BATCH_SIZE`` records or ``SINK_BATCH_TIMEOUT_M
 4. only then commit the Kafka offsets.
 
 A crash anywhere before 4 replays the batch, and every write is idempotent, so nothing
-is lost and nothing is counted twice. Transient faults (database restarting, connection
-lost, serialization failure, deadlock) are retried with backoff and never dead-lettered;
-a record the database refuses for what it is (SQLSTATE classes 22 and 23) is isolated
-and dead-lettered with its SQLSTATE, and the rest of the batch is still written.
+is lost and nothing is counted twice (a dead letter may be published twice; replaying it
+is idempotent too).
+
+Faults are told apart by type, for the database by SQLSTATE class
+(:func:`sink.upsert.classify`):
+
+- transient (database restarting, connection lost, serialization failure, deadlock; the
+  broker not acknowledging a dead letter): the same step is retried with capped
+  exponential backoff, for as long as it takes, and nothing is dead-lettered. A stop
+  request (SIGTERM) during the wait ends the process without committing, so the batch is
+  consumed again on restart;
+- poison (SQLSTATE classes 22 and 23: a value the database refuses): the batch is split
+  in halves until the record is alone, which is dead-lettered (``malformed_payload``,
+  with the SQLSTATE in ``dlq-error``); the rest of the batch is written;
+- anything else (an unknown table: the schema was not migrated; a bug) stops the sink:
+  retrying cannot fix it and dead-lettering would park every record.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from chargify_stream.errors import RecordError
+from chargify_stream.errors import ChargifyStreamError, RecordError, TransientError
 from chargify_stream.kafka_admin import ensure_topics
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.codec import decode
 from schemas.deadletter import dead_letter_headers
-from sink.upsert import Record, write_batch
+from sink.migrate import pending
+from sink.upsert import BatchResult, Record, RejectedRecord, classify, write_batch
 
 log = logging.getLogger(__name__)
 
-# SQLSTATE classes that say "this record is wrong", not "the database is unwell".
-POISON_CLASSES = ("22", "23")
+_T = TypeVar("_T")
+
+BACKOFF_FIRST_S = 0.2
+BACKOFF_MAX_S = 5.0
 
 
-@dataclass(frozen=True)
+class Stopping(Exception):
+    """A stop was requested while a step waited on a transient fault: leave uncommitted."""
+
+
+class SchemaNotReady(ChargifyStreamError):
+    """The database lacks migrations this build needs: run ``chargify-stream migrate``."""
+
+
+class DeadLetterUnacknowledged(TransientError):
+    """The broker did not acknowledge a dead letter; publish it again."""
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     msg: Message
     reason: str
@@ -51,137 +80,201 @@ class DeadLetter:
 
 
 class SinkMetrics:
+    """The sink's Prometheus metrics, in their own registry (served on SINK_METRICS_PORT)."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.records = Counter(
-            "sink_records", "Records consumed, by topic", ["topic"], registry=self.registry
+        r = self.registry
+        self.records = Counter("sink_records", "Records consumed, by topic", ["topic"], registry=r)
+        self.written = Counter(
+            "sink_rows_written", "Rows inserted or changed, by table", ["table"], registry=r
         )
-        self.written = Counter("sink_rows_written", "Rows changed", registry=self.registry)
+        self.unchanged = Counter(
+            "sink_rows_unchanged",
+            "Rows a batch left as they were (duplicates, replays, older events), by table",
+            ["table"],
+            registry=r,
+        )
         self.dead = Counter(
-            "sink_dead_letters",
-            "Records dead-lettered, by reason",
-            ["reason"],
-            registry=self.registry,
+            "sink_dead_letters", "Records dead-lettered, by reason", ["reason"], registry=r
         )
         self.retries = Counter(
             "sink_transient_retries",
-            "Batches retried after a transient fault",
-            registry=self.registry,
+            "Steps retried after a transient fault, by what failed",
+            ["target"],
+            registry=r,
+        )
+        self.commit_failures = Counter(
+            "sink_commit_failures",
+            "Offset commits the broker refused (rebalance); the batch is consumed again",
+            registry=r,
         )
         self.batch_size = Histogram(
             "sink_batch_size",
             "Records per batch",
-            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500),
-            registry=self.registry,
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+            registry=r,
         )
         self.write_seconds = Histogram(
-            "sink_db_write_seconds", "Database time per batch", registry=self.registry
+            "sink_db_write_seconds",
+            "Time of one successful database transaction",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
         )
+        self.lag = Gauge(
+            "sink_consumer_lag",
+            "Records behind the partition's end after the last batch (from the last fetch)",
+            ["topic", "partition"],
+            registry=r,
+        )
+
+    def count(self, result: BatchResult) -> None:
+        self.written.labels("transactions").inc(result.transactions_written)
+        self.written.labels("subscriptions").inc(result.subscriptions_written)
+        self.unchanged.labels("transactions").inc(result.transactions_unchanged)
+        self.unchanged.labels("subscriptions").inc(result.subscriptions_unchanged)
 
 
 class Sink:
-    """One sink instance; several share the topics' partitions as a consumer group."""
+    """One sink instance; several share the topics' partitions as a consumer group.
 
-    def __init__(self, settings: Settings, metrics: SinkMetrics | None = None) -> None:
+    The clients are handed in (see :func:`build_sink`); ``connect`` opens a new database
+    connection, called again after the previous one failed.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        consumer: Consumer,
+        producer: Producer,
+        connect: Callable[[], psycopg.Connection[Any]],
+        metrics: SinkMetrics,
+    ) -> None:
         self.settings = settings
-        self.metrics = metrics or SinkMetrics()
+        self.consumer = consumer
+        self.producer = producer
+        self.metrics = metrics
         self.topics = [settings.topic("transactions"), settings.topic("subscriptions")]
+        self._connect = connect
+        self._conn: psycopg.Connection[Any] | None = None
+        self._schema_checked = False
         self._stop = threading.Event()
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap_servers,
-                "group.id": settings.sink_group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                "max.poll.interval.ms": 600_000,
-                "log_level": 3,
-            }
-        )
-        self.producer = Producer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap_servers,
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "log_level": 3,
-            }
-        )
-        self.conn: psycopg.Connection[Any] | None = None
 
     def stop(self) -> None:
+        """Ask the loop to end after the current step (safe from a signal handler)."""
         self._stop.set()
+
+    # -- retrying -------------------------------------------------------------------
+
+    def _retrying(self, target: str, step: Callable[[], _T]) -> _T:
+        """Run ``step`` until it does not raise :class:`TransientError`.
+
+        Waits between attempts grow from 0.2 s to 5 s, with jitter so that several sinks
+        do not reconnect in step. Raises :class:`Stopping` when asked to stop meanwhile.
+        """
+        delay = BACKOFF_FIRST_S
+        while True:
+            try:
+                return step()
+            except TransientError as exc:
+                self.metrics.retries.labels(target).inc()
+                wait = delay * random.uniform(0.5, 1.0)
+                log.warning("%s unavailable (%s); retrying in %.1fs", target, exc, wait)
+                if target == "database":
+                    self._drop_connection()
+                if self._stop.wait(wait):
+                    raise Stopping from exc
+                delay = min(delay * 2, BACKOFF_MAX_S)
 
     # -- database -------------------------------------------------------------------
 
     def _connection(self) -> psycopg.Connection[Any]:
-        if self.conn is None or self.conn.closed or self.conn.broken:
-            self.conn = psycopg.connect(self.settings.database_dsn(), connect_timeout=5)
-        return self.conn
-
-    def _write(self, records: Sequence[Record]) -> list[int]:
-        """Write with retries on transient faults; return indexes of unknown customers."""
-        delay = 0.2
-        while True:
-            try:
-                started = time.perf_counter()
-                result = write_batch(self._connection(), records)
-                self.metrics.write_seconds.observe(time.perf_counter() - started)
-                self.metrics.written.inc(result.written)
-                return result.unknown_customer
-            except psycopg.Error as exc:
-                state = getattr(exc, "sqlstate", None) or ""
-                if state[:2] in POISON_CLASSES:
-                    raise
-                self.metrics.retries.inc()
-                log.warning(
-                    "database unavailable (%s %s); retrying the batch in %.1fs",
-                    state or type(exc).__name__,
-                    str(exc).splitlines()[0] if str(exc) else "",
-                    delay,
-                )
-                if self.conn is not None and not self.conn.closed:
-                    self.conn.close()
-                self.conn = None
-                if self._stop.wait(delay):
-                    raise
-                delay = min(delay * 2, 5.0)
-
-    def _write_isolating_poison(
-        self, msgs: Sequence[Message], records: Sequence[Record]
-    ) -> list[DeadLetter]:
+        """The open connection, or a new one (checked against the schema the first time)."""
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        conn: psycopg.Connection[Any] | None = None
         try:
-            unknown = self._write(records)
-            return [
-                DeadLetter(msgs[i], h.CUSTOMER_NOT_FOUND, "no customer with this customer_key")
-                for i in unknown
-            ]
-        except psycopg.Error as exc:
-            if len(records) == 1:
-                return [DeadLetter(msgs[0], h.MALFORMED_PAYLOAD, f"SQLSTATE {exc.sqlstate}")]
-        # Poison somewhere in the batch: write one at a time to find it.
-        out: list[DeadLetter] = []
-        for msg, rec in zip(msgs, records, strict=True):
-            out.extend(self._write_isolating_poison([msg], [rec]))
-        return out
+            conn = self._connect()
+            if not self._schema_checked:
+                missing = pending(conn)
+                conn.rollback()
+                if missing:
+                    raise SchemaNotReady(
+                        f"the database lacks migrations {', '.join(missing)}:"
+                        " run `chargify-stream migrate` first"
+                    )
+                self._schema_checked = True
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            classified = classify(exc) if isinstance(exc, psycopg.Error) else None
+            if classified is None:
+                raise
+            raise classified from exc
+        self._conn = conn
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            conn.close()
+
+    def _write(self, items: Sequence[tuple[Message, Record]]) -> list[DeadLetter]:
+        """Write ``items``; return the dead letters (unknown customer, poison)."""
+        records = [rec for _, rec in items]
+
+        def attempt() -> BatchResult:
+            started = time.perf_counter()
+            result = write_batch(self._connection(), records)
+            self.metrics.write_seconds.observe(time.perf_counter() - started)
+            return result
+
+        try:
+            result = self._retrying("database", attempt)
+        except RejectedRecord as exc:
+            if len(items) == 1:
+                return [DeadLetter(items[0][0], exc.reason, str(exc))]
+            # Halve until the poison is alone: about log2(batch) transactions per poison
+            # record, and every other record is still written.
+            half = len(items) // 2
+            return self._write(items[:half]) + self._write(items[half:])
+        self.metrics.count(result)
+        return [
+            DeadLetter(
+                items[i][0],
+                h.CUSTOMER_NOT_FOUND,
+                f"no customer with customer_key {records[i].customer_reference!r}",
+            )
+            for i in result.unknown_customer
+        ]
 
     # -- kafka ----------------------------------------------------------------------
 
-    def _dead_letter(self, letters: Sequence[DeadLetter]) -> None:
-        errors: list[str] = []
+    def _publish_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """Publish and wait for every acknowledgement; failed ones are published again."""
+        remaining = list(letters)
 
-        def report(err: KafkaError | None, _m: Message) -> None:
-            if err is not None:
-                errors.append(err.str())
+        def attempt() -> None:
+            failed = self._produce(remaining)
+            if failed:
+                remaining[:] = failed
+                raise DeadLetterUnacknowledged(f"{len(failed)} dead letters not acknowledged")
 
+        self._retrying("dead-letter topic", attempt)
         for dl in letters:
             self.metrics.dead.labels(dl.reason).inc()
+
+    def _produce(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+        failed: list[DeadLetter] = []
+        for dl in letters:
             log.warning(
-                "dead-lettering %s[%d]@%d: %s",
+                "dead-lettering %s[%d]@%d: %s: %s",
                 dl.msg.topic(),
                 dl.msg.partition(),
                 dl.msg.offset(),
                 dl.reason,
+                dl.error,
             )
             headers = dead_letter_headers(
                 reason=dl.reason,
@@ -192,6 +285,12 @@ class Sink:
                 source_offset=dl.msg.offset() or 0,
                 original_headers=_headers(dl.msg),
             )
+
+            def report(err: KafkaError | None, _m: Message, dl: DeadLetter = dl) -> None:
+                if err is not None:
+                    log.warning("dead letter not acknowledged: %s", err.str())
+                    failed.append(dl)
+
             self.producer.produce(
                 self.settings.topic("deadletter"),
                 value=dl.msg.value(),
@@ -199,61 +298,164 @@ class Sink:
                 headers=cast(list[tuple[str, str | bytes | None]], headers),
                 on_delivery=report,
             )
-        while self.producer.flush(10) > 0:
-            log.warning("dead-letter topic not acknowledging yet; waiting")
-        if errors:
-            # Nothing is committed: the batch is consumed again and dead-lettered again.
-            raise KafkaException(f"dead-letter publish failed: {errors[0]}")
+        # The producer retries on its own until delivery.timeout.ms; wait for every ack,
+        # but let a stop request through.
+        while self.producer.flush(1.0) > 0:
+            if self._stop.is_set():
+                raise Stopping
+        return failed
+
+    def _commit(self, msgs: Sequence[Message]) -> None:
+        """Commit the offsets after ``msgs``: the batch is in Postgres and its dead letters
+        are acknowledged.
+
+        The commit is asynchronous: waiting for it would cost a broker round trip per batch
+        (a sixth of the sink's time in bench/sink), and a lost one costs nothing but a
+        replay, which is idempotent. It is sent only after the database commit, so it never
+        covers a record that is not written; the next one supersedes a failed one, and
+        ``close()`` waits for the last. A refused commit (the partitions went to another
+        sink in a rebalance) is reported by the ``on_commit`` callback of
+        :func:`build_sink`.
+        """
+        ends: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            key = (m.topic() or "", m.partition() or 0)
+            ends[key] = max(ends.get(key, 0), (m.offset() or 0) + 1)
+        try:
+            self.consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()],
+                asynchronous=True,
+            )
+        except KafkaException as exc:
+            self.metrics.commit_failures.inc()
+            log.warning("offset commit refused (%s); the batch will be consumed again", exc)
+        self._record_lag(ends)
+
+    def _record_lag(self, ends: dict[tuple[str, int], int]) -> None:
+        """Lag from the high watermark of the last fetch: no broker round trip."""
+        for (topic, partition), end in ends.items():
+            try:
+                _, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), cached=True
+                )
+            except KafkaException:
+                continue  # not known yet (no fetch response): leave the gauge as it was
+            if high >= 0:
+                self.metrics.lag.labels(topic, str(partition)).set(max(high - end, 0))
+
+    # -- the loop -------------------------------------------------------------------
 
     def process(self, msgs: Sequence[Message]) -> None:
-        """Handle one batch through to the offset commit."""
-        records: list[Record] = []
-        kept: list[Message] = []
+        """Handle one consumed batch through to the offset commit."""
+        items: list[tuple[Message, Record]] = []
         letters: list[DeadLetter] = []
+        per_topic: dict[str, int] = {}
         for msg in msgs:
-            self.metrics.records.labels(msg.topic() or "").inc()
+            topic = msg.topic() or ""
+            per_topic[topic] = per_topic.get(topic, 0) + 1
             try:
-                records.append(decode(msg.value() or b""))
-                kept.append(msg)
+                items.append((msg, decode(msg.value() or b"")))
             except RecordError as exc:
                 letters.append(DeadLetter(msg, exc.reason, str(exc)))
-        if records:
-            letters.extend(self._write_isolating_poison(kept, records))
+        for topic, count in per_topic.items():
+            self.metrics.records.labels(topic).inc(count)
+        self.metrics.batch_size.observe(len(msgs))
+        if items:
+            letters.extend(self._write(items))
         if letters:
-            self._dead_letter(letters)
-        self.consumer.commit(asynchronous=False)
+            self._publish_dead_letters(letters)
+        self._commit(msgs)
 
     def run(self) -> None:
+        """Consume until :meth:`stop`; then leave the group, offsets as last committed."""
         ensure_topics(
             self.settings.kafka_bootstrap_servers,
             [*self.topics, self.settings.topic("deadletter")],
             partitions=self.settings.topic_partitions,
             replication_factor=self.settings.topic_replication_factor,
         )
-        self.consumer.subscribe(self.topics)
-        log.info(
-            "sink consuming %s as group %s", ", ".join(self.topics), self.settings.sink_group_id
-        )
         timeout = self.settings.sink_batch_timeout_ms / 1000
         try:
+            # Connect before consuming: a schema that lacks migrations stops the sink now,
+            # not at the first record; a database that is away is waited for.
+            self._retrying("database", self._connection)
+            self.consumer.subscribe(self.topics)
+            log.info(
+                "sink consuming %s as group %s",
+                ", ".join(self.topics),
+                self.settings.sink_group_id,
+            )
             while not self._stop.is_set():
                 msgs = self.consumer.consume(self.settings.sink_batch_size, timeout)
                 batch = [m for m in msgs if not _skip(m)]
-                if not batch:
-                    continue
-                self.metrics.batch_size.observe(len(batch))
-                try:
+                if batch:
                     self.process(batch)
-                except psycopg.Error:
-                    if self._stop.is_set():
-                        break  # stopping mid-retry: uncommitted, so replayed on restart
-                    raise
+        except Stopping:
+            log.info("stopped while waiting on a fault; the batch was not committed")
         finally:
             log.info("sink stopping")
-            self.consumer.close()
-            self.producer.flush(10)
-            if self.conn is not None:
-                self.conn.close()
+            self.close()
+
+    def close(self) -> None:
+        """Leave the group (without committing), flush the producer, close the database."""
+        self.consumer.close()
+        self.producer.flush(5)
+        self._drop_connection()
+
+
+def build_sink(settings: Settings, metrics: SinkMetrics | None = None) -> Sink:
+    """The composition root: the sink's Kafka clients and database connection factory."""
+    metrics = metrics or SinkMetrics()
+
+    def on_commit(err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        failed = [tp for tp in partitions if tp.error is not None]
+        if err is not None or failed:
+            # Not an error for the data: the records are written, and are consumed (and
+            # written, idempotently) again by whoever owns the partitions next.
+            metrics.commit_failures.inc()
+            reason = err.str() if err is not None else str(failed[0].error)
+            log.warning("offset commit refused (%s); those records will be consumed again", reason)
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": settings.sink_group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            # A Postgres outage holds one batch for as long as it lasts; past this the
+            # group hands the partitions to another sink (the commit is then refused).
+            "max.poll.interval.ms": 600_000,
+            # Heartbeats come from librdkafka's own thread, so a long batch does not count
+            # here; only a dead process does, and its partitions wait this long for a new
+            # owner (the default is 45 s).
+            "session.timeout.ms": 10_000,
+            "on_commit": on_commit,
+            "log_level": 3,
+        }
+    )
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "log_level": 3,
+        }
+    )
+
+    def connect() -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            settings.database_dsn(), connect_timeout=5, application_name="chargify-sink"
+        )
+
+    return Sink(
+        settings,
+        consumer=consumer,
+        producer=producer,
+        connect=connect,
+        metrics=metrics,
+    )
 
 
 def _headers(msg: Message) -> list[tuple[str, bytes]]:
@@ -272,10 +474,16 @@ def _skip(msg: Message) -> bool:
 
 
 def run(settings: Settings) -> int:
-    sink = Sink(settings)
+    sink = build_sink(settings)
     if settings.sink_metrics_port:
         start_http_server(settings.sink_metrics_port, "127.0.0.1", registry=sink.metrics.registry)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sink.stop())
-    sink.run()
+    from sink.redrive import start_redriver
+
+    redriver = start_redriver(settings, sink.metrics.registry)
+    try:
+        sink.run()
+    finally:
+        redriver.stop()
     return 0

@@ -1,81 +1,216 @@
-"""Writing one batch of records to Postgres, idempotently, in one transaction.
+"""Writing one batch of records to Postgres, idempotently, in one database transaction.
 
 - A transaction is inserted once, keyed by ``transaction_id``; a duplicate or replay is a
   no-op (``on conflict do nothing``). Its partner is the customer's partner at recording.
-- A subscription change is applied only when it is newer than the stored state, by
-  (event time, webhook id): Chargify does not guarantee order. Component allocations are
-  merged per component, each guarded by its own (event time, webhook id), so an old
-  allocation arriving late neither regresses a newer one nor is lost behind a newer state
-  change.
-- A record whose customer does not exist is not written: it is returned, to be
+- Subscription changes are folded in Python to one row per subscription (the newest value
+  of each field, the newest allocation of each component), then written by one set-based
+  ``INSERT ... ON CONFLICT DO UPDATE`` whose SQL holds the ordering guard. Every field
+  that an event can leave out (state, product id, product handle) and every component
+  allocation carries its own version, (event time, webhook id), and is only replaced by a
+  newer one, because Chargify does not guarantee order. The row's newest event
+  (``last_event_at``, ``last_webhook_id``) decides the customer. So the stored state is
+  the same whatever order and batching the events came in, and a replay changes nothing.
+  The plan is the plan whose key is the final product id, when there is one.
+- A record whose customer does not exist is not written: its index is returned, to be
   dead-lettered with ``customer_not_found``.
+
+Database errors leave as project errors, classified by SQLSTATE class (never by message):
+:class:`DatabaseUnavailable` (retry the batch) or :class:`RejectedRecord` (something in the
+batch is poison: find it and dead-letter it). Anything else is a bug or a schema problem,
+and propagates unchanged.
+
+The write path, one statement per table over ``unnest`` of binary array parameters, was
+chosen by measurement against ``executemany`` in pipeline mode, text arrays, and binary
+COPY into a staging table (``bench/sink/write_paths.py``).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
+from psycopg.types.numeric import Int8BinaryDumper
 
+from chargify_stream.errors import RecordError, TransientError
+from schemas import headers
 from schemas.records import SubscriptionChange, Transaction
 
 Record = Transaction | SubscriptionChange
 
+# Serialises plan creation (``plans add``) against sink batches: the sink holds it shared
+# while it writes subscriptions, ``plans add`` exclusively while it links them. Without it,
+# a subscription inserted while the plan is being created would see neither the plan nor
+# be seen by the linking update, and stay unlinked.
+PLAN_LINK_LOCK = 0x63686C6B
+
+# SQLSTATE classes (psycopg.errors lists them). A record the database refuses for what it
+# holds: 22 data exception (bad value, NUL in text, invalid JSON), 23 integrity constraint.
+POISON_CLASSES = frozenset({"22", "23"})
+# The database is unwell or busy, not the record: 08 connection exception, 40 transaction
+# rollback (serialization failure, deadlock), 53 insufficient resources, 57 operator
+# intervention (shutdown, cannot connect now, query canceled), 58 system (I/O) error.
+TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+Version = tuple[int, int]  # (event time in microseconds since the epoch, webhook id)
+
+# The subscription fields an event may leave out (null): each keeps its own version.
+VERSIONED_FIELDS = ("state", "product_id", "product_handle")
+
+
+class DatabaseUnavailable(TransientError):
+    """The database cannot take the batch now; retry it. ``sqlstate`` is ``None`` when the
+    connection itself failed."""
+
+    def __init__(self, message: str, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class RejectedRecord(RecordError):
+    """The database refused the batch because of a value in one of its records."""
+
+    reason = headers.MALFORMED_PAYLOAD
+
+    def __init__(self, message: str, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+def classify(exc: psycopg.Error) -> DatabaseUnavailable | RejectedRecord | None:
+    """The project error for a psycopg error; ``None`` for a bug or a schema problem.
+
+    psycopg raises some errors before anything reaches the server, without a SQLSTATE:
+    :class:`psycopg.DataError` for a value it cannot send (a NUL in text), and
+    :class:`psycopg.OperationalError` or :class:`psycopg.InterfaceError` when the
+    connection is gone. Those are told apart by their type.
+    """
+    state = exc.sqlstate
+    name = type(exc).__name__
+    first_line = (str(exc).splitlines() or [""])[0]
+    if state is None:
+        if isinstance(exc, psycopg.DataError):
+            return RejectedRecord(f"{name}: {first_line}", None)
+        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+            return DatabaseUnavailable(f"{name}: {first_line}", None)
+        return None
+    if state[:2] in POISON_CLASSES:
+        return RejectedRecord(f"SQLSTATE {state} {name}: {first_line}", state)
+    if state[:2] in TRANSIENT_CLASSES:
+        return DatabaseUnavailable(f"SQLSTATE {state} {name}: {first_line}", state)
+    return None
+
 
 @dataclass
 class BatchResult:
-    written: int = 0
-    unchanged: int = 0
-    unknown_customer: list[int] = field(default_factory=list)  # indexes into the batch
+    """What one batch did, in rows per table: written (inserted or changed) and unchanged
+    (a duplicate, a replay, or only older news), and the indexes of the records whose
+    customer is unknown. Subscription rows are counted after folding the batch's changes."""
+
+    transactions_written: int = 0
+    transactions_unchanged: int = 0
+    subscriptions_written: int = 0
+    subscriptions_unchanged: int = 0
+    unknown_customer: list[int] = field(default_factory=list)
+
+    @property
+    def written(self) -> int:
+        return self.transactions_written + self.subscriptions_written
+
+    @property
+    def unchanged(self) -> int:
+        return self.transactions_unchanged + self.subscriptions_unchanged
 
 
-def _customers(cur: psycopg.Cursor[Any], refs: set[str]) -> dict[str, str | None]:
+@dataclass
+class SubscriptionRow:
+    """The net effect of a batch's changes to one subscription.
+
+    ``state``, ``product_id`` and ``product_handle`` are the values of the newest change
+    that carried them, versioned in ``field_versions``; ``components`` holds the newest
+    allocation of each component, versioned in ``component_versions``. ``occurred_at``
+    and ``webhook_id`` are those of the newest change, whose customer is ``customer_key``.
+    """
+
+    subscription_id: int
+    customer_key: str
+    occurred_at: datetime
+    webhook_id: int
+    state: str | None = None
+    product_id: int | None = None
+    product_handle: str | None = None
+    field_versions: dict[str, Version] = field(default_factory=dict)
+    components: dict[str, int | float] = field(default_factory=dict)
+    component_versions: dict[str, Version] = field(default_factory=dict)
+
+    @property
+    def version(self) -> Version:
+        return (version_of(self.occurred_at), self.webhook_id)
+
+
+def version_of(moment: datetime) -> int:
+    """Microseconds since the Unix epoch, exactly (a float timestamp would round)."""
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def fold_subscriptions(changes: Iterable[SubscriptionChange]) -> list[SubscriptionRow]:
+    """One row per subscription, ordered by id (a fixed lock order across sinks).
+
+    The result does not depend on the order of ``changes``: each field and component is
+    taken from the newest change that carries it, by (event time, webhook id).
+    """
+    rows: dict[int, SubscriptionRow] = {}
+    for change in changes:
+        version = (version_of(change.occurred_at), change.webhook_id)
+        row = rows.get(change.subscription_id)
+        if row is None:
+            row = rows[change.subscription_id] = SubscriptionRow(
+                change.subscription_id,
+                change.customer_reference,
+                change.occurred_at,
+                change.webhook_id,
+            )
+        elif version > row.version:
+            row.customer_key = change.customer_reference
+            row.occurred_at = change.occurred_at
+            row.webhook_id = change.webhook_id
+        for name in VERSIONED_FIELDS:
+            value = getattr(change, name)
+            seen = row.field_versions.get(name)
+            if value is not None and (seen is None or version > seen):
+                setattr(row, name, value)
+                row.field_versions[name] = version
+        for component in change.components:
+            key = str(component.component_id)
+            seen = row.component_versions.get(key)
+            if seen is None or version > seen:
+                row.components[key] = quantity(component.new_allocation)
+                row.component_versions[key] = version
+    return [rows[key] for key in sorted(rows)]
+
+
+def quantity(value: float) -> int | float:
+    """An allocation as JSON shows it best: ``5``, not ``5.0``; fractions stay floats."""
+    return int(value) if float(value).is_integer() else value
+
+
+def lookup_customers(cur: psycopg.Cursor[Any], keys: Iterable[str]) -> dict[str, str | None]:
+    """customer_key -> partner_key for every key that names an existing customer."""
     rows = cur.execute(
-        "select customer_key, partner_key from customers where customer_key = any(%s)",
-        (list(refs),),
+        "select customer_key, partner_key from customers where customer_key = any(%b::text[])",
+        (list(set(keys)),),
     ).fetchall()
     return {r[0]: r[1] for r in rows}
 
 
-def write_batch(conn: psycopg.Connection[Any], records: Sequence[Record]) -> BatchResult:
-    """Apply ``records`` in one database transaction; the caller commits Kafka after."""
-    result = BatchResult()
-    with conn.transaction(), conn.cursor() as cur:
-        customers = _customers(cur, {r.customer_reference for r in records})
-        txns: list[tuple[Any, ...]] = []
-        subs: list[SubscriptionChange] = []
-        for i, rec in enumerate(records):
-            if rec.customer_reference not in customers:
-                result.unknown_customer.append(i)
-            elif isinstance(rec, Transaction):
-                txns.append(_transaction_row(rec, customers[rec.customer_reference]))
-            else:
-                subs.append(rec)
-        if txns:
-            cur.executemany(
-                "insert into transactions (transaction_id, customer_key, partner_key,"
-                " subscription_id, kind, amount_cents, currency, refunded_payment_id,"
-                " occurred_at, webhook_id)"
-                " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " on conflict (transaction_id) do nothing",
-                txns,
-                returning=False,
-            )
-            inserted = max(cur.rowcount, 0)
-            result.written += inserted
-            result.unchanged += len(txns) - inserted
-        for sub in subs:
-            if _apply_subscription(cur, sub):
-                result.written += 1
-            else:
-                result.unchanged += 1
-    return result
-
-
-def _transaction_row(t: Transaction, partner: str | None) -> tuple[Any, ...]:
+def transaction_row(t: Transaction, partner: str | None) -> tuple[Any, ...]:
+    """The TRANSACTION_COLUMNS of one transaction, in order."""
     return (
         t.transaction_id,
         t.customer_reference,
@@ -90,84 +225,183 @@ def _transaction_row(t: Transaction, partner: str | None) -> tuple[Any, ...]:
     )
 
 
-def _apply_subscription(cur: psycopg.Cursor[Any], s: SubscriptionChange) -> bool:
-    """Upsert one subscription change; True when anything changed."""
-    row = cur.execute(
-        "select last_event_at, last_webhook_id, components, component_versions"
-        " from subscriptions where subscription_id = %s for update",
-        (s.subscription_id,),
-    ).fetchone()
-    components_changed = False
-    if row is None:
-        components, versions = {}, {}
-        newer = True
-    else:
-        components, versions = dict(row[2]), dict(row[3])
-        newer = (s.occurred_at, s.webhook_id) > (row[0], row[1])
-    stamp = [s.occurred_at.isoformat(), s.webhook_id]
-    for c in s.components:
-        cid = str(c.component_id)
-        seen = versions.get(cid)
-        if seen is None or (stamp[0], stamp[1]) > (seen[0], seen[1]):
-            components[cid] = _quantity(c.new_allocation)
-            versions[cid] = stamp
-            components_changed = True
-    if row is None:
-        cur.execute(
-            "insert into subscriptions (subscription_id, customer_key, product_id,"
-            " product_handle, plan_key, state, components, component_versions,"
-            " last_webhook_id, last_event_at, updated_at)"
-            " values (%s, %s, %s, %s, (select plan_key from plans where plan_key = %s::text),"
-            " %s, %s, %s, %s, %s, now())",
-            (
-                s.subscription_id,
-                s.customer_reference,
-                s.product_id,
-                s.product_handle,
-                s.product_id,
-                s.state,
-                json.dumps(components),
-                json.dumps(versions),
-                s.webhook_id,
-                s.occurred_at,
-            ),
-        )
-        return True
-    if newer:
-        # Fields the event does not carry (null) keep their stored value.
-        cur.execute(
-            "update subscriptions set customer_key = %s,"
-            " product_id = coalesce(%s, product_id),"
-            " product_handle = coalesce(%s, product_handle),"
-            " plan_key = coalesce((select plan_key from plans where plan_key = %s::text),"
-            "   case when %s::bigint is null then plan_key end),"
-            " state = coalesce(%s, state), components = %s, component_versions = %s,"
-            " last_webhook_id = %s, last_event_at = %s, updated_at = now()"
-            " where subscription_id = %s",
-            (
-                s.customer_reference,
-                s.product_id,
-                s.product_handle,
-                s.product_id,
-                s.product_id,
-                s.state,
-                json.dumps(components),
-                json.dumps(versions),
-                s.webhook_id,
-                s.occurred_at,
-                s.subscription_id,
-            ),
-        )
-        return True
-    if components_changed:
-        cur.execute(
-            "update subscriptions set components = %s, component_versions = %s,"
-            " updated_at = now() where subscription_id = %s",
-            (json.dumps(components), json.dumps(versions), s.subscription_id),
-        )
-        return True
-    return False
+def subscription_row(s: SubscriptionRow) -> tuple[Any, ...]:
+    """The SUBSCRIPTION_COLUMNS of one folded row, in order."""
+    return (
+        s.subscription_id,
+        s.customer_key,
+        s.state,
+        s.product_id,
+        s.product_handle,
+        Jsonb(s.components),
+        Jsonb(s.component_versions),  # tuples become JSON arrays
+        Jsonb(s.field_versions),
+        s.webhook_id,
+        s.occurred_at,
+    )
 
 
-def _quantity(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else value
+# (column, type) of the arrays each statement unnests, in the order of transaction_row and
+# subscription_row.
+TRANSACTION_COLUMNS = (
+    ("transaction_id", "bigint"),
+    ("customer_key", "text"),
+    ("partner_key", "text"),
+    ("subscription_id", "bigint"),
+    ("kind", "text"),
+    ("amount_cents", "bigint"),
+    ("currency", "text"),
+    ("refunded_payment_id", "bigint"),
+    ("occurred_at", "timestamptz"),
+    ("webhook_id", "bigint"),
+)
+SUBSCRIPTION_COLUMNS = (
+    ("subscription_id", "bigint"),
+    ("customer_key", "text"),
+    ("state", "text"),
+    ("product_id", "bigint"),
+    ("product_handle", "text"),
+    ("components", "jsonb"),
+    ("component_versions", "jsonb"),
+    ("field_versions", "jsonb"),
+    ("webhook_id", "bigint"),
+    ("occurred_at", "timestamptz"),
+)
+
+
+def _unnest(cols: Sequence[tuple[str, str]], alias: str) -> str:
+    """``unnest(%b::t1[], ...) as alias (c1, ...)``: binary arrays, one per column."""
+    arrays = ", ".join(f"%b::{t}[]" for _, t in cols)
+    return f"unnest({arrays}) as {alias} ({', '.join(c for c, _ in cols)})"
+
+
+def insert_transactions_sql(source: str) -> str:
+    """Insert the transactions of ``source`` (a FROM item with TRANSACTION_COLUMNS)."""
+    names = ", ".join(c for c, _ in TRANSACTION_COLUMNS)
+    return (
+        f"insert into transactions ({names}) select {names} from {source}"
+        " on conflict (transaction_id) do nothing"
+    )
+
+
+def _newer(name: str) -> str:
+    """SQL: the batch's value of field ``name`` is newer than the stored one."""
+    return f"excluded.field_versions -> '{name}' > coalesce(t.field_versions -> '{name}', '[]')"
+
+
+def _pick(name: str) -> str:
+    return f"case when {_newer(name)} then excluded.{name} else t.{name} end"
+
+
+_ROW_NEWER = (
+    "(excluded.last_event_at, excluded.last_webhook_id) > (t.last_event_at, t.last_webhook_id)"
+)
+# Most changes carry no allocation: skip the (not inlinable) merge functions for them.
+_HAS_COMPONENTS = "excluded.component_versions <> '{}'"
+
+
+def upsert_subscriptions_sql(source: str) -> str:
+    """Upsert the folded subscription rows of ``source`` (aliased ``s``, with
+    SUBSCRIPTION_COLUMNS): one row per subscription id, as ON CONFLICT DO UPDATE needs.
+
+    A new subscription is inserted as folded, with the plan of its product. An existing
+    one takes each field and component only where the batch's version is newer, and the
+    customer only from a newer event; ``excluded`` is the batch's row, ``t`` the stored one
+    as it was before. A row with nothing newer is not rewritten (the WHERE clause), so a
+    replay leaves even ``updated_at`` alone. Being one statement, it is also right when
+    another sink inserts the same subscription concurrently (after a rebalance).
+
+    The three fields are spelled out rather than merged by a function: this statement is
+    most of the sink's database time, and a SQL function call per row costs more than the
+    expression.
+    """
+    newer_fields = " or ".join(_newer(f) for f in VERSIONED_FIELDS)
+    field_versions = ", ".join(
+        f"'{f}', case when {_newer(f)} then excluded.field_versions -> '{f}' end"
+        for f in VERSIONED_FIELDS
+    )
+    return (
+        "insert into subscriptions as t (subscription_id, customer_key, state, product_id,"
+        " product_handle, plan_key, components, component_versions, field_versions,"
+        " last_webhook_id, last_event_at)"
+        " select s.subscription_id, s.customer_key, s.state, s.product_id, s.product_handle,"
+        " p.plan_key, s.components, s.component_versions, s.field_versions, s.webhook_id,"
+        " s.occurred_at"
+        f" from {source}"
+        " left join plans p on p.plan_key = s.product_id::text"
+        " on conflict (subscription_id) do update set"
+        f" customer_key = case when {_ROW_NEWER}"
+        " then excluded.customer_key else t.customer_key end,"
+        + "".join(f" {f} = {_pick(f)}," for f in VERSIONED_FIELDS)
+        + " plan_key = (select p.plan_key from plans p"
+        f"   where p.plan_key = ({_pick('product_id')})::text),"
+        f" components = case when {_HAS_COMPONENTS} then sink_merge_values("
+        "   t.components, t.component_versions, excluded.components,"
+        "   excluded.component_versions) else t.components end,"
+        f" component_versions = case when {_HAS_COMPONENTS} then sink_merge_versions("
+        "   t.component_versions, excluded.component_versions) else t.component_versions end,"
+        # The newer versions laid over the stored ones (jsonb_strip_nulls drops the rest).
+        f" field_versions = t.field_versions || jsonb_strip_nulls(jsonb_build_object("
+        f"{field_versions})),"
+        f" last_webhook_id = case when {_ROW_NEWER}"
+        " then excluded.last_webhook_id else t.last_webhook_id end,"
+        f" last_event_at = case when {_ROW_NEWER}"
+        " then excluded.last_event_at else t.last_event_at end,"
+        " updated_at = now()"
+        f" where {_ROW_NEWER} or {newer_fields}"
+        f" or ({_HAS_COMPONENTS}"
+        " and sink_has_newer(t.component_versions, excluded.component_versions))"
+    )
+
+
+INSERT_TRANSACTIONS = insert_transactions_sql(_unnest(TRANSACTION_COLUMNS, "t"))
+UPSERT_SUBSCRIPTIONS = upsert_subscriptions_sql(_unnest(SUBSCRIPTION_COLUMNS, "s"))
+
+
+def columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows (at least one) to one list per column: the arrays ``unnest`` takes."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def write_batch(conn: psycopg.Connection[Any], records: Sequence[Record]) -> BatchResult:
+    """Apply ``records`` in one database transaction; the caller commits Kafka after.
+
+    Raises :class:`DatabaseUnavailable` or :class:`RejectedRecord` (the transaction is
+    rolled back either way); other errors propagate as psycopg raised them.
+    """
+    try:
+        return _write_batch(conn, records)
+    except psycopg.Error as exc:
+        classified = classify(exc)
+        if classified is None:
+            raise
+        raise classified from exc
+
+
+def _write_batch(conn: psycopg.Connection[Any], records: Sequence[Record]) -> BatchResult:
+    result = BatchResult()
+    with conn.transaction(), conn.cursor() as cur:
+        # Every int is sent as int8, so the statements keep one parameter signature and
+        # psycopg can prepare them once per connection.
+        cur.adapters.register_dumper(int, Int8BinaryDumper)
+        customers = lookup_customers(cur, (r.customer_reference for r in records))
+        txns: list[tuple[Any, ...]] = []
+        changes: list[SubscriptionChange] = []
+        for i, rec in enumerate(records):
+            if rec.customer_reference not in customers:
+                result.unknown_customer.append(i)
+            elif isinstance(rec, Transaction):
+                txns.append(transaction_row(rec, customers[rec.customer_reference]))
+            else:
+                changes.append(rec)
+        if txns:
+            cur.execute(INSERT_TRANSACTIONS, columns(txns))
+            result.transactions_written = cur.rowcount
+            result.transactions_unchanged = len(txns) - cur.rowcount
+        if changes:
+            rows = [subscription_row(s) for s in fold_subscriptions(changes)]
+            cur.execute("select pg_advisory_xact_lock_shared(%s)", (PLAN_LINK_LOCK,))
+            cur.execute(UPSERT_SUBSCRIPTIONS, columns(rows))
+            result.subscriptions_written = cur.rowcount
+            result.subscriptions_unchanged = len(rows) - cur.rowcount
+    return result

@@ -1,0 +1,256 @@
+"""Transient versus poison, by SQLSTATE class, and what the sink loop does with each.
+
+The loop is driven here with stand-ins for the Kafka clients and ``write_batch``, so the
+decisions (retry, halve, dead-letter, stop without committing) are checked one by one;
+the integration tests run the same code against the real services.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from chargify_stream.settings import load_settings
+from schemas.codec import encode
+from schemas.records import Transaction
+from sink import consumer
+from sink.consumer import Sink, SinkMetrics, Stopping
+from sink.upsert import BatchResult, DatabaseUnavailable, Record, RejectedRecord, classify
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        errors.SerializationFailure("could not serialize access"),
+        errors.DeadlockDetected("deadlock detected"),
+        errors.AdminShutdown("terminating connection due to administrator command"),
+        errors.CannotConnectNow("the database system is starting up"),
+        errors.lookup("08006")("connection failure"),
+        errors.TooManyConnections("sorry, too many clients already"),
+        errors.DiskFull("could not extend file"),
+        psycopg.OperationalError("connection refused"),  # no SQLSTATE: never reached the server
+        psycopg.InterfaceError("the connection is closed"),
+    ],
+)
+def test_transient_faults_are_retried(exc: psycopg.Error) -> None:
+    assert isinstance(classify(exc), DatabaseUnavailable)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        errors.CharacterNotInRepertoire('invalid byte sequence for encoding "UTF8": 0x00'),
+        errors.InvalidTextRepresentation("invalid input syntax for type json"),
+        errors.NumericValueOutOfRange("bigint out of range"),
+        errors.UniqueViolation("duplicate key value"),
+        errors.ForeignKeyViolation("violates foreign key constraint"),
+        errors.CheckViolation("violates check constraint"),
+        psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes"),
+    ],
+)
+def test_poison_records_are_dead_lettered_with_their_sqlstate(exc: psycopg.Error) -> None:
+    found = classify(exc)
+    assert isinstance(found, RejectedRecord)
+    assert found.reason == "malformed_payload"
+    assert found.sqlstate == exc.sqlstate
+    if exc.sqlstate is not None:
+        assert f"SQLSTATE {exc.sqlstate}" in str(found)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        errors.UndefinedTable('relation "transactions" does not exist'),
+        errors.UndefinedColumn("column does not exist"),
+        errors.InternalError_("unexpected"),
+        psycopg.ProgrammingError("wrong number of parameters"),
+    ],
+)
+def test_bugs_and_schema_problems_are_neither(exc: psycopg.Error) -> None:
+    assert classify(exc) is None
+
+
+def test_the_class_decides_not_the_message() -> None:
+    # The same words under a transient SQLSTATE: still transient.
+    assert isinstance(
+        classify(errors.SerializationFailure("violates check constraint")), DatabaseUnavailable
+    )
+
+
+# -- the loop, with stand-ins ---------------------------------------------------------------
+
+
+class FakeMessage:
+    def __init__(self, offset: int, value: bytes, topic: str = "t.chargify.transactions"):
+        self._offset, self._value, self._topic = offset, value, topic
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> bytes:
+        return b"c1"
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [("chargify-webhook-id", str(self._offset).encode())]
+
+    def error(self) -> None:
+        return None
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.commits: list[Any] = []
+
+    def commit(self, *, offsets: Any, asynchronous: bool) -> None:
+        self.commits.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
+
+    def get_watermark_offsets(self, tp: Any, cached: bool = False) -> tuple[int, int]:
+        return (0, 100)
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def produce(self, topic: str, *, value: bytes, key: bytes, headers: Any, on_delivery: Any):
+        self.sent.append({"topic": topic, "value": value, "headers": dict(headers)})
+        on_delivery(None, None)
+
+    def flush(self, timeout: float = 0) -> int:
+        return 0
+
+
+def payment(i: int) -> Transaction:
+    return Transaction(
+        transaction_id=i,
+        kind="payment",
+        amount_cents=100,
+        customer_reference="c1",
+        occurred_at=datetime(2024, 1, 1, tzinfo=UTC),
+        webhook_id=i,
+        event="payment_success",
+    )
+
+
+def make_sink() -> tuple[Sink, FakeConsumer, FakeProducer]:
+    fake_consumer, fake_producer = FakeConsumer(), FakeProducer()
+    sink = Sink(
+        load_settings(kafka_topic_prefix="t."),
+        consumer=cast(Any, fake_consumer),
+        producer=cast(Any, fake_producer),
+        connect=lambda: cast(Any, object()),
+        metrics=SinkMetrics(),
+    )
+    sink._schema_checked = True  # no database here
+    return sink, fake_consumer, fake_producer
+
+
+def test_a_poison_record_is_halved_out_and_the_rest_is_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    poison = {13, 57}
+    written: list[int] = []
+    calls = 0
+
+    def fake_write(conn: Any, records: list[Record]) -> BatchResult:
+        nonlocal calls
+        calls += 1
+        ids = [cast(Transaction, r).transaction_id for r in records]
+        if poison & set(ids):
+            raise RejectedRecord("SQLSTATE 22021 CharacterNotInRepertoire: bad", "22021")
+        written.extend(ids)
+        return BatchResult(transactions_written=len(ids))
+
+    monkeypatch.setattr(consumer, "write_batch", fake_write)
+    monkeypatch.setattr(consumer.Sink, "_connection", lambda self: object())
+    sink, fake_consumer, fake_producer = make_sink()
+    msgs = [FakeMessage(i, encode(payment(i))) for i in range(100)]
+
+    sink.process(cast(Any, msgs))
+
+    assert sorted(written) == [i for i in range(100) if i not in poison]
+    assert calls <= 2 * len(poison) * 8  # halving, not one transaction per record
+    dead = {int(s["headers"]["dlq-source-offset"]) for s in fake_producer.sent}
+    assert dead == poison
+    assert all(s["headers"]["dlq-reason"] == b"malformed_payload" for s in fake_producer.sent)
+    assert all(b"SQLSTATE 22021" in s["headers"]["dlq-error"] for s in fake_producer.sent)
+    assert fake_consumer.commits == [[("t.chargify.transactions", 0, 100)]]
+
+
+def test_a_transient_fault_is_retried_and_never_dead_lettered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    attempts = 0
+
+    def flaky_write(conn: Any, records: list[Record]) -> BatchResult:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            raise DatabaseUnavailable("SQLSTATE 40001 SerializationFailure: retry", "40001")
+        return BatchResult(transactions_written=len(records))
+
+    monkeypatch.setattr(consumer, "write_batch", flaky_write)
+    monkeypatch.setattr(consumer.Sink, "_connection", lambda self: object())
+    monkeypatch.setattr(consumer, "BACKOFF_FIRST_S", 0.01)
+    sink, fake_consumer, fake_producer = make_sink()
+
+    sink.process(cast(Any, [FakeMessage(0, encode(payment(1)))]))
+
+    assert attempts == 3
+    assert fake_producer.sent == []
+    assert fake_consumer.commits == [[("t.chargify.transactions", 0, 1)]]
+
+
+def test_a_stop_during_a_retry_leaves_the_batch_uncommitted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sink, fake_consumer, fake_producer = make_sink()
+    failing = threading.Event()
+
+    def down(conn: Any, records: list[Record]) -> BatchResult:
+        failing.set()
+        raise DatabaseUnavailable("OperationalError: connection refused", None)
+
+    monkeypatch.setattr(consumer, "write_batch", down)
+    monkeypatch.setattr(consumer.Sink, "_connection", lambda self: object())
+    threading.Timer(0.3, sink.stop).start()
+
+    with pytest.raises(Stopping):
+        sink.process(cast(Any, [FakeMessage(0, encode(payment(1)))]))
+
+    assert failing.is_set()
+    assert fake_consumer.commits == []
+    assert fake_producer.sent == []
+
+
+def test_an_undecodable_value_is_dead_lettered_as_unsupported_schema(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        consumer, "write_batch", lambda conn, records: BatchResult(transactions_written=1)
+    )
+    monkeypatch.setattr(consumer.Sink, "_connection", lambda self: object())
+    sink, fake_consumer, fake_producer = make_sink()
+
+    sink.process(cast(Any, [FakeMessage(0, b"not avro"), FakeMessage(1, encode(payment(1)))]))
+
+    [letter] = fake_producer.sent
+    assert letter["value"] == b"not avro"
+    assert letter["headers"]["dlq-reason"] == b"unsupported_schema"
+    assert letter["headers"]["dlq-stage"] == b"sink"
+    assert letter["headers"]["chargify-webhook-id"] == b"0"
+    assert fake_consumer.commits == [[("t.chargify.transactions", 0, 2)]]
