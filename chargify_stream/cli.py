@@ -92,6 +92,15 @@ def _admin(entity: str, action: str) -> Handler:
     return run
 
 
+def _dlq(action: str) -> Handler:
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        from chargify_stream import dlq
+
+        return dlq.run(action, args, settings)
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chargify-stream",
@@ -137,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(entity, add_p)
         list_p = add("list", _admin(entity, "list"), f"list the {entity}", actions)
         list_p.add_argument("--json", action="store_true", help="print JSON")
+
+    from chargify_stream.dlq import add_arguments as add_dlq_arguments
+
+    dlq = sub.add_parser("dlq", help="list, count and replay dead-lettered events")
+    dlq_actions = dlq.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, help_ in (
+        ("list", "show each dead-lettered event once, with its latest failure"),
+        ("stats", "count dead-lettered events by reason and stage; the oldest one's age"),
+        ("replay", "re-publish dead-lettered events to the topic they failed on"),
+    ):
+        add_dlq_arguments(action, add(action, _dlq(action), help_, dlq_actions))
     return parser
 
 
