@@ -10,8 +10,9 @@ out of order), and writes the records to 3-partition input topics as the process
 alternating rounds, each from empty tables:
 
 - **sink**: the ``Sink`` that ``chargify-stream sink`` runs (``build_sink``, same
-  settings, a fresh consumer group reading from the start), timed from its first batch to
-  the offset commit of the last record, so process start and group join are left out;
+  settings, a fresh consumer group reading from the start), timed from the start of its
+  first batch to the end of its last (written, dead letters acknowledged, offsets
+  committed), so process start and group join are left out;
 - **plain COPY**: the same rows, already decoded and in memory, in one binary COPY per
   table in one transaction: every transaction row, and one row per subscription (its
   final state: COPY cannot apply a change to a row). This is the ceiling.
@@ -121,7 +122,7 @@ def run_copy(dsn: str, txns: list[tuple[Any, ...]], subs: list[tuple[Any, ...]])
 
 
 def run_sink(settings: Settings, work: Workload) -> float:
-    """Seconds from the sink's first batch to the commit of its last record."""
+    """Seconds from the start of the sink's first batch to the end of its last."""
     empty_sink_tables(settings.database_dsn())
     fresh = settings.model_copy(update={"sink_group_id": f"bench-sink-{uuid.uuid4().hex[:8]}"})
     sink = build_sink(fresh)

@@ -18,13 +18,15 @@ subscription) written by ``unnest`` of text arrays, ``unnest`` of binary arrays
     .venv/bin/python bench/sink/write_paths.py [--records 40000] [--batch 500] [--rounds 3]
 
 Starts its own Postgres (Debian's binaries, temporary folder) unless ``--dsn`` is given;
-the database named there is migrated and its sink tables are truncated.
+the database named there is migrated and its sink tables are truncated. Prints one line
+and writes the measurements to ``bench/results/sink-write-paths-<time>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -45,6 +47,7 @@ from sink import upsert
 from sink.migrate import migrate
 
 Cursor = psycopg.Cursor[Any]
+RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 # -- transactions -----------------------------------------------------------------------------
 
@@ -258,6 +261,18 @@ def main() -> None:
         print(
             f"write paths, {args.records} records, batch {args.batch}, median of {args.rounds}: "
             + "; ".join(parts)
+        )
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"sink-write-paths-{time.strftime('%Y%m%dT%H%M%S')}.json").write_text(
+            json.dumps(
+                {
+                    "records": args.records,
+                    "batch": args.batch,
+                    "rows_per_s": {f"{t}: {n}": rates for (t, n), rates in results.items()},
+                    "load_average": os.getloadavg(),
+                },
+                indent=2,
+            )
         )
     finally:
         if postgres is not None:
