@@ -15,10 +15,21 @@ Where the customer reference sits (WEBHOOKS.md §4), per supported event:
 ``refund_success``              ``payload[customer_reference]`` (flat)
 ``component_allocation_change`` none: ``lookup_reference(subscription id)``
 ==============================  ===============================================
+
+The rules read a few dozen fields of a body of a few hundred (``FIELDS``), so decoding
+the whole form was most of the cost of a decision. :func:`extract_fields` decodes only
+those values, and returns exactly what a full decode would give for each of them (a
+unit test holds it to that): the structure of a form (which keys nest, repeat, or
+conflict) depends on its keys alone, so it is worked out once per *key sequence*, by
+decoding the key sequence with a placeholder value per key, and cached. Chargify sends
+the same few key sequences again and again. Anything unusual on the way (a broken or
+non-ASCII escape anywhere, a field that decodes to a list, a key conflict, a key
+sequence too new for the cache to hold) takes the full decoder instead.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +42,7 @@ from schemas.records import ComponentAllocation, SubscriptionChange, Transaction
 from schemas.values import none_if_empty, to_float, to_int, to_timestamp
 
 __all__ = [
+    "FIELDS",
     "SUPPORTED_EVENTS",
     "TEST_EVENT",
     "TEST_PANEL",
@@ -39,6 +51,7 @@ __all__ = [
     "Decision",
     "Emit",
     "Ignore",
+    "extract_fields",
     "route",
 ]
 
@@ -107,17 +120,25 @@ def _name(path: tuple[str, ...]) -> str:
     return path[0] + "".join(f"[{segment}]" for segment in path[1:])
 
 
+Path = tuple[str, ...]
+Fields = dict[Path, Any]
+
+
 class _Body:
-    """Typed, field-named access to a decoded body; errors name the offending field."""
+    """Typed, field-named access to a body's ``FIELDS``; errors name the offending field."""
 
-    __slots__ = ("data",)
+    __slots__ = ("fields",)
 
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
+    def __init__(self, fields: Fields) -> None:
+        self.fields = fields
+
+    def raw(self, *path: str) -> Any:
+        """What a full decode holds at ``path`` (a string, list or dict), or ``None``."""
+        return self.fields.get(path)
 
     def text(self, *path: str) -> str | None:
         """The string at ``path``; ``None`` when absent or empty."""
-        value = get(self.data, *path)
+        value = self.fields.get(path)
         if value is None or type(value) is str:
             return none_if_empty(value)
         raise MalformedPayload(f"{_name(path)}: expected one value, got a {type(value).__name__}")
@@ -183,7 +204,7 @@ def _payload_reference(body: _Body) -> tuple[bool, str | None]:
     """(whether any reference field is present, the first non-blank one)."""
     present = False
     for path in _REFERENCE_PATHS:
-        raw = get(body.data, *path)
+        raw = body.raw(*path)
         if type(raw) is not str:
             continue
         present = True
@@ -219,9 +240,9 @@ def _resolve_reference(
 
 
 def _is_test_panel(body: _Body) -> bool:
-    if get(body.data, "payload", "event_id"):
+    if body.raw("payload", "event_id"):
         return False
-    return any(get(body.data, *path) == "0" for path in _TEST_PANEL_IDS)
+    return any(body.raw(*path) == "0" for path in _TEST_PANEL_IDS)
 
 
 def _learnable(body: _Body) -> tuple[int, str] | None:
@@ -352,9 +373,146 @@ _BUILDERS: Final[dict[str, Callable[[_Body, int, str, LookupReference], Emit]]] 
 _MISSING_ID: Final = "id: missing, empty or repeated"
 _MISSING_EVENT: Final = "event: missing, empty or repeated"
 
+# Every path the rules above read; ``extract_fields`` decodes these values and no others.
+FIELDS: Final[tuple[Path, ...]] = (
+    ("id",),
+    ("event",),
+    ("payload", "event_id"),
+    ("payload", "site", "id"),
+    ("payload", "site", "subdomain"),
+    ("payload", "customer_reference"),
+    ("payload", "customer", "id"),
+    ("payload", "customer", "reference"),
+    ("payload", "subscription_id"),
+    ("payload", "subscription", "id"),
+    ("payload", "subscription", "state"),
+    ("payload", "subscription", "previous_state"),
+    ("payload", "subscription", "updated_at"),
+    ("payload", "subscription", "currency"),
+    ("payload", "subscription", "customer", "id"),
+    ("payload", "subscription", "customer", "reference"),
+    ("payload", "subscription", "product", "id"),
+    ("payload", "subscription", "product", "handle"),
+    ("payload", "transaction", "id"),
+    ("payload", "transaction", "subscription_id"),
+    ("payload", "transaction", "amount_in_cents"),
+    ("payload", "transaction", "memo"),
+    ("payload", "transaction", "created_at"),
+    ("payload", "refund_id"),
+    ("payload", "payment_id"),
+    ("payload", "amount_in_cents"),
+    ("payload", "memo"),
+    ("payload", "timestamp"),
+    ("payload", "previous_product", "id"),
+    ("payload", "previous_product", "handle"),
+    ("payload", "product", "id"),
+    ("payload", "product", "handle"),
+    ("payload", "component", "id"),
+    ("payload", "component", "name"),
+    ("payload", "previous_allocation"),
+    ("payload", "new_allocation"),
+)
 
-def _top_level(data: dict[str, Any], name: str) -> str | None:
-    value = data.get(name)
+# A "%" that does not start the escape of an ASCII character: either a broken escape,
+# which schemas.form.parse_pairs rejects, or a non-ASCII byte, which only the full decoder
+# checks for valid UTF-8. One search over the whole text, at C speed.
+_NOT_ASCII_ESCAPE: Final = re.compile(r"%(?![0-7][0-9A-Fa-f])")
+# From each pair's first "=" to the next "&": what is left is the key sequence.
+# (Possessive: nothing to backtrack into, and measurably faster.)
+_VALUES: Final = re.compile(r"=[^&]*+")
+
+# "41" -> "A", in every letter case, for the ASCII escapes that are all _extract_fast decodes.
+_ASCII_ESCAPES: Final = {
+    f"{hi}{lo}": chr(code)
+    for code in range(128)
+    for hi in {f"{code:02x}"[0], f"{code:02X}"[0]}
+    for lo in {f"{code:02x}"[1], f"{code:02X}"[1]}
+}
+
+# For one key sequence: (path, index of its pair in the body split at "&") for each field
+# that holds a string, or None when the body needs the full decoder.
+_Layout = tuple[tuple[Path, int], ...]
+_LAYOUTS: dict[str, _Layout | None] = {}
+_LAYOUTS_MAX: Final = 512
+
+
+def _fields_from_tree(data: dict[str, Any]) -> Fields:
+    """The ``FIELDS`` of a fully decoded body."""
+    fields: Fields = {}
+    for path in FIELDS:
+        value = get(data, *path)
+        if value is not None:
+            fields[path] = value
+    return fields
+
+
+def _layout(key_sequence: str) -> _Layout | None:
+    """Decode the keys with each pair's index as its value, and see where each field is.
+
+    Values never change a form's shape (``decode_form`` looks at keys and types only), so
+    this holds for every body with these keys.
+    """
+    keys = key_sequence.split("&")
+    placeholder = "&".join(f"{key}={index}" for index, key in enumerate(keys) if key)
+    try:
+        fields = _fields_from_tree(decode_form(placeholder.encode()))
+    except MalformedPayload:
+        return None
+    layout = []
+    for path, index in fields.items():
+        if type(index) is not str:
+            return None
+        layout.append((path, int(index)))
+    return tuple(layout)
+
+
+def _unquote_ascii(value: str) -> str:
+    """Percent-decode ``value``, whose escapes are known to be valid and ASCII."""
+    head, *chunks = value.split("%")
+    return head + "".join(_ASCII_ESCAPES[chunk[:2]] + chunk[2:] for chunk in chunks)
+
+
+def _extract_fast(body: bytes) -> Fields | None:
+    """``FIELDS`` decoded alone, or ``None`` when the body needs the full decoder."""
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        return None
+    if "+" in text:
+        text = text.replace("+", " ")
+    if "%" in text and _NOT_ASCII_ESCAPE.search(text):
+        return None
+    key_sequence = _VALUES.sub("", text)
+    try:
+        layout = _LAYOUTS[key_sequence]
+    except KeyError:
+        layout = _layout(key_sequence)
+        if len(_LAYOUTS) >= _LAYOUTS_MAX:
+            _LAYOUTS.clear()  # a flood of one-off shapes must not pin the cache
+        _LAYOUTS[key_sequence] = layout
+    if layout is None:
+        return None
+    pairs = text.split("&")
+    fields: Fields = {}
+    for path, index in layout:
+        value = pairs[index].partition("=")[2]
+        fields[path] = _unquote_ascii(value) if "%" in value else value
+    return fields
+
+
+def extract_fields(body: bytes) -> Fields:
+    """What a full ``decode_form`` of ``body`` holds at each of ``FIELDS`` (absent: no entry).
+
+    Raises ``MalformedPayload`` exactly when ``decode_form`` does, with its message.
+    """
+    fields = _extract_fast(body)
+    if fields is None:
+        fields = _fields_from_tree(decode_form(body))
+    return fields
+
+
+def _top_level(fields: Fields, name: str) -> str | None:
+    value = fields.get((name,))
     return value if type(value) is str and value else None
 
 
@@ -367,13 +525,17 @@ def route(body: bytes, lookup_reference: LookupReference) -> Decision:
     customer reference learnt earlier, or ``None``.
     """
     try:
-        data = decode_form(body)
+        fields = extract_fields(body)
     except MalformedPayload as exc:
         return Decision(None, None, DeadLetter(headers.MALFORMED_PAYLOAD, str(exc)))
-    parsed = _Body(data)
-    event = _top_level(data, "event")
+    return _decide(fields, lookup_reference)
+
+
+def _decide(fields: Fields, lookup_reference: LookupReference) -> Decision:
+    parsed = _Body(fields)
+    event = _top_level(fields, "event")
     try:
-        webhook_id = to_int(_top_level(data, "id"))
+        webhook_id = to_int(_top_level(fields, "id"))
     except MalformedPayload as exc:
         webhook_id = None
         id_error = f"id: {exc}"

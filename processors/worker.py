@@ -1,69 +1,99 @@
 """``chargify-stream processor``: the Faust app that splits raw webhooks by type.
 
 One agent reads ``chargify.webhooks.raw`` (keyed by subscription id, so every event of a
-subscription reaches the same worker) and, for each webhook, asks
-:func:`processors.routing.route` what to do: emit an Avro record keyed by customer
-reference, ignore it (test traffic, events we do not act on), or dead-letter it.
+subscription, and every retry of a webhook, reaches the same partition) and hands each
+batch to :func:`processors.splitter.split`, which decides every record: an Avro record
+keyed by customer reference, a dead letter, or nothing (ignored). Several workers share
+the raw topic's partitions as one consumer group (``PROCESSOR_APP_ID``).
 
-Two tables, both partitioned like the raw topic:
+Two tables, partitioned like the raw topic and kept in memory, rebuilt from their
+changelog topics when a worker starts or partitions move (:mod:`processors.state`):
+``subscription-references`` (subscription id -> customer reference) and
+``seen-webhooks`` (webhook ids emitted within ``PROCESSOR_DEDUP_WINDOW_S``).
 
-- ``subscription-references``: subscription id -> customer reference, learned from every
-  event that carries both, to resolve ``component_allocation_change`` (which carries no
-  customer);
-- ``seen-webhooks``: webhook id -> when it was emitted, so an exact duplicate (Chargify
-  retries, replays) is dropped within ``PROCESSOR_DEDUP_WINDOW_S``. The sink is
-  idempotent regardless; this keeps duplicates off the analysts' topics.
+Delivery is at-least-once. Each batch is taken with ``noack_take``, which never acks on
+its own; the batch's outputs are sent (through librdkafka, :mod:`processors.outputs`) and
+awaited until the broker acknowledged every one (a failed send is retried, never
+skipped); only then are the tables written and the batch's raw records acked. Faust
+commits acked offsets only, after flushing its own producer (which carries the table
+changelogs). A worker killed at any point reads the unacked records again; the
+duplicates that can produce are dropped by the seen-webhooks table or, failing that,
+absorbed by the idempotent sink. Agent concurrency is 1. Faust's ``exactly_once``
+guarantee is not used.
 
-Delivery is at-least-once. Events are taken in small batches with ``take_events``; Faust
-acks them only when the batch body returns, and commits only after flushing its producer.
-The body returns only once every record it sent has been acknowledged by the broker (it
-retries a failed send rather than raising, since raising would ack the batch). Agent
-concurrency is 1, so an offset is never committed past an event still in flight. Faust's
-``exactly_once`` guarantee is not used.
+SIGTERM is graceful: Faust stops fetching, waits until every record taken is acked (its
+``stream_wait_empty``: the batch in hand is finished and acknowledged), commits, and the
+process exits 0. A batch that fails for a reason other than its records (a bug, not bad
+input, which is dead-lettered) exits the process at once with status 1, unacked.
+
+Faust's web server listens on ``127.0.0.1:PROCESSOR_WEB_PORT`` only, and serves the
+Prometheus metrics at ``/metrics``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, cast
 
 import faust
 from faust.types import EventT
+from faust.web import Request, Response, View
 
+from chargify_stream.errors import ConfigError
 from chargify_stream.kafka_admin import ensure_topics
 from chargify_stream.settings import Settings
-from processors.routing import DeadLetter, Emit, Ignore, route
-from schemas import headers as h
-from schemas.codec import encode
-from schemas.deadletter import dead_letter_headers
+from processors.metrics import CONTENT_TYPE, ProcessorMetrics
+from processors.outputs import Outputs
+from processors.splitter import Incoming, Tally, split
+from processors.state import References, SeenWebhooks, Tables
+
+__all__ = ["build_app", "run"]
 
 log = logging.getLogger(__name__)
 
-BATCH_MAX = 500
+BATCH_MAX = 1000
 BATCH_WITHIN_S = 0.05
+REFERENCES_TABLE = "subscription-references"
+SEEN_TABLE = "seen-webhooks"
 
 
-def _header_list(event: EventT) -> list[tuple[str, bytes]]:
-    raw: Any = event.message.headers or []
+def _headers(event: EventT) -> list[tuple[str, bytes]]:
+    raw: Any = event.message.headers or ()
     items: Iterable[tuple[str, Any]] = raw.items() if isinstance(raw, dict) else raw
     return [(k, v) for k, v in items if v is not None]
 
 
-def _raw_partitions(settings: Settings) -> int:
-    from confluent_kafka.admin import AdminClient
+def _incoming(event: EventT) -> Incoming:
+    message = event.message
+    return Incoming(
+        message.topic,
+        message.partition,
+        message.offset,
+        message.key,
+        message.value or b"",
+        _headers(event),
+    )
 
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    md = admin.list_topics(settings.topic("raw"), timeout=30)
-    return len(md.topics[settings.topic("raw")].partitions) or settings.topic_partitions
 
+def build_app(
+    settings: Settings,
+    *,
+    partitions: int,
+    outputs: Outputs,
+    metrics: ProcessorMetrics,
+    on_failure: Callable[[BaseException], None],
+) -> faust.App:
+    """The Faust app with its source topic, tables, agent, timers and metrics page.
 
-def build_app(settings: Settings, *, partitions: int | None = None) -> faust.App:
-    """The Faust app with its topics, tables and agent, for ``settings``."""
-    partitions = partitions or settings.topic_partitions
+    ``partitions`` is the raw topic's partition count; both tables use it. ``outputs``
+    publishes what the agent decides (see :mod:`processors.outputs`). ``on_failure`` is
+    called if a batch fails for a reason other than its records (the agent then stops).
+    """
     app = faust.App(
         settings.processor_app_id,
         broker=[f"kafka://{s}" for s in settings.kafka_bootstrap_servers.split(",")],
@@ -73,141 +103,130 @@ def build_app(settings: Settings, *, partitions: int | None = None) -> faust.App
         topic_replication_factor=settings.topic_replication_factor,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        # Faust's 60 s default leaves a crashed worker's partitions idle for a minute
+        # before the group moves them; 10 s is Kafka's long-time default.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
         web_host="127.0.0.1",
-        web_port=settings.processor_web_port,
         web_bind="127.0.0.1",
-        table_cleanup_interval=60.0,
+        web_port=settings.processor_web_port,
+        # The table pages would show customer references; the graph is for debugging.
+        web_tables_enabled=False,
+        web_graph_enabled=False,
     )
+    raw_topic = settings.topic("raw")
     raw = app.topic(
-        settings.topic("raw"),
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
+        raw_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
-    outputs = {
-        name: app.topic(
-            settings.topic(name),
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-        )
-        for name in ("transactions", "subscriptions", "deadletter")
-    }
-    references = app.Table(
-        "subscription-references",
-        default=None,
-        partitions=partitions,
-        key_type=str,
-        value_type=str,
+    window_ms = settings.processor_dedup_window_s * 1000
+    references = References(
+        app.Table(REFERENCES_TABLE, partitions=partitions, key_type=str, value_type=str)
     )
-    seen = app.Table(
-        "seen-webhooks", default=None, partitions=partitions, key_type=str, value_type=float
+    seen = SeenWebhooks(
+        app.Table(
+            SEEN_TABLE,
+            partitions=partitions,
+            key_type=str,
+            # Tombstones from the expiry timer keep it small; retention is the backstop
+            # for entries of partitions no worker owned when they expired.
+            extra_topic_configs={
+                "cleanup.policy": "compact,delete",
+                "retention.ms": str(2 * window_ms),
+                "segment.ms": str(max(60_000, window_ms // 4)),
+            },
+        ),
+        settings.processor_dedup_window_s,
     )
-    stats = {"emitted": 0, "ignored": 0, "dead": 0, "duplicate": 0}
+    tables = Tables(references, seen)
+    totals = Tally()
 
-    async def send_all(
-        pending: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]],
-    ) -> None:
-        """Send every record and return once the broker acknowledged each one."""
-        delay = 0.2
-        while pending:
-            futures = []
-            for topic, key, value, headers in pending:
-                futures.append(await outputs[topic].send(key=key, value=value, headers=headers))
-            results = await asyncio.gather(*futures, return_exceptions=True)
-            failed = [
-                p for p, r in zip(pending, results, strict=True) if isinstance(r, BaseException)
-            ]
-            if failed:
-                log.warning(
-                    "%d sends failed (%s); retrying in %.1fs",
-                    len(failed),
-                    next(r for r in results if isinstance(r, BaseException)),
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            pending = failed
+    @seen.table.on_recover
+    async def rebuild_index() -> None:
+        seen.rebuild()
 
     @app.agent(raw, concurrency=1)
-    async def split(stream: faust.StreamT[bytes]) -> None:
-        # take_events exists on faust-streaming's Stream but not on its StreamT protocol.
-        batches = cast(Any, stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S)
+    async def split_raw(stream: faust.StreamT[bytes]) -> None:
+        # noack_take exists on faust-streaming's Stream but not on its StreamT protocol.
+        batches = cast(Any, stream).noack_take(BATCH_MAX, within=BATCH_WITHIN_S)
         async for events in batches:
-            await handle_batch(events)
+            started = time.perf_counter()
+            try:
+                result = split([_incoming(e) for e in events], tables)
+                await outputs.send(result.outgoing)
+                # Only now: a seen entry for an output that never reached the broker would
+                # drop the record's redelivery as a duplicate.
+                references.learn(result.learned)
+                seen.remember(result.emitted, result.first_offsets)
+            except asyncio.CancelledError:
+                raise  # the batch stays unacked and is read again
+            except Exception as exc:
+                # Not a bad record (split dead-letters those): stop the worker rather than
+                # run on with a batch that can never be acked, which would stall commits.
+                log.exception("processor batch failed; stopping the worker")
+                on_failure(exc)
+                return
+            for event in events:
+                await stream.ack(event)
+            totals.add(result.tally)
+            metrics.record(result.tally)
+            metrics.batch_size.observe(len(events))
+            metrics.batch_seconds.observe(time.perf_counter() - started)
 
-    async def handle_batch(events: Sequence[EventT]) -> None:
-        pending: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
-        emitted_now: set[str] = set()
-        learned: dict[str, str] = {}
-        for event in events:
-            body: bytes = event.message.value or b""
-            headers = _header_list(event)
-            hdr = dict(headers)
-            wid = hdr.get(h.WEBHOOK_ID, b"").decode(errors="replace")
-            replayed = int(hdr.get(h.DLQ_REPLAY_COUNT, b"0") or 0) > 0
-            if wid and not replayed and (wid in emitted_now or seen.get(wid) is not None):
-                stats["duplicate"] += 1
-                log.info("dropped duplicate webhook %s", wid)
-                continue
+    expiry_interval = min(300.0, settings.processor_dedup_window_s / 4)
 
-            def lookup(sid: int) -> str | None:
-                return learned.get(str(sid)) or references.get(str(sid))
-
-            decision = route(body, lookup)
-            if decision.learn is not None:
-                sid, ref = decision.learn
-                if learned.get(str(sid)) != ref and references.get(str(sid)) != ref:
-                    learned[str(sid)] = ref
-            action = decision.action
-            carried = [(k, v) for k, v in headers if k in h.CARRIED_OVER]
-            if isinstance(action, Emit):
-                pending.append((action.topic, action.key.encode(), encode(action.record), carried))
-                if decision.webhook_id is not None:
-                    emitted_now.add(str(decision.webhook_id))
-                stats["emitted"] += 1
-            elif isinstance(action, Ignore):
-                stats["ignored"] += 1
-                log.info("ignored webhook %s (%s): %s", wid, decision.event, action.reason)
-            elif isinstance(action, DeadLetter):
-                stats["dead"] += 1
-                log.warning(
-                    "dead-lettering webhook %s (%s): %s", wid, decision.event, action.reason
-                )
-                dl_headers = dead_letter_headers(
-                    reason=action.reason,
-                    stage=h.STAGE_PROCESSOR,
-                    error=action.error,
-                    source_topic=event.message.topic,
-                    source_partition=event.message.partition,
-                    source_offset=event.message.offset,
-                    original_headers=headers,
-                )
-                pending.append(("deadletter", event.message.key, body, dl_headers))
-        await send_all(pending)
-        # Table writes go to their changelogs, which Faust flushes before committing.
-        for sub_id, reference in learned.items():
-            references[sub_id] = reference
-        now = time.time()
-        for wid in emitted_now:
-            seen[wid] = now
-
-    @app.timer(interval=300.0)
+    @app.timer(interval=expiry_interval)
     async def expire_seen() -> None:
-        horizon = time.time() - settings.processor_dedup_window_s
-        old = [k for k, v in list(seen.items()) if v is not None and v < horizon]
-        for key in old:
-            del seen[key]
-        if old:
-            log.info("forgot %d webhook ids older than the dedup window", len(old))
+        # Housekeeping: a failure here is logged, not allowed to crash the worker (an
+        # exception from a Faust timer stops the whole app).
+        try:
+            actives = app.assignor.assigned_actives()
+            forgotten = seen.expire({tp.partition for tp in actives if tp.topic == raw_topic})
+        except Exception:
+            log.exception("expiring the dedup table failed; trying again next time")
+            return
+        if forgotten:
+            log.info("forgot %d batches of webhook ids older than the dedup window", forgotten)
 
     @app.timer(interval=60.0)
     async def report() -> None:
-        log.info("processor totals: %s", stats)
+        log.info(
+            "processor totals: %s; %d subscriptions known, %d webhook ids in the dedup window",
+            totals.summary(),
+            len(references),
+            len(seen),
+        )
+
+    @app.page("/metrics")
+    async def metrics_page(self: View, request: Request) -> Response:
+        metrics.references.set(len(references))
+        metrics.seen.set(len(seen))
+        return self.bytes(metrics.render(), content_type=CONTENT_TYPE)
 
     return app
+
+
+def _partition_counts(settings: Settings, topics: Iterable[str]) -> dict[str, int]:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0})
+    metadata = admin.list_topics(timeout=30).topics
+    return {t: len(metadata[t].partitions) for t in topics if t in metadata}
+
+
+def _check_changelogs(app: faust.App, settings: Settings, partitions: int) -> None:
+    """Fail at start if a table's changelog has a different partition count than raw.
+
+    The tables must be co-partitioned with the raw topic; Faust would otherwise recover
+    entries into the wrong partitions without a word.
+    """
+    names = [table.changelog_topic.get_topic_name() for table in app.tables.values()]
+    for name, count in _partition_counts(settings, names).items():
+        if count != partitions:
+            raise ConfigError(
+                f"changelog topic {name} has {count} partitions but {settings.topic('raw')} "
+                f"has {partitions}; the tables must be partitioned like the raw topic "
+                "(use a new PROCESSOR_APP_ID, or recreate the changelog topics)"
+            )
 
 
 def run(settings: Settings) -> int:
@@ -220,14 +239,39 @@ def run(settings: Settings) -> int:
         partitions=settings.topic_partitions,
         replication_factor=settings.topic_replication_factor,
     )
+    partitions = _partition_counts(settings, [settings.topic("raw")])[settings.topic("raw")]
     Path(settings.processor_data_dir).mkdir(parents=True, exist_ok=True)
-    app = build_app(settings, partitions=_raw_partitions(settings))
-    log.info("processor %s reading %s", settings.processor_app_id, settings.topic("raw"))
-    worker = Worker(
-        app,
-        loglevel=settings.log_level.lower(),
-        quiet=True,
-        override_logging=False,
+    metrics = ProcessorMetrics()
+    outputs = Outputs(settings, on_retry=metrics.send_retries.inc)
+
+    def stop_on_failure(exc: BaseException) -> None:
+        # Exit at once, non-zero, for the supervisor to restart the worker. A graceful
+        # stop would wait for the failed batch to be acked, which it never will be; its
+        # records, and any acked since the last commit, are read again on restart.
+        log.critical("processor stopped after a failed batch: %r", exc)
+        logging.shutdown()
+        os._exit(1)
+
+    app = build_app(
+        settings,
+        partitions=partitions,
+        outputs=outputs,
+        metrics=metrics,
+        on_failure=stop_on_failure,
     )
-    worker.execute_from_commandline()
+    _check_changelogs(app, settings, partitions)
+    log.info(
+        "processor %s reading %s (%d partitions); metrics on http://127.0.0.1:%d/metrics",
+        settings.processor_app_id,
+        settings.topic("raw"),
+        partitions,
+        settings.processor_web_port,
+    )
+    worker = Worker(app, loglevel=settings.log_level.lower(), quiet=True, override_logging=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as done:  # how mode's worker always ends
+        return done.code if isinstance(done.code, int) else 1
+    finally:
+        outputs.close()
     return 0

@@ -1,5 +1,6 @@
 """Routing decisions for built bodies of every supported event, every dead-letter and
-ignore reason, and the real captured bodies."""
+ignore reason, and the real captured bodies; and the targeted field extraction held to
+what a full decode gives."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chargify_stream.errors import MalformedPayload
+from processors import routing
 from processors.routing import (
+    FIELDS,
     TEST_EVENT,
     TEST_PANEL,
     UNSUPPORTED_EVENT,
@@ -18,12 +22,19 @@ from processors.routing import (
     Decision,
     Emit,
     Ignore,
+    extract_fields,
     route,
 )
-from schemas.form import encode_pairs
+from schemas.form import decode_form, encode_pairs
 from schemas.records import ComponentAllocation, SubscriptionChange, Transaction
 from tests.builders import DEFAULT_OCCURRED_AT, EVENTS, build_body, build_pairs
-from tests.samples import raw_form_names, raw_form_params, require_samples, sample_body
+from tests.samples import (
+    raw_form_names,
+    raw_form_params,
+    raw_form_samples,
+    require_samples,
+    sample_body,
+)
 
 AT = datetime(2024, 3, 10, 6, 59, 58, tzinfo=UTC)
 
@@ -530,3 +541,149 @@ def test_route_never_raises(pairs: list[tuple[str, str]]) -> None:
 @given(st.binary(max_size=200))
 def test_route_never_raises_on_bytes(body: bytes) -> None:
     assert isinstance(route(body, no_lookup), Decision)
+
+
+# -- extract_fields: the targeted decode must give what the full decode gives ------------
+
+
+def full_fields(body: bytes) -> dict[tuple[str, ...], Any] | str:
+    """The reference: decode everything, then read FIELDS (or the decoder's error)."""
+    try:
+        return routing._fields_from_tree(decode_form(body))
+    except MalformedPayload as exc:
+        return f"MalformedPayload: {exc}"
+
+
+def fast_fields(body: bytes) -> dict[tuple[str, ...], Any] | str:
+    try:
+        return extract_fields(body)
+    except MalformedPayload as exc:
+        return f"MalformedPayload: {exc}"
+
+
+def built_bodies() -> list[bytes]:
+    bodies = [build_body(event) for event in EVENTS]
+    bodies += [build_body("refund_success", refund_shape="2023")]
+    bodies += [build_body(event, reference="", event_id=None) for event in EVENTS]
+    bodies += [build_body("payment_success", memo="Caf\u00e9 50% off: a+b=c & more")]
+    return bodies
+
+
+class TestExtractFields:
+    @pytest.mark.parametrize("body", built_bodies())
+    def test_built_bodies(self, body: bytes) -> None:
+        assert fast_fields(body) == full_fields(body)
+        # Only a non-ASCII escape (the "é" of one memo) sends a built body the slow way.
+        assert (routing._extract_fast(body) is None) == (b"%C3" in body)
+
+    def test_every_real_body(self) -> None:
+        for name, body in raw_form_samples().items():
+            assert fast_fields(body) == full_fields(body), name
+
+    def test_a_known_key_sequence_reads_each_body_s_own_values(self) -> None:
+        first = build_body("payment_success", transaction_id=1, memo="one")
+        second = build_body("payment_success", transaction_id=2, memo="two%")
+        assert extract_fields(first)[("payload", "transaction", "id")] == "1"
+        fields = extract_fields(second)
+        assert fields[("payload", "transaction", "id")] == "2"
+        assert fields[("payload", "transaction", "memo")] == "two%"
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            b"id=1&event=x&payload[memo]=%zz",  # broken escape in a field we read
+            b"id=1&event=x&payload[other]=%4",  # ... and in one we do not
+            b"id=1&event=x&payload[other]=%C3%28",  # invalid UTF-8 in an escape
+            b"id=1&event=x&payload[other]=\xff",  # invalid UTF-8 in the bytes
+            b"id=1&event=x&payload[subscription]=1&payload[subscription][id]=2",  # conflict
+            b"id=1&event=x&payload[a]=1&payload[a][b]=2",  # conflict far from any field
+            b"id=1&id=2&event=x",  # a repeated field
+            b"id=1&event=x&payload[subscription][id][]=5",
+            b"id=1&event=x&payload[subscription][id][0]=5",
+            b"id=1&event=x&payload%5Bsubscription%5D%5Bid%5D=5",  # an escaped key
+            b"id=1&event=x&payload[][subscription][id]=5",
+            b"id=1&event=x&payload[subscription][name]=a&payload[subscription][id]=7"
+            b"&payload[subscription][name]=b&payload[subscription][id]=8",  # a repeated group
+            b"id=1&event=x&payload[0]=a&payload[1]=b",
+            b"=x&id=1&&event=y+z&payload[memo]=a=b",
+            b"id=1&event=x&payload[memo]=caf%C3%A9",
+        ],
+    )
+    def test_unusual_bodies(self, body: bytes) -> None:
+        assert fast_fields(body) == full_fields(body)
+
+    def test_the_cache_is_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(routing, "_LAYOUTS", {})
+        monkeypatch.setattr(routing, "_LAYOUTS_MAX", 3)
+        for n in range(10):
+            body = build_body("signup_success", overrides={f"payload[extra{n}]": "x"})
+            assert fast_fields(body) == full_fields(body)
+            assert len(routing._LAYOUTS) <= 3
+
+    def test_the_rules_read_only_fields(self) -> None:
+        """Every path the decision reads is in FIELDS, so extraction never hides one."""
+        read: set[tuple[str, ...]] = set()
+
+        class Recording(dict[tuple[str, ...], Any]):
+            def get(self, key: Any, default: Any = None) -> Any:
+                read.add(key)
+                return super().get(key, default)
+
+        lookup = Lookup({15100141: "cust-1"})
+        bodies = [
+            *built_bodies(),
+            build_body("payment_success", reference=None, drop=["payload[subscription][id]"]),
+            build_body("component_allocation_change", drop=["payload[subscription][id]"]),
+            build_body("subscription_state_change", drop=["payload[subscription][updated_at]"]),
+            build_body("payment_success", subscription_id=0, event_id=None),
+        ]
+        for body in bodies:
+            routing._decide(Recording(extract_fields(body)), lookup)
+        assert read <= set(FIELDS), read - set(FIELDS)
+        assert len(read) == len(FIELDS), set(FIELDS) - read
+
+
+_KEYS = st.sampled_from(
+    [
+        "id",
+        "event",
+        "payload[event_id]",
+        "payload[subscription][id]",
+        "payload[subscription][customer][reference]",
+        "payload[subscription][customer]",
+        "payload[subscription]",
+        "payload[subscription][]",
+        "payload[subscription][id][]",
+        "payload[subscription][id][0]",
+        "payload[subscription][0]",
+        "payload[transaction][id]",
+        "payload[transaction][amount_in_cents]",
+        "payload[customer_reference]",
+        "payload[component][id]",
+        "payload[x][y]",
+        "payload[x]",
+        "payload%5Bsubscription%5D%5Bid%5D",
+        "payload[][subscription][id]",
+        "payload",
+        "",
+        "x[",
+        "0",
+    ]
+)
+_VALUES = st.one_of(
+    st.sampled_from(["", "0", "1", "payment_success", "a%20b", "%zz", "%C3%A9", "%E9", "a+b"]),
+    st.text(alphabet="ab1%=+ []", max_size=6),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(_KEYS, _VALUES), max_size=12))
+def test_extract_fields_matches_a_full_decode(pairs: list[tuple[str, str]]) -> None:
+    body = "&".join(f"{key}={value}" for key, value in pairs).encode()
+    assert fast_fields(body) == full_fields(body)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=120))
+def test_extract_fields_matches_a_full_decode_on_bytes(body: bytes) -> None:
+    assert fast_fields(body) == full_fields(body)

@@ -1,0 +1,249 @@
+"""One batch of raw webhooks -> the records to publish and what the tables should learn.
+
+This is the worker's logic without Kafka: :func:`split` turns raw records into
+``Outgoing`` records (Avro on the two output topics, or the original bytes on the
+dead-letter topic), the (subscription id -> customer reference) pairs learnt on the way,
+and the webhook ids to remember as seen once the outputs are acknowledged. The worker
+(:mod:`processors.worker`) does the I/O around it.
+
+Per record, in order:
+
+1. an exact duplicate (its webhook id already emitted, within the dedup window or earlier
+   in the batch) is dropped, unless it is a dead-letter replay (``dlq-replay-count`` > 0),
+   which an operator sent on purpose;
+2. :func:`processors.routing.route` decides, resolving a missing customer reference from
+   the references known so far, including those learnt earlier in the same batch;
+3. the decision becomes an Avro record with the raw record's ``chargify-webhook-id``,
+   ``chargify-event`` and ``received-at`` headers, or a dead letter carrying the raw key,
+   bytes and headers plus the ``dlq-*`` headers, or nothing (ignored: counted and logged).
+
+Only emitted webhooks are remembered as seen: a webhook that was dead-lettered, say for an
+unknown subscription, gets a fresh chance if Chargify sends it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal, Protocol
+
+from processors.routing import SUPPORTED_EVENTS, DeadLetter, Emit, Ignore, route
+from schemas import headers as h
+from schemas.codec import encode
+from schemas.deadletter import dead_letter_headers
+
+__all__ = ["Incoming", "Outgoing", "Split", "State", "Tally", "split"]
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+OutputTopic = Literal["transactions", "subscriptions", "deadletter"]
+
+# Event labels for metrics: the events we act on and the test event; anything else is
+# "other", so a body cannot grow the label set.
+_EVENT_LABELS: Final = SUPPORTED_EVENTS | {"test"}
+
+DUPLICATE: Final = "duplicate"
+EMITTED: Final = "emitted"
+IGNORED: Final = "ignored"
+DEAD_LETTERED: Final = "dead_lettered"
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One record of the raw topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: Headers
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One record to publish; ``topic`` is the logical name, resolved by the worker."""
+
+    topic: OutputTopic
+    key: bytes | None
+    value: bytes
+    headers: Headers
+
+
+class State(Protocol):
+    """What the tables know (the worker's ``processors.state`` objects implement it)."""
+
+    def reference(self, subscription_id: str) -> str | None:
+        """The customer reference learnt for a subscription, or ``None``."""
+
+    def is_duplicate(self, webhook_id: str) -> bool:
+        """Whether the webhook was emitted within the dedup window."""
+
+
+@dataclass
+class Tally:
+    """Counts for the metrics and the periodic log line."""
+
+    events: Counter[tuple[str, str]] = field(default_factory=Counter)  # (event, outcome)
+    published: Counter[str] = field(default_factory=Counter)  # output topic
+    dead_letters: Counter[str] = field(default_factory=Counter)  # reason
+    ignored: Counter[str] = field(default_factory=Counter)  # reason
+
+    def add(self, other: Tally) -> None:
+        self.events.update(other.events)
+        self.published.update(other.published)
+        self.dead_letters.update(other.dead_letters)
+        self.ignored.update(other.ignored)
+
+    def summary(self) -> str:
+        """``emitted=.. ignored=.. dead_lettered=.. duplicate=..``, for a log line."""
+        outcomes: Counter[str] = Counter()
+        for (_, outcome), n in self.events.items():
+            outcomes[outcome] += n
+        return " ".join(
+            f"{outcome}={outcomes[outcome]}"
+            for outcome in (EMITTED, IGNORED, DEAD_LETTERED, DUPLICATE)
+        )
+
+
+@dataclass
+class Split:
+    """The result of one batch."""
+
+    outgoing: list[Outgoing] = field(default_factory=list)
+    # (raw partition, subscription id) -> customer reference, new or changed.
+    learned: dict[tuple[int, str], str] = field(default_factory=dict)
+    # raw partition -> webhook ids emitted, to remember once the outputs are acknowledged.
+    emitted: dict[int, list[str]] = field(default_factory=dict)
+    # raw partition -> offset of the batch's first record from it (names a seen-table entry).
+    first_offsets: dict[int, int] = field(default_factory=dict)
+    tally: Tally = field(default_factory=Tally)
+
+
+def _event_label(event: str | None) -> str:
+    return event if event in _EVENT_LABELS else "other"
+
+
+def _replayed(replay_count: bytes) -> bool:
+    """Whether a ``dlq-replay-count`` header says the record is a dead-letter replay."""
+    try:
+        return int(replay_count) > 0
+    except ValueError:
+        return False
+
+
+def split(batch: Sequence[Incoming], state: State) -> Split:
+    """Decide every record of ``batch`` (see the module docstring)."""
+    result = Split()
+    tally = result.tally
+    learned_now: dict[str, str] = {}  # subscription id -> reference, this batch
+    emitted_now: set[str] = set()
+
+    def lookup(subscription_id: int) -> str | None:
+        sid = str(subscription_id)
+        return learned_now.get(sid) or state.reference(sid)
+
+    for record in batch:
+        result.first_offsets.setdefault(record.partition, record.offset)
+        header_id = event_header = None
+        replayed = False
+        for name, value in record.headers:
+            if name == h.WEBHOOK_ID:
+                header_id = value.decode(errors="replace")
+            elif name == h.EVENT:
+                event_header = value.decode(errors="replace")
+            elif name == h.DLQ_REPLAY_COUNT:
+                replayed = _replayed(value)
+        if (
+            header_id
+            and not replayed
+            and (header_id in emitted_now or state.is_duplicate(header_id))
+        ):
+            tally.events[_event_label(event_header), DUPLICATE] += 1
+            log.info("dropped duplicate webhook %s (%s)", header_id, event_header)
+            continue
+        try:
+            decision = route(record.value, lookup)
+            action = decision.action
+            outgoing = (
+                Outgoing(
+                    action.topic,
+                    action.key.encode(),
+                    encode(action.record),
+                    [(k, v) for k, v in record.headers if k in h.CARRIED_OVER],
+                )
+                if isinstance(action, Emit)
+                else None
+            )
+        except Exception as exc:  # a bug, not bad input: route never raises for that
+            log.exception("processing webhook %s failed; dead-lettering it", header_id)
+            action = DeadLetter(h.MALFORMED_PAYLOAD, f"processor error: {type(exc).__name__}")
+            decision = None
+            outgoing = None
+        event = (decision.event if decision is not None else None) or event_header
+        webhook_id = header_id or (
+            str(decision.webhook_id)
+            if decision is not None and decision.webhook_id is not None
+            else None
+        )
+        if decision is not None and decision.learn is not None:
+            sid, reference = str(decision.learn[0]), decision.learn[1]
+            if lookup(decision.learn[0]) != reference:
+                learned_now[sid] = reference
+                result.learned[record.partition, sid] = reference
+        if isinstance(action, Emit) and outgoing is not None:
+            # No id header to check before routing: check the body's id instead.
+            if (
+                header_id is None
+                and webhook_id
+                and not replayed
+                and (webhook_id in emitted_now or state.is_duplicate(webhook_id))
+            ):
+                tally.events[_event_label(event), DUPLICATE] += 1
+                log.info("dropped duplicate webhook %s (%s)", webhook_id, event)
+                continue
+            result.outgoing.append(outgoing)
+            if webhook_id:
+                emitted_now.add(webhook_id)
+                result.emitted.setdefault(record.partition, []).append(webhook_id)
+            tally.events[_event_label(event), EMITTED] += 1
+            tally.published[action.topic] += 1
+        elif isinstance(action, Ignore):
+            tally.events[_event_label(event), IGNORED] += 1
+            tally.ignored[action.reason] += 1
+            log.info("ignored webhook %s (%s): %s", webhook_id, event, action.reason)
+        else:
+            assert isinstance(action, DeadLetter)
+            tally.events[_event_label(event), DEAD_LETTERED] += 1
+            tally.dead_letters[action.reason] += 1
+            tally.published["deadletter"] += 1
+            log.warning(
+                "dead-lettering webhook %s (%s) from %s[%d]@%d: %s: %s",
+                webhook_id,
+                event,
+                record.topic,
+                record.partition,
+                record.offset,
+                action.reason,
+                action.error,
+            )
+            result.outgoing.append(
+                Outgoing(
+                    "deadletter",
+                    record.key,
+                    record.value,
+                    dead_letter_headers(
+                        reason=action.reason,
+                        stage=h.STAGE_PROCESSOR,
+                        error=action.error,
+                        source_topic=record.topic,
+                        source_partition=record.partition,
+                        source_offset=record.offset,
+                        original_headers=record.headers,
+                    ),
+                )
+            )
+    return result

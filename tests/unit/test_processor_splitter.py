@@ -1,0 +1,171 @@
+"""The processor's per-batch logic (``processors.splitter.split``), without Kafka."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from processors import splitter
+from processors.splitter import Incoming, split
+from schemas import headers as h
+from schemas.codec import decode
+from schemas.deadletter import parse_dead_letter
+from schemas.records import SubscriptionChange, Transaction
+from tests.builders import build_body
+
+
+class FakeState:
+    def __init__(
+        self, references: dict[str, str] | None = None, seen: set[str] | None = None
+    ) -> None:
+        self.references = references or {}
+        self.seen = seen or set()
+
+    def reference(self, subscription_id: str) -> str | None:
+        return self.references.get(subscription_id)
+
+    def is_duplicate(self, webhook_id: str) -> bool:
+        return webhook_id in self.seen
+
+
+def incoming(
+    event: str,
+    webhook_id: int,
+    *,
+    offset: int = 0,
+    partition: int = 0,
+    subscription_id: int = 15100141,
+    extra_headers: list[tuple[str, bytes]] | None = None,
+    with_id_header: bool = True,
+    **fields: Any,
+) -> Incoming:
+    body = build_body(event, webhook_id=webhook_id, subscription_id=subscription_id, **fields)
+    headers = [
+        (h.EVENT, event.encode()),
+        (h.RECEIVED_AT, b"2024-10-11T19:28:31.000Z"),
+        (h.SOURCE_IP, b"10.0.0.1"),
+        *(extra_headers or []),
+    ]
+    if with_id_header:
+        headers.insert(0, (h.WEBHOOK_ID, str(webhook_id).encode()))
+    return Incoming("raw", partition, offset, str(subscription_id).encode(), body, headers)
+
+
+def test_emits_avro_under_the_customer_with_the_carried_headers() -> None:
+    record = incoming("payment_success", 1, reference="cust-1", transaction_id=70)
+    result = split([record], FakeState())
+    [out] = result.outgoing
+    assert (out.topic, out.key) == ("transactions", b"cust-1")
+    value = decode(out.value)
+    assert isinstance(value, Transaction) and value.transaction_id == 70
+    assert out.headers == [
+        (h.WEBHOOK_ID, b"1"),
+        (h.EVENT, b"payment_success"),
+        (h.RECEIVED_AT, b"2024-10-11T19:28:31.000Z"),
+    ]
+    assert result.emitted == {0: ["1"]}
+    assert result.tally.events == {("payment_success", "emitted"): 1}
+    assert result.tally.published == {"transactions": 1}
+
+
+def test_dead_letter_keeps_the_raw_record_and_says_why() -> None:
+    record = incoming("component_allocation_change", 9, offset=41, partition=2)
+    result = split([record], FakeState())
+    [out] = result.outgoing
+    assert (out.topic, out.key, out.value) == ("deadletter", record.key, record.value)
+    assert out.headers[: len(record.headers)] == record.headers
+    info = parse_dead_letter(out.headers)
+    assert info is not None
+    assert (info.reason, info.stage) == ("unknown_subscription", "processor")
+    assert info.source_topic == "raw"
+    assert (info.source_partition, info.source_offset, info.replay_count) == (2, 41, 0)
+    assert result.emitted == {}  # a dead letter gets a fresh chance if sent again
+    assert result.tally.dead_letters == {"unknown_subscription": 1}
+
+
+def test_duplicates_are_dropped_across_and_within_batches() -> None:
+    state = FakeState(seen={"5"})
+    batch = [
+        incoming("payment_success", 5),  # emitted earlier
+        incoming("payment_success", 6, offset=1),
+        incoming("payment_success", 6, offset=2),  # again, in the same batch
+    ]
+    result = split(batch, state)
+    assert [o.headers[0] for o in result.outgoing] == [(h.WEBHOOK_ID, b"6")]
+    assert result.tally.events[("payment_success", "duplicate")] == 2
+
+
+def test_without_an_id_header_the_body_id_is_used() -> None:
+    batch = [
+        incoming("signup_success", 7, with_id_header=False),
+        incoming("signup_success", 7, with_id_header=False, offset=1),
+    ]
+    result = split(batch, FakeState(seen={"8"}))
+    assert len(result.outgoing) == 1 and result.emitted == {0: ["7"]}
+    again = split([incoming("signup_success", 8, with_id_header=False)], FakeState(seen={"8"}))
+    assert again.outgoing == []
+
+
+def test_a_dead_letter_replay_is_not_a_duplicate() -> None:
+    replay = incoming("payment_success", 5, extra_headers=[(h.DLQ_REPLAY_COUNT, b"1")])
+    assert len(split([replay], FakeState(seen={"5"})).outgoing) == 1
+
+
+def test_references_learnt_in_a_batch_resolve_later_records_of_it() -> None:
+    batch = [
+        incoming("signup_success", 1, subscription_id=77, reference="cust-77", partition=1),
+        incoming("component_allocation_change", 2, subscription_id=77, partition=1, offset=1),
+        incoming("signup_success", 3, subscription_id=78, reference="cust-78", offset=2),
+    ]
+    state = FakeState(references={"78": "cust-78"})
+    result = split(batch, state)
+    assert [o.key for o in result.outgoing] == [b"cust-77", b"cust-77", b"cust-78"]
+    change = decode(result.outgoing[1].value)
+    assert isinstance(change, SubscriptionChange) and change.event == "component_allocation_change"
+    assert result.learned == {(1, "77"): "cust-77"}  # 78 was known already
+    assert result.emitted == {1: ["1", "2"], 0: ["3"]}
+    assert result.first_offsets == {1: 0, 0: 2}
+
+
+def test_a_changed_reference_is_learnt_again() -> None:
+    batch = [incoming("payment_success", 1, subscription_id=5, reference="new-ref")]
+    result = split(batch, FakeState(references={"5": "old-ref"}))
+    assert result.learned == {(0, "5"): "new-ref"}
+
+
+def test_ignored_records_are_counted_not_published() -> None:
+    test_event = Incoming("raw", 0, 0, None, b"id=1&event=test&payload[chargify]=testing", [])
+    renewal = incoming("signup_success", 2, reference="c")
+    renewal = Incoming(
+        "raw",
+        0,
+        1,
+        renewal.key,
+        renewal.value.replace(b"event=signup_success", b"event=renewal_success"),
+        [],
+    )
+    panel = incoming("payment_success", 3, subscription_id=0, event_id=None, offset=2)
+    result = split([test_event, renewal, panel], FakeState())
+    assert result.outgoing == []
+    assert result.tally.ignored == {"test_event": 1, "unsupported_event": 1, "test_panel": 1}
+    assert result.tally.events[("other", "ignored")] == 1  # renewal_success: not a label
+    assert result.learned == {(0, "15100141"): "c"}  # the renewal still teaches
+
+
+def test_a_processing_bug_dead_letters_the_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(record: object) -> bytes:
+        raise OverflowError("boom")
+
+    monkeypatch.setattr(splitter, "encode", broken)
+    record = incoming("payment_success", 1)
+    [out] = split([record], FakeState()).outgoing
+    info = parse_dead_letter(out.headers)
+    assert info is not None and info.reason == "malformed_payload"
+    assert info.error == "processor error: OverflowError"
+    assert out.value == record.value
+
+
+def test_tally_summary() -> None:
+    result = split([incoming("payment_success", 1), incoming("payment_success", 1)], FakeState())
+    assert result.tally.summary() == "emitted=1 ignored=0 dead_lettered=0 duplicate=1"
