@@ -1,0 +1,161 @@
+"""Nothing lost, nothing doubled: the pipeline under killed processes and services.
+
+Each test runs the three stages as separate processes, sends a stream of signed payment
+webhooks while something is killed, and then checks Postgres holds every transaction
+that was answered 200 exactly once. A webhook answered with anything else is retried, as
+Chargify retries.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from chargify_stream.settings import Settings
+from sink.admin import add_customer, add_partner, connect
+from tests.builders import build_body
+from tests.pipeline import Pipeline
+from tests.services import KafkaService, PostgresService
+
+pytestmark = pytest.mark.integration
+
+FIRST_TXN = 8_000_000_001
+
+
+def payments(count: int, *, start: int = FIRST_TXN, customers: int = 4) -> list[bytes]:
+    """``count`` payment webhooks over several subscriptions (so several partitions)."""
+    return [
+        build_body(
+            "payment_success",
+            webhook_id=start + i,
+            transaction_id=start + i,
+            subscription_id=9_000 + i % 7,
+            reference=f"cust-{i % customers}",
+            amount_cents=100 + i,
+        )
+        for i in range(count)
+    ]
+
+
+def seed(settings: Settings, customers: int = 4) -> None:
+    with connect(settings) as conn:
+        add_partner(conn, "p1", None)
+        for i in range(customers):
+            add_customer(conn, f"cust-{i}", partner="p1")
+
+
+def send_all(pipeline: Pipeline, bodies: list[bytes], statuses: list[int]) -> None:
+    for body in bodies:
+        statuses.append(pipeline.post(body))
+
+
+def assert_exactly_once(pipeline: Pipeline, count: int, *, timeout: float = 90.0) -> None:
+    expected = [(count, count, sum(100 + i for i in range(count)))]
+    pipeline.wait_for(
+        "select count(*), count(distinct transaction_id), sum(amount_cents)::bigint"
+        " from transactions",
+        expected,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def make_pipeline(
+    stages: Callable[..., Any],
+) -> Iterator[Callable[..., Pipeline]]:
+    made: list[Pipeline] = []
+
+    def make(settings: Settings, **kw: Any) -> Pipeline:
+        p = Pipeline(settings, stages, **kw)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def test_broker_killed_while_webhooks_arrive(
+    make_settings: Callable[..., Settings],
+    make_pipeline: Callable[..., Pipeline],
+    kafka_service: KafkaService,
+) -> None:
+    if not kafka_service.can_restart:
+        pytest.skip("needs CHARGIFY_TEST_BACKEND=local to kill the broker")
+    settings = make_settings(partitions=3, gateway_publish_timeout_s=2.0)
+    seed(settings)
+    pipeline = make_pipeline(settings)
+    bodies = payments(120)
+    statuses: list[int] = []
+    sender = threading.Thread(target=send_all, args=(pipeline, bodies, statuses))
+    try:
+        sender.start()
+        while len(statuses) < 30:
+            time.sleep(0.05)
+        kafka_service.kill()
+        time.sleep(3)
+    finally:
+        kafka_service.start()
+        sender.join(120)
+    assert len(statuses) == len(bodies)
+    assert set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses, "the broker outage should have been answered with 503"
+    # Chargify retries what was not answered 200.
+    for body, status in zip(bodies, statuses, strict=True):
+        if status != 200:
+            pipeline.post_until_accepted(body)
+    assert_exactly_once(pipeline, len(bodies))
+
+
+def test_processor_and_sink_killed_and_postgres_restarted_mid_stream(
+    make_settings: Callable[..., Settings],
+    make_pipeline: Callable[..., Pipeline],
+    postgres_service: PostgresService,
+) -> None:
+    if not postgres_service.can_restart:
+        pytest.skip("needs CHARGIFY_TEST_BACKEND=local to restart Postgres")
+    settings = make_settings(partitions=3, sink_batch_size=20)
+    seed(settings)
+    pipeline = make_pipeline(settings)
+    bodies = payments(300)
+    for body in bodies[:100]:
+        assert pipeline.post(body) == 200
+    pipeline.processors[0].kill()
+    pipeline.sinks[0].kill()
+    for body in bodies[100:200]:
+        assert pipeline.post(body) == 200
+    pipeline.restart(pipeline.processors[0])
+    pipeline.restart(pipeline.sinks[0])
+    try:
+        time.sleep(1.0)
+        postgres_service.stop()
+        for body in bodies[200:]:
+            assert pipeline.post(body) == 200
+        time.sleep(2.0)
+    finally:
+        postgres_service.start()
+    assert_exactly_once(pipeline, len(bodies))
+    assert pipeline.sinks[0].running, "the sink must ride out a Postgres restart"
+
+
+def test_scale_out_survives_losing_a_worker_of_each_stage(
+    make_settings: Callable[..., Settings],
+    make_pipeline: Callable[..., Pipeline],
+) -> None:
+    settings = make_settings(partitions=4, sink_batch_size=25)
+    seed(settings)
+    pipeline = make_pipeline(settings, processors=2, sinks=2)
+    bodies = payments(300)
+    for body in bodies[:120]:
+        assert pipeline.post(body) == 200
+    assert_exactly_once(pipeline, 120)
+    # One of each stops for good (SIGTERM, as an orchestrator scales down) mid-stream.
+    pipeline.processors[1].stop()
+    pipeline.sinks[1].stop()
+    for body in bodies[120:]:
+        assert pipeline.post(body) == 200
+    assert_exactly_once(pipeline, len(bodies))
