@@ -98,3 +98,16 @@ class Stage:
             raise AssertionError(  # noqa: B904 - the timeout is the error
                 f"{self.name} ignored SIGTERM for {timeout}s:\n{self.log()[-4000:]}"
             )
+
+
+def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """``chargify-stream ARGS`` with the test's settings, as an operator runs it."""
+    env = {**os.environ, **settings.as_env()}
+    return subprocess.run(
+        [sys.executable, "-m", "chargify_stream", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,20 +11,9 @@ import pytest
 
 from chargify_stream.settings import Settings
 from sink.migrate import available, migrate
+from tests.stages import run_cli as cli
 
 pytestmark = pytest.mark.integration
-
-
-def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **settings.as_env()}
-    return subprocess.run(
-        [sys.executable, "-m", "chargify_stream", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def ok(settings: Settings, *args: str) -> str:

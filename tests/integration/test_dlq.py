@@ -7,9 +7,6 @@ header), or made by a running sink from transactions for customers that do not e
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +22,7 @@ from schemas.codec import encode
 from schemas.deadletter import dead_letter_headers, format_timestamp
 from schemas.records import SubscriptionChange, Transaction
 from tests.kafka_tools import consume, end_offsets, headers_of, produce
+from tests.stages import run_cli as cli
 
 pytestmark = pytest.mark.integration
 
@@ -33,19 +31,6 @@ _ids = iter(range(4_100_000_001, 4_200_000_000))
 
 
 # -- helpers shared with test_redrive.py --------------------------------------------------
-
-
-def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """``chargify-stream ARGS`` with the test's settings, as an operator runs it."""
-    env = {**os.environ, **settings.as_env()}
-    return subprocess.run(
-        [sys.executable, "-m", "chargify_stream", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def cli_json(settings: Settings, *args: str) -> Any:

@@ -8,9 +8,6 @@ a customer created with ``chargify-stream customers add``; the row must appear i
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -24,23 +21,12 @@ from ingest.signature import sign
 from tests.conftest import TEST_SHARED_KEY
 from tests.kafka_tools import consume, headers_of
 from tests.samples import require_samples
+from tests.stages import run_cli as cli
 
 pytestmark = pytest.mark.integration
 
 SAMPLE = "payment_success__maxio-com-stoplight-platform-api-docs__1.txt"
 EMPTY_REFERENCE = b"&payload[subscription][customer][reference]=&"
-
-
-def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **settings.as_env()}
-    return subprocess.run(
-        [sys.executable, "-m", "chargify_stream", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def wait_for_row(dsn: str, query: str, params: tuple[Any, ...], timeout: float = 60.0) -> Any:
