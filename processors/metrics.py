@@ -53,6 +53,16 @@ class ProcessorMetrics:
             "Output records sent again after the broker did not acknowledge them",
             registry=self.registry,
         )
+        self.repeated = Counter(
+            "processor_records_repeated",
+            "Raw records delivered again after they were processed (passed over)",
+            registry=self.registry,
+        )
+        self.rereads = Counter(
+            "processor_rereads",
+            "Seeks back to re-read records the consumer skipped",
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
             "processor_batch_size",
             "Raw records per batch",

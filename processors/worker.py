@@ -14,8 +14,13 @@ changelog topics when a worker starts or partitions move (:mod:`processors.state
 Delivery is at-least-once. Each batch is taken with ``noack_take``, which never acks on
 its own; the batch's outputs are sent (through librdkafka, :mod:`processors.outputs`) and
 awaited until the broker acknowledged every one (a failed send is retried, never
-skipped); only then are the tables written and the batch's raw records acked. Faust
-commits acked offsets only, after flushing its own producer (which carries the table
+skipped); only then are the tables written and the batch's raw records acked. What is
+processed, and so what is committed, is decided by :mod:`processors.positions`, not by
+Faust's ack bookkeeping (which can skip records after a rebalance): each partition is
+processed in offset order from the group's committed offset, a record past a hole
+sends the consumer back to read the hole again, and the commit is the offset after the
+last record whose outputs were acknowledged. Faust commits those offsets on its
+interval and on stop, after flushing its own producer (which carries the table
 changelogs). A worker killed at any point reads the unacked records again; the
 duplicates that can produce are dropped by the seen-webhooks table or, failing that,
 absorbed by the idempotent sink. Agent concurrency is 1. Faust's ``exactly_once``
@@ -36,9 +41,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import faust
 from faust.types import EventT
@@ -49,6 +54,12 @@ from chargify_stream.kafka_admin import ensure_topics
 from chargify_stream.settings import Settings
 from processors.metrics import CONTENT_TYPE, ProcessorMetrics
 from processors.outputs import Outputs
+from processors.positions import (
+    TP,
+    Positions,
+    commit_positions_only,
+    deliver_every_record,
+)
 from processors.splitter import Incoming, Tally, split
 from processors.state import References, SeenWebhooks, Tables
 
@@ -59,6 +70,7 @@ log = logging.getLogger(__name__)
 BATCH_MAX = 1000
 BATCH_WITHIN_S = 0.05
 REFERENCES_TABLE = "subscription-references"
+_T = TypeVar("_T")
 SEEN_TABLE = "seen-webhooks"
 
 
@@ -78,6 +90,68 @@ def _incoming(event: EventT) -> Incoming:
         message.value or b"",
         _headers(event),
     )
+
+
+class _KafkaPositions:
+    """The :class:`processors.positions.Broker` of a worker: admin queries, Faust seeks.
+
+    Admin requests run in a thread and are retried until the broker answers (while it
+    is away the worker could not read anyway).
+    """
+
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        self._app = app
+        self._group = settings.processor_app_id
+        self._admin = AdminClient(
+            {"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0}
+        )
+
+    async def committed(self, tps: Collection[TP]) -> dict[TP, int | None]:
+        from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+
+        request = ConsumerGroupTopicPartitions(
+            self._group, [TopicPartition(tp.topic, tp.partition) for tp in tps]
+        )
+
+        def ask() -> dict[TP, int | None]:
+            futures = self._admin.list_consumer_group_offsets([request], request_timeout=10)
+            answer = futures[self._group].result(timeout=15)
+            found = {(t.topic, t.partition): t.offset for t in answer.topic_partitions}
+            offsets = {tp: found.get((tp.topic, tp.partition), -1) for tp in tps}
+            return {tp: (offset if offset >= 0 else None) for tp, offset in offsets.items()}
+
+        return await self._retrying("committed offsets", ask)
+
+    async def earliest(self, tps: Collection[TP]) -> dict[TP, int]:
+        from confluent_kafka import TopicPartition
+        from confluent_kafka.admin import OffsetSpec
+
+        def ask() -> dict[TP, int]:
+            futures = self._admin.list_offsets(
+                {TopicPartition(tp.topic, tp.partition): OffsetSpec.earliest() for tp in tps},
+                request_timeout=10,
+            )
+            found = {(k.topic, k.partition): f.result(timeout=15) for k, f in futures.items()}
+            return {tp: found[(tp.topic, tp.partition)].offset for tp in tps}
+
+        return await self._retrying("earliest offsets", ask)
+
+    async def seek(self, tp: TP, offset: int) -> None:
+        await self._app.consumer.seek_wait({tp: offset})
+
+    async def _retrying(self, what: str, ask: Callable[[], _T]) -> _T:
+        delay = 0.2
+        while True:
+            try:
+                return await asyncio.to_thread(ask)
+            except Exception as exc:  # KafkaException, timeouts: the broker is away
+                log.warning(
+                    "asking the broker for %s failed (%s); retrying in %.1fs", what, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
 
 
 def build_app(
@@ -139,6 +213,10 @@ def build_app(
     )
     tables = Tables(references, seen)
     totals = Tally()
+    positions = Positions(_KafkaPositions(app, settings))
+    # Before the consumer starts: see processors.positions for why.
+    deliver_every_record(app.consumer, raw_topic)
+    commit_positions_only(app.consumer, positions, lambda: app.consumer_generation_id)
 
     @seen.table.on_recover
     async def rebuild_index() -> None:
@@ -151,12 +229,19 @@ def build_app(
         async for events in batches:
             started = time.perf_counter()
             try:
-                result = split([_incoming(e) for e in events], tables)
+                rereads = positions.rereads
+                admission = await positions.admit(
+                    [(e.message.tp, e.message.offset, e.message.generation_id) for e in events],
+                    app.consumer_generation_id,
+                )
+                taken = [events[i] for i in admission.admitted]
+                result = split([_incoming(e) for e in taken], tables)
                 await outputs.send(result.outgoing)
                 # Only now: a seen entry for an output that never reached the broker would
                 # drop the record's redelivery as a duplicate.
                 references.learn(result.learned)
                 seen.remember(result.emitted, result.first_offsets)
+                positions.done(admission)
             except asyncio.CancelledError:
                 raise  # the batch stays unacked and is read again
             except Exception as exc:
@@ -165,11 +250,15 @@ def build_app(
                 log.exception("processor batch failed; stopping the worker")
                 on_failure(exc)
                 return
+            # Every record is acked, passed over and held ones too (Faust waits for them
+            # at a rebalance or stop); what is committed is the positions.
             for event in events:
                 await stream.ack(event)
+            metrics.repeated.inc(admission.repeated)
+            metrics.rereads.inc(positions.rereads - rereads)
             totals.add(result.tally)
             metrics.record(result.tally)
-            metrics.batch_size.observe(len(events))
+            metrics.batch_size.observe(len(taken))
             metrics.batch_seconds.observe(time.perf_counter() - started)
 
     expiry_interval = min(300.0, settings.processor_dedup_window_s / 4)
@@ -186,6 +275,16 @@ def build_app(
             return
         if forgotten:
             log.info("forgot %d batches of webhook ids older than the dedup window", forgotten)
+
+    @app.timer(interval=1.0)
+    async def unstick() -> None:
+        consumer = app.consumer
+        try:
+            actives = [tp for tp in app.assignor.assigned_actives() if tp.topic == raw_topic]
+            highwaters = {tp: consumer.highwater(tp) for tp in actives}
+            await positions.unstick(highwaters, app.consumer_generation_id)
+        except Exception:
+            log.exception("checking the raw partitions' progress failed; trying again")
 
     @app.timer(interval=60.0)
     async def report() -> None:

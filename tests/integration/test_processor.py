@@ -213,11 +213,6 @@ def test_tables_survive_a_restart(make_settings: Callable[..., Settings], stages
 
 
 @pytest.mark.parametrize("signal", ["SIGKILL", "SIGTERM"])
-@pytest.mark.xfail(
-    strict=False,
-    reason="open defect (README, Performance: Known defect): after a restart on a backlog "
-    "Faust's commits can stall past a rebalance, and a few records can go unemitted",
-)
 def test_a_worker_stopped_mid_stream_loses_nothing(
     make_settings: Callable[..., Settings], stages: Any, signal: str
 ) -> None:
