@@ -92,7 +92,15 @@ def ensure_kafka_jars(version: str = KAFKA_VERSION) -> Path:
 
 
 def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+    """A random cluster id, as Kafka's ``Uuid.randomUuid`` makes them.
+
+    Like Kafka, never one starting with ``-``: the storage tool would read it as an option
+    (1 id in 64 would, and the format fails with "expected one argument").
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 @dataclass
