@@ -1,6 +1,6 @@
 """Benchmark the sink: rows/s from pre-loaded topics, against plain COPY in the same run.
 
-    .venv/bin/python bench/sink/run.py [--records 100000] [--batch 500] [--rounds 3]
+    .venv/bin/python bench/sink/run.py [--records 100000] [--batch 1000] [--rounds 3]
 
 Starts a local Kafka broker and Postgres (the tests' launchers, temporary folders), makes
 a migrated database with the workload's partners, customers and plans
@@ -172,7 +172,7 @@ def check(dsn: str, work: Workload) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=100_000)
-    parser.add_argument("--batch", type=int, default=500, help="SINK_BATCH_SIZE")
+    parser.add_argument("--batch", type=int, default=1000, help="SINK_BATCH_SIZE")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
