@@ -234,6 +234,13 @@ def main() -> None:
         "--profiler", choices=("py-spy", "cprofile", "pyinstrument"), default="py-spy"
     )
     args = parser.parse_args()
+    if args.profile is not None and args.profiler != "cprofile":
+        tool = Path(sys.executable).with_name(args.profiler)
+        if not tool.exists():
+            parser.error(
+                f"--profiler {args.profiler} needs {tool} (not a project dependency): "
+                f".venv/bin/pip install {args.profiler}, or use --profiler cprofile"
+            )
     RESULTS.mkdir(exist_ok=True)
 
     work = make_workload(args.events)
