@@ -20,17 +20,18 @@ committed offset on the broker (or the partition's earliest offset when nothing 
 committed), then the offset after the last record whose outputs the broker
 acknowledged. A batch is admitted record by record: a record below the position was
 processed already (a redelivery) and is passed over; a record above it means records
-were skipped, so the partition is sought back to the position and its later records
-held, to come again; a partition with records past its position that stops delivering
+were skipped, so the partition is sought back to the position and the records past the
+hole held, to come again; a partition with records past its position that stops delivering
 is read again too (:meth:`Positions.unstick`). For the seek back to work, Faust's
 fetch loop must deliver every record it fetches (:func:`deliver_every_record`). Commits
 (:func:`commit_positions_only`) are the positions, never Faust's own reckoning.
 
 The raw topic is written by non-transactional producers and never compacted, so its
-offsets have no holes; two exceptions are still handled:
-records deleted by retention before anyone read them (the position moves to the
-earliest offset, with a warning), and holes that re-reading never fills (after
-``give_up_after`` re-reads the hole is taken as real, with an error).
+offsets have no holes; two exceptions are still handled: records deleted by retention
+before anyone read them (the position moves to the earliest offset, with a warning), and
+holes that re-reading never fills, which are skipped only once the broker, read apart
+from the consumer, confirms that the offsets are absent (transaction markers), with an
+error. A record that exists is never skipped.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ class Broker(Protocol):
         """Make the consumer read ``tp`` again from ``offset``."""
         ...
 
+    async def first_offset(self, tp: TP, offset: int) -> int | None:
+        """The offset of the first record at or after ``offset``, read apart from the
+        consumer; None if none could be read."""
+        ...
+
 
 @dataclass
 class Admission:
@@ -105,8 +111,11 @@ class Positions:
     """The next raw offset to process, per partition, for the current generation.
 
     ``reread_every`` spaces the seeks back for one hole (records already fetched past
-    it keep arriving for a moment after a seek); after ``give_up_after`` of them the
-    hole is taken as real.
+    it keep arriving for a moment after a seek). After ``give_up_after`` of them the
+    broker is asked directly which record follows the hole: only if it confirms that
+    the offsets are absent from the log is the hole skipped. A partition that has
+    records past its position but delivers none for ``stuck_after`` seconds is read
+    again (:meth:`unstick`).
     """
 
     def __init__(
@@ -126,6 +135,8 @@ class Positions:
         self._next: dict[TP, tuple[int, int]] = {}
         self._rereads: dict[TP, _Reread] = {}
         self._moved_at: dict[TP, float] = {}
+        self._unstuck_at: dict[TP, float] = {}
+        self._unknown_since: dict[TP, tuple[int, float]] = {}
         self.rereads = 0
         """Seeks back made so far (a count for the metrics)."""
 
@@ -134,42 +145,39 @@ class Positions:
         known = self._next.get(tp)
         return known[1] if known is not None and known[0] == generation else None
 
-    def committable(self, tps: Iterable[TP], generation: int) -> dict[TP, int]:
-        """The offsets to commit: the known positions of this generation."""
-        out = {}
-        for tp in tps:
-            offset = self.position(tp, generation)
-            if offset is not None:
-                out[tp] = offset
-        return out
+    def committable(self, generation: int) -> dict[TP, int]:
+        """The offsets to commit: every known position of this generation."""
+        return {tp: offset for tp, (g, offset) in self._next.items() if g == generation}
 
     async def admit(self, records: Sequence[tuple[TP, int, int]], generation: int) -> Admission:
         """Decide a batch of ``(tp, offset, generation)``: which records to process.
 
-        Each partition's records are admitted from its position on, one after the
-        other; the first one past a hole stops that partition for this batch (and asks
-        the broker to read it again from the position).
+        A record at its partition's expected offset is admitted (and the next offset is
+        expected), one below it is passed over, one above it is held. The first record
+        of a partition found above its expected offset in a batch starts a re-read of
+        the hole (:meth:`_hole`); the re-read records may already be later in the same
+        batch, behind records fetched before the seek.
         """
         admission = Admission(generation)
         expect = await self._expectations(records, generation)
-        stopped: set[TP] = set()
+        checked: set[TP] = set()
         for index, (tp, offset, record_generation) in enumerate(records):
             if record_generation != generation:
                 admission.repeated += 1
                 continue
-            if tp in stopped:
-                admission.held += 1
-                continue
             expected = expect[tp]
+            if offset > expected and tp not in checked:
+                checked.add(tp)
+                moved = await self._hole(tp, generation, expected, offset)
+                if moved is not None:
+                    expected = expect[tp] = moved
             if offset < expected:
                 admission.repeated += 1
-                continue
-            if offset > expected and not await self._hole(tp, generation, expected, offset):
-                stopped.add(tp)
+            elif offset > expected:
                 admission.held += 1
-                continue
-            admission.admitted.append(index)
-            expect[tp] = admission.ends[tp] = offset + 1
+            else:
+                admission.admitted.append(index)
+                expect[tp] = admission.ends[tp] = offset + 1
         return admission
 
     def done(self, admission: Admission) -> None:
@@ -186,23 +194,32 @@ class Positions:
         """Read a partition again if it has records past its position but none come.
 
         A hole is found when a later record arrives; this finds the hole that nothing
-        follows (the skipped records were the partition's last). ``highwaters`` are the
+        follows (the skipped records were the partition's last), including records
+        skipped before any record of this generation arrived. ``highwaters`` are the
         assigned partitions' log end offsets as the consumer last saw them.
         """
         now = self._clock()
         for tp, highwater in highwaters.items():
+            if highwater is None or highwater <= 0:
+                continue
             position = self.position(tp, generation)
-            if position is None or highwater is None or highwater <= position:
+            if position is None:
+                waiting = self._unknown_since.get(tp)
+                if waiting is None or waiting[0] != generation:
+                    self._unknown_since[tp] = (generation, now)
+                    continue
+                if now - waiting[1] < self._stuck_after:
+                    continue
+                del self._unknown_since[tp]
+                await self._expectations([(tp, highwater, generation)], generation)
+                continue  # the position is known from now on; wait again for progress
+            if highwater <= position:
                 self._moved_at[tp] = now
                 continue
-            since = max(self._moved_at.setdefault(tp, now), self._last_reread(tp))
+            since = max(self._moved_at.setdefault(tp, now), self._unstuck_at.get(tp, -1e18))
             if now - since < self._stuck_after:
                 continue
-            reread = self._rereads.get(tp)
-            if reread is None or (reread.target, reread.generation) != (position, generation):
-                reread = self._rereads[tp] = _Reread(position, generation)
-            reread.count += 1
-            reread.at = now
+            self._unstuck_at[tp] = now
             self.rereads += 1
             log.warning(
                 "%s[%d]: nothing processed for %.0fs though offsets %d-%d are in the log; "
@@ -215,10 +232,6 @@ class Positions:
                 position,
             )
             await self._broker.seek(tp, position)
-
-    def _last_reread(self, tp: TP) -> float:
-        reread = self._rereads.get(tp)
-        return reread.at if reread is not None else float("-inf")
 
     async def _expectations(
         self, records: Sequence[tuple[TP, int, int]], generation: int
@@ -238,6 +251,10 @@ class Positions:
             missing = {tp for tp in unknown if committed.get(tp) is None}
             earliest = await self._broker.earliest(missing) if missing else {}
             for tp in unknown:
+                known = self.position(tp, generation)  # set while this was waiting?
+                if known is not None:
+                    expect[tp] = known
+                    continue
                 start = committed.get(tp)
                 start = earliest[tp] if start is None else start
                 self._next[tp] = (generation, start)
@@ -246,10 +263,10 @@ class Positions:
                 log.info("%s[%d]: processing from offset %d", tp.topic, tp.partition, start)
         return expect
 
-    async def _hole(self, tp: TP, generation: int, expected: int, offset: int) -> bool:
-        """Offset ``offset`` came while ``expected`` was next: may it be processed now?
+    async def _hole(self, tp: TP, generation: int, expected: int, offset: int) -> int | None:
+        """Offset ``offset`` came while ``expected`` was next: the offset to expect now.
 
-        No means: hold the partition, it is being read again from ``expected``.
+        None means: unchanged, the partition is being read again from ``expected``.
         """
         reread = self._rereads.get(tp)
         now = self._clock()
@@ -258,9 +275,11 @@ class Positions:
             and (reread.target, reread.generation) == (expected, generation)
             and now - reread.at < self._reread_every
         ):
-            return False  # the last seek back has not taken effect yet
+            return None  # the last seek back has not taken effect yet
+        moved = False
         earliest = (await self._broker.earliest([tp]))[tp]
         if expected < earliest:
+            moved = True
             start = min(earliest, offset)
             log.warning(
                 "%s[%d]: offsets %d-%d were deleted by retention before this group read "
@@ -274,25 +293,37 @@ class Positions:
             self._next[tp] = (generation, start)
             self._rereads.pop(tp, None)
             if offset == start:
-                return True
+                return start
             expected = start
         reread = self._rereads.get(tp)
         if reread is None or (reread.target, reread.generation) != (expected, generation):
             reread = self._rereads[tp] = _Reread(expected, generation)
         if reread.count >= self._give_up_after:
-            log.error(
-                "%s[%d]: offsets %d-%d never arrived in %d re-reads; taking them as absent "
-                "from the log and continuing at %d",
-                tp.topic,
-                tp.partition,
-                expected,
-                offset - 1,
-                reread.count,
-                offset,
-            )
-            del self._rereads[tp]
-            self._next[tp] = (generation, offset)
-            return True
+            first = await self._broker.first_offset(tp, expected)
+            if first is not None and first > expected:
+                log.error(
+                    "%s[%d]: offsets %d-%d are not in the log (the broker's first record "
+                    "from %d is %d: transaction markers or compaction); continuing at %d",
+                    tp.topic,
+                    tp.partition,
+                    expected,
+                    first - 1,
+                    expected,
+                    first,
+                    first,
+                )
+                del self._rereads[tp]
+                self._next[tp] = (generation, first)
+                return first
+            if reread.count == self._give_up_after:
+                log.error(
+                    "%s[%d]: offset %d is in the log but %d re-reads have not delivered it; "
+                    "still trying (nothing of this partition is committed past it)",
+                    tp.topic,
+                    tp.partition,
+                    expected,
+                    reread.count,
+                )
         reread.count += 1
         reread.at = now
         self.rereads += 1
@@ -306,7 +337,7 @@ class Positions:
             expected,
         )
         await self._broker.seek(tp, expected)
-        return False
+        return expected if moved else None
 
 
 class _ReadOffsets(MutableMapping[TP, "int | None"]):
@@ -358,12 +389,13 @@ def commit_positions_only(
     """
 
     def committable(tps: Iterable[TP]) -> dict[TP, int]:
-        tps = list(tps)
-        for tp in tps:
+        # Every position, not only the partitions Faust names (those with acks since its
+        # last commit): at a rebalance it has already forgotten the revoked ones.
+        for tp in list(consumer._acked):
             consumer._acked[tp].clear()
             consumer._acked_index[tp].clear()
-            consumer._gap.pop(tp, None)
-        offsets = positions.committable(tps, generation())
+        consumer._gap.clear()
+        offsets = positions.committable(generation())
         return {tp: o for tp, o in offsets.items() if consumer._should_commit(tp, o)}
 
     consumer._filter_committable_offsets = committable

@@ -38,14 +38,18 @@ Prometheus metrics at ``/metrics``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import faust
+from confluent_kafka import KafkaException
 from faust.types import EventT
 from faust.web import Request, Response, View
 
@@ -103,6 +107,7 @@ class _KafkaPositions:
         from confluent_kafka.admin import AdminClient
 
         self._app = app
+        self._bootstrap = settings.kafka_bootstrap_servers
         self._group = settings.processor_app_id
         self._admin = AdminClient(
             {"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0}
@@ -118,6 +123,9 @@ class _KafkaPositions:
         def ask() -> dict[TP, int | None]:
             futures = self._admin.list_consumer_group_offsets([request], request_timeout=10)
             answer = futures[self._group].result(timeout=15)
+            for t in answer.topic_partitions:
+                if t.error is not None:  # not "nothing committed" (-1001): ask again
+                    raise KafkaException(t.error)
             found = {(t.topic, t.partition): t.offset for t in answer.topic_partitions}
             offsets = {tp: found.get((tp.topic, tp.partition), -1) for tp in tps}
             return {tp: (offset if offset >= 0 else None) for tp, offset in offsets.items()}
@@ -139,14 +147,45 @@ class _KafkaPositions:
         return await self._retrying("earliest offsets", ask)
 
     async def seek(self, tp: TP, offset: int) -> None:
-        await self._app.consumer.seek_wait({tp: offset})
+        try:
+            await self._app.consumer.seek_wait({tp: offset})
+        except Exception as exc:  # e.g. the partition was revoked meanwhile
+            # Nothing is lost: the position stands, and the hole is found again by the
+            # next record past it or by the unstick timer.
+            log.warning("seeking %s[%d] to %d failed: %r", tp.topic, tp.partition, offset, exc)
+
+    async def first_offset(self, tp: TP, offset: int) -> int | None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        def ask() -> int | None:
+            consumer = Consumer(
+                {
+                    "bootstrap.servers": self._bootstrap,
+                    "group.id": f"{self._group}-probe",  # never joined, never committed
+                    "enable.auto.commit": False,
+                    "isolation.level": "read_uncommitted",  # as Faust reads
+                    "log_level": 0,
+                }
+            )
+            try:
+                consumer.assign([TopicPartition(tp.topic, tp.partition, offset)])
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    message = consumer.poll(0.5)
+                    if message is not None and message.error() is None:
+                        return message.offset()
+                return None
+            finally:
+                consumer.close()
+
+        return await self._retrying("the first record of a hole", ask)
 
     async def _retrying(self, what: str, ask: Callable[[], _T]) -> _T:
         delay = 0.2
         while True:
             try:
                 return await asyncio.to_thread(ask)
-            except Exception as exc:  # KafkaException, timeouts: the broker is away
+            except (KafkaException, concurrent.futures.TimeoutError) as exc:  # broker away
                 log.warning(
                     "asking the broker for %s failed (%s); retrying in %.1fs", what, exc, delay
                 )
@@ -366,11 +405,62 @@ def run(settings: Settings) -> int:
         partitions,
         settings.processor_web_port,
     )
-    worker = Worker(app, loglevel=settings.log_level.lower(), quiet=True, override_logging=False)
+
+    class StartAwareWorker(Worker):
+        started = False
+        signalled = False
+
+        async def on_startup_finished(self) -> None:
+            self.started = True
+            await super().on_startup_finished()
+
+        async def _stop_on_signal(self, signal: Any) -> None:
+            self.signalled = True
+            await super()._stop_on_signal(signal)
+
+    worker = StartAwareWorker(
+        app, loglevel=settings.log_level.lower(), quiet=True, override_logging=False
+    )
+    code = 0
     try:
         worker.execute_from_commandline()
     except SystemExit as done:  # how mode's worker always ends
-        return done.code if isinstance(done.code, int) else 1
+        code = done.code if isinstance(done.code, int) else 1
     finally:
         outputs.close()
-    return 0
+    if code != 0 and not worker.started and not worker.signalled:
+        _start_again()
+    return code
+
+
+START_ATTEMPTS = 6
+_ATTEMPT_VARIABLE = "CHARGIFY_PROCESSOR_START_ATTEMPT"
+
+
+def _start_again() -> None:
+    """Run the processor again in this process, after a start that failed.
+
+    Faust's start-up talks to the broker at several steps (creating the tables'
+    changelog topics, starting its producer) and gives up at the first failure, so a
+    broker that is away for a moment while a worker starts would leave no worker; Faust
+    cannot be started twice in one process, so the command is executed again, up to
+    ``START_ATTEMPTS`` times with a growing pause. Returns if the attempts are used up.
+    """
+    attempt = int(os.environ.get(_ATTEMPT_VARIABLE, "1"))
+    if attempt >= START_ATTEMPTS:
+        log.critical("the processor failed to start %d times; giving up", attempt)
+        return
+    pause = min(2.0**attempt, 15.0)
+    log.error(
+        "the processor failed to start (attempt %d of %d; see the error above: most often "
+        "Kafka was unreachable); starting again in %.0fs",
+        attempt,
+        START_ATTEMPTS,
+        pause,
+    )
+    for handler in logging.getLogger().handlers:  # exec discards unwritten buffers
+        with contextlib.suppress(ValueError, OSError):  # a stream already closed
+            handler.flush()
+    time.sleep(pause)
+    os.environ[_ATTEMPT_VARIABLE] = str(attempt + 1)
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

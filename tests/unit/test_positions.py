@@ -26,17 +26,25 @@ C = TP(RAW, 2)
 
 
 class FakeBroker:
-    """Answers from ``committed_offsets``/``earliest_offsets``; records every seek."""
+    """Answers from ``committed_offsets``/``earliest_offsets``/``first_offsets``; records
+    every seek and every question.
+
+    ``first_offset`` answers ``first_offsets[tp]`` where set (None included), else the
+    offset asked about (the record is in the log, as it is in the raw topic).
+    """
 
     def __init__(
         self,
         committed: Mapping[TP, int | None] | None = None,
         earliest: Mapping[TP, int] | None = None,
+        first: Mapping[TP, int | None] | None = None,
     ) -> None:
         self.committed_offsets: dict[TP, int | None] = dict(committed or {})
         self.earliest_offsets: dict[TP, int] = dict(earliest or {})
+        self.first_offsets: dict[TP, int | None] = dict(first or {})
         self.seeks: list[tuple[TP, int]] = []
         self.committed_asked: list[set[TP]] = []
+        self.first_offset_asked: list[tuple[TP, int]] = []
 
     async def committed(self, tps: Collection[TP]) -> Mapping[TP, int | None]:
         self.committed_asked.append(set(tps))
@@ -47,6 +55,10 @@ class FakeBroker:
 
     async def seek(self, tp: TP, offset: int) -> None:
         self.seeks.append((tp, offset))
+
+    async def first_offset(self, tp: TP, offset: int) -> int | None:
+        self.first_offset_asked.append((tp, offset))
+        return self.first_offsets.get(tp, offset)
 
 
 class Clock:
@@ -86,6 +98,10 @@ def unstick(positions: Positions, highwaters: Mapping[TP, int | None], generatio
 
 def recs(tp: TP, offsets: range | Sequence[int], generation: int = 1) -> list[tuple[TP, int, int]]:
     return [(tp, offset, generation) for offset in offsets]
+
+
+def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
 
 
 # -- where a partition starts ------------------------------------------------------------
@@ -148,14 +164,13 @@ def test_interleaved_partitions_are_admitted_in_batch_order() -> None:
     # The starting points are known, but nothing moves until the outputs are acknowledged.
     assert positions.position(A, 1) == 10
     assert positions.position(B, 1) == 20
-    assert positions.committable([A, B, C], 1) == {A: 10, B: 20, C: 30}
+    assert positions.committable(1) == {A: 10, B: 20, C: 30}
 
     positions.done(admission)
     assert positions.position(A, 1) == 13
     assert positions.position(B, 1) == 22
     assert positions.position(C, 1) == 31
-    assert positions.committable([A, B, C], 1) == {A: 13, B: 22, C: 31}
-    assert positions.committable([A], 1) == {A: 13}
+    assert positions.committable(1) == {A: 13, B: 22, C: 31}
     assert broker.seeks == []
 
 
@@ -175,7 +190,7 @@ def test_an_admission_not_done_is_admitted_again() -> None:
 def test_unknown_partitions_have_no_position() -> None:
     positions = make(FakeBroker())
     assert positions.position(A, 1) is None
-    assert positions.committable([A, B], 1) == {}
+    assert positions.committable(1) == {}
 
 
 # -- holes and re-reads ------------------------------------------------------------------
@@ -201,7 +216,7 @@ def test_a_hole_holds_its_partition_and_seeks_back_once(
         for r in caplog.records
     )
     positions.done(admission)
-    assert positions.committable([A, B], 1) == {A: 10, B: 2}
+    assert positions.committable(1) == {A: 10, B: 2}
 
     # Records fetched before the seek keep coming: no second seek within reread_every.
     clock.now = 100.5
@@ -228,6 +243,7 @@ def test_a_hole_holds_its_partition_and_seeks_back_once(
     positions.done(admission)
     assert positions.position(A, 1) == 18
     assert positions._rereads == {}  # no re-read pending any more
+    assert broker.first_offset_asked == []
 
     # A new hole at the new position is sought at once.
     clock.now = 101.3
@@ -236,24 +252,61 @@ def test_a_hole_holds_its_partition_and_seeks_back_once(
     assert broker.seeks == [(A, 10), (A, 10), (A, 18)]
 
 
+def test_reread_records_later_in_the_same_batch_are_admitted() -> None:
+    """Expected 12, batch [15, 16, 12, 13]: the stale 15 and 16 are held, the re-read 12
+    and 13 behind them admitted, with one seek."""
+    broker = FakeBroker(committed={A: 12})
+    clock = Clock(0.0)
+    positions = make(broker, clock)
+    admission = admit(positions, recs(A, [15, 16, 12, 13]))
+    assert admission.admitted == [2, 3]
+    assert admission.held == 2
+    assert admission.repeated == 0
+    assert admission.ends == {A: 14}
+    assert broker.seeks == [(A, 12)]
+    assert positions.rereads == 1
+    positions.done(admission)
+    assert positions.position(A, 1) == 14
+    assert positions._rereads == {}  # the hole at 12 is filled
+
+    # The rest of the re-read follows: no further seek.
+    clock.now = 0.1
+    admission = admit(positions, recs(A, range(14, 18)))
+    assert admission.admitted == [0, 1, 2, 3]
+    assert admission.ends == {A: 18}
+    assert broker.seeks == [(A, 12)]
+
+
 def test_a_hole_after_admitted_records_of_the_same_partition() -> None:
     broker = FakeBroker(committed={A: 10})
     positions = make(broker)
-    admission = admit(positions, recs(A, [10, 11, 15, 16, 12]))
-    assert admission.admitted == [0, 1]
-    assert admission.held == 3  # 15, 16 and even 12: the partition is stopped
-    assert admission.ends == {A: 12}
-    assert broker.seeks == [(A, 12)]
+    admission = admit(positions, recs(A, [10, 11, 15, 16, 12, 9]))
+    assert admission.admitted == [0, 1, 4]  # 10, 11, then the re-read 12
+    assert admission.held == 2  # 15 and 16
+    assert admission.repeated == 1  # 9
+    assert admission.ends == {A: 13}
+    assert broker.seeks == [(A, 12)]  # the hole is at 12, not the batch's start
+
+
+def test_one_seek_per_partition_per_batch() -> None:
+    """Only the first record past the expected offset starts a re-read: a second hole
+    further on in the same batch is held without another seek (the first seek reads it
+    again anyway)."""
+    broker = FakeBroker(committed={A: 12, B: 0})
+    positions = make(broker, reread_every=0.0)
+    batch = recs(A, [15, 12, 13]) + recs(B, [3]) + recs(A, [20, 21, 14])
+    admission = admit(positions, batch)
+    assert admission.admitted == [1, 2, 6]  # A's 12, 13, 14
+    assert admission.held == 4  # A's 15, 20, 21 and B's 3
+    assert admission.ends == {A: 15}
+    assert broker.seeks == [(A, 12), (B, 0)]
+    assert positions.rereads == 2
 
 
 def test_a_hole_after_admitted_records_is_not_sought_again_within_reread_every() -> None:
     """The hole found in the batch that also admitted records before it is re-read once
-    per ``reread_every`` like any other.
-
-    ``done`` pops ``_rereads[tp]`` for every partition in ``ends``, including the re-read
-    that ``admit`` started for a hole later in the same batch, so the next batch seeks
-    again at once (and that first seek never counts towards ``give_up_after``).
-    """
+    per ``reread_every`` like any other: ``done`` keeps a re-read whose target it has
+    not passed."""
     broker = FakeBroker(committed={A: 10})
     clock = Clock(0.0)
     positions = make(broker, clock, reread_every=1.0)
@@ -265,8 +318,8 @@ def test_a_hole_after_admitted_records_is_not_sought_again_within_reread_every()
     assert broker.seeks == [(A, 12)]
 
 
-def test_a_hole_never_filled_is_taken_as_real(caplog: pytest.LogCaptureFixture) -> None:
-    broker = FakeBroker(committed={A: 10})
+def test_a_hole_the_broker_confirms_absent_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    broker = FakeBroker(committed={A: 10}, first={A: 15})
     clock = Clock(0.0)
     positions = make(broker, clock, reread_every=1.0, give_up_after=3)
     for attempt in range(3):
@@ -276,24 +329,93 @@ def test_a_hole_never_filled_is_taken_as_real(caplog: pytest.LogCaptureFixture) 
         assert admission.held == 2
     assert broker.seeks == [(A, 10)] * 3
     assert positions.rereads == 3
+    assert broker.first_offset_asked == []  # not before give_up_after re-reads
 
     clock.now = 3.0
     with caplog.at_level(logging.WARNING, logger="processors.positions"):
         admission = admit(positions, recs(A, [15, 16]))
+    assert broker.first_offset_asked == [(A, 10)]
     assert admission.admitted == [0, 1]
     assert admission.held == 0
     assert admission.ends == {A: 17}
     assert broker.seeks == [(A, 10)] * 3  # no further seek
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1
-    assert "offsets 10-14 never arrived in 3 re-reads" in errors[0].getMessage()
-    assert "continuing at 15" in errors[0].getMessage()
+    assert positions.rereads == 3
+    assert errors(caplog) == [
+        "raw[0]: offsets 10-14 are not in the log (the broker's first record from 10 is "
+        "15: transaction markers or compaction); continuing at 15"
+    ]
+    assert positions.position(A, 1) == 15  # moved past the hole before done
+    assert positions._rereads == {}
     positions.done(admission)
     assert positions.position(A, 1) == 17
 
 
+def test_a_hole_confirmed_only_in_part_moves_to_the_first_record(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker's first record from 10 is 12 but 15 came: only 10-11 are skipped; 15
+    and 16 are held and the next batch reads again from 12."""
+    broker = FakeBroker(committed={A: 10}, first={A: 12})
+    clock = Clock(0.0)
+    positions = make(broker, clock, reread_every=1.0, give_up_after=1)
+    admit(positions, recs(A, [15]))
+    clock.now = 1.0
+    with caplog.at_level(logging.WARNING, logger="processors.positions"):
+        admission = admit(positions, recs(A, [15, 16]))
+    assert admission.admitted == []
+    assert admission.held == 2
+    assert positions.position(A, 1) == 12
+    assert broker.seeks == [(A, 10)]
+    assert errors(caplog) == [
+        "raw[0]: offsets 10-11 are not in the log (the broker's first record from 10 is "
+        "12: transaction markers or compaction); continuing at 12"
+    ]
+
+    clock.now = 1.1  # a new hole: sought at once, its count starting afresh
+    admission = admit(positions, recs(A, [17]))
+    assert admission.held == 1
+    assert broker.seeks == [(A, 10), (A, 12)]
+    assert broker.first_offset_asked == [(A, 10)]
+    clock.now = 1.2
+    admission = admit(positions, recs(A, range(12, 18)))
+    assert admission.admitted == list(range(6))
+    assert admission.ends == {A: 18}
+
+
+@pytest.mark.parametrize("first", [10, None], ids=["present", "unreadable"])
+def test_a_hole_the_broker_does_not_confirm_is_never_skipped(
+    caplog: pytest.LogCaptureFixture, first: int | None
+) -> None:
+    broker = FakeBroker(committed={A: 10}, first={A: first})
+    clock = Clock(0.0)
+    positions = make(broker, clock, reread_every=1.0, give_up_after=2)
+    with caplog.at_level(logging.WARNING, logger="processors.positions"):
+        for attempt in range(6):
+            clock.now = float(attempt)
+            admission = admit(positions, recs(A, [15, 16]))
+            assert admission.admitted == []
+            assert admission.held == 2
+            assert admission.ends == {}
+            assert positions.position(A, 1) == 10
+    assert broker.seeks == [(A, 10)] * 6  # it keeps reading again
+    assert positions.rereads == 6
+    assert broker.first_offset_asked == [(A, 10)] * 4  # each re-read past give_up_after
+    assert errors(caplog) == [
+        "raw[0]: offset 10 is in the log but 2 re-reads have not delivered it; still trying "
+        "(nothing of this partition is committed past it)"
+    ]
+
+    # At last the re-read delivers it.
+    clock.now = 6.5
+    admission = admit(positions, recs(A, range(10, 17)))
+    assert admission.admitted == list(range(7))
+    positions.done(admission)
+    assert positions.position(A, 1) == 17
+    assert positions._rereads == {}
+
+
 def test_seeks_within_reread_every_do_not_count_towards_giving_up() -> None:
-    broker = FakeBroker(committed={A: 10})
+    broker = FakeBroker(committed={A: 10}, first={A: 15})
     clock = Clock(0.0)
     positions = make(broker, clock, reread_every=1.0, give_up_after=1)
     admit(positions, recs(A, [15]))
@@ -301,8 +423,10 @@ def test_seeks_within_reread_every_do_not_count_towards_giving_up() -> None:
         clock.now = now
         assert admit(positions, recs(A, [15])).held == 1
     assert broker.seeks == [(A, 10)]
+    assert broker.first_offset_asked == []
     clock.now = 1.0
     assert admit(positions, recs(A, [15])).admitted == [0]
+    assert broker.first_offset_asked == [(A, 10)]
 
 
 # -- retention ---------------------------------------------------------------------------
@@ -324,6 +448,7 @@ def test_records_deleted_by_retention_are_skipped(caplog: pytest.LogCaptureFixtu
     ]
     positions.done(admission)
     assert positions.position(A, 1) == 10
+    assert broker.first_offset_asked == []
 
 
 def test_retention_then_a_hole_past_the_earliest_offset_is_read_again(
@@ -345,6 +470,16 @@ def test_retention_then_a_hole_past_the_earliest_offset_is_read_again(
     admission = admit(positions, recs(A, range(8, 14)))
     assert admission.admitted == list(range(6))
     assert admission.ends == {A: 14}
+
+
+def test_retention_then_the_reread_later_in_the_same_batch() -> None:
+    broker = FakeBroker(committed={A: 5}, earliest={A: 8})
+    positions = make(broker)
+    admission = admit(positions, recs(A, [12, 8, 9]))
+    assert admission.admitted == [1, 2]
+    assert admission.held == 1
+    assert admission.ends == {A: 10}
+    assert broker.seeks == [(A, 8)]
 
 
 def test_retention_during_a_run_moves_a_known_position() -> None:
@@ -389,11 +524,11 @@ def test_positions_are_per_generation() -> None:
     broker = FakeBroker(committed={A: 0, B: 0})
     positions = make(broker)
     positions.done(admit(positions, recs(A, range(10)) + recs(B, range(4)), generation=1))
-    assert positions.committable([A, B], 1) == {A: 10, B: 4}
+    assert positions.committable(1) == {A: 10, B: 4}
 
     # A rebalance: the new generation knows nothing of the old positions...
     assert positions.position(A, 2) is None
-    assert positions.committable([A, B], 2) == {}
+    assert positions.committable(2) == {}
 
     # ...and starts again from what the group committed, not the old position.
     broker.committed_offsets[A] = 7
@@ -401,11 +536,11 @@ def test_positions_are_per_generation() -> None:
     assert admission.admitted == [0, 1, 2, 3, 4]
     assert admission.repeated == 0
     assert broker.committed_asked[-1] == {A}
-    assert positions.committable([A, B], 2) == {A: 7}
+    assert positions.committable(2) == {A: 7}
     positions.done(admission)
-    assert positions.committable([A, B], 2) == {A: 12}
+    assert positions.committable(2) == {A: 12}
     assert positions.position(A, 1) is None  # the old generation's position is gone
-    assert positions.committable([A, B], 1) == {B: 4}
+    assert positions.committable(1) == {B: 4}
 
 
 def test_a_reread_of_an_old_generation_does_not_hold_back_a_new_seek() -> None:
@@ -459,16 +594,147 @@ def test_a_stuck_partition_is_read_again(caplog: pytest.LogCaptureFixture) -> No
     assert positions.rereads == 3
 
 
-def test_unstick_ignores_unknown_partitions_and_highwaters() -> None:
+def test_unstick_ignores_missing_and_empty_highwaters() -> None:
     broker = FakeBroker(committed={A: 0})
     clock = Clock(0.0)
     positions = make(broker, clock, stuck_after=5.0)
     positions.done(admit(positions, recs(A, [0])))
-    clock.now = 100.0
-    unstick(positions, {A: None, B: 50})
-    unstick(positions, {A: 1})
-    unstick(positions, {A: 10}, generation=2)
+    for now in (100.0, 200.0):
+        clock.now = now
+        unstick(positions, {A: None, B: 0, C: None})
+        unstick(positions, {A: 1})  # at its highwater
     assert broker.seeks == []
+    assert broker.committed_asked == [{A}]  # B and C never looked up
+    assert positions.position(B, 1) is None and positions.position(C, 1) is None
+
+
+def test_unstick_establishes_an_unknown_partition_after_stuck_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Records skipped before any record of this generation arrived: the partition is
+    never looked up by ``admit``, so ``unstick`` looks it up, then reads it again once
+    it is stuck."""
+    broker = FakeBroker(committed={A: 3, B: None}, earliest={B: 2})
+    clock = Clock(0.0)
+    positions = make(broker, clock, stuck_after=5.0)
+    highwaters: dict[TP, int | None] = {A: 10, B: 6}
+
+    unstick(positions, highwaters)  # first seen unknown
+    clock.now = 4.9
+    unstick(positions, highwaters)
+    assert broker.committed_asked == []
+    assert positions.committable(1) == {}
+
+    clock.now = 5.0
+    with caplog.at_level(logging.INFO, logger="processors.positions"):
+        unstick(positions, highwaters)
+    assert positions.position(A, 1) == 3  # committed
+    assert positions.position(B, 1) == 2  # nothing committed: the earliest offset
+    assert positions.committable(1) == {A: 3, B: 2}
+    assert broker.seeks == []  # established, not sought
+    assert "raw[0]: processing from offset 3" in caplog.messages
+    assert "raw[1]: processing from offset 2" in caplog.messages
+    assert positions.rereads == 0
+
+    clock.now = 9.9
+    unstick(positions, highwaters)
+    assert broker.seeks == []
+
+    clock.now = 10.0
+    unstick(positions, highwaters)
+    assert broker.seeks == [(A, 3), (B, 2)]
+    assert positions.rereads == 2
+    clock.now = 14.9
+    unstick(positions, highwaters)
+    assert broker.seeks == [(A, 3), (B, 2)]  # not again before another stuck_after
+    clock.now = 15.0
+    unstick(positions, highwaters)
+    assert broker.seeks == [(A, 3), (B, 2), (A, 3), (B, 2)]
+
+    # The re-read arrives.
+    admission = admit(positions, recs(A, range(3, 10)))
+    assert admission.admitted == list(range(7))
+    positions.done(admission)
+    assert positions.position(A, 1) == 10
+    assert broker.committed_asked == [{A}, {B}]  # looked up once each
+
+
+def test_unstick_establishing_a_caught_up_partition_never_seeks() -> None:
+    broker = FakeBroker(committed={A: 10})
+    clock = Clock(0.0)
+    positions = make(broker, clock, stuck_after=5.0)
+    for now in (0.0, 5.0, 10.0, 15.0, 100.0):
+        clock.now = now
+        unstick(positions, {A: 10})
+    assert positions.position(A, 1) == 10
+    assert broker.seeks == []
+
+
+def test_unstick_unknown_partition_wait_restarts_at_a_new_generation() -> None:
+    broker = FakeBroker(committed={A: 3})
+    clock = Clock(0.0)
+    positions = make(broker, clock, stuck_after=5.0)
+    unstick(positions, {A: 10}, generation=1)
+    clock.now = 4.0
+    unstick(positions, {A: 10}, generation=2)  # first seen unknown in generation 2
+    clock.now = 5.0
+    unstick(positions, {A: 10}, generation=2)
+    assert broker.committed_asked == []
+    assert positions.position(A, 2) is None
+    clock.now = 9.0
+    unstick(positions, {A: 10}, generation=2)
+    assert broker.committed_asked == [{A}]
+    assert positions.position(A, 2) == 3
+    assert positions.position(A, 1) is None
+
+
+def test_unstick_of_a_partition_admit_found_meanwhile_is_the_usual_one() -> None:
+    broker = FakeBroker(committed={A: 0})
+    clock = Clock(0.0)
+    positions = make(broker, clock, stuck_after=5.0)
+    unstick(positions, {A: 10})  # first seen unknown
+    clock.now = 2.0
+    positions.done(admit(positions, recs(A, [0, 1])))
+    clock.now = 5.0
+    unstick(positions, {A: 10})  # known since 2.0: only 3s without progress
+    assert broker.seeks == []
+    assert broker.committed_asked == [{A}]
+    clock.now = 7.0
+    unstick(positions, {A: 10})
+    assert broker.seeks == [(A, 2)]
+
+
+def test_unstick_does_not_consume_the_give_up_count() -> None:
+    broker = FakeBroker(committed={A: 10}, first={A: 15})
+    clock = Clock(0.0)
+    positions = make(broker, clock, reread_every=1.0, give_up_after=2, stuck_after=5.0)
+    admission = admit(positions, recs(A, [15]))  # the hole: re-read 1
+    assert admission.held == 1
+    assert broker.seeks == [(A, 10)]
+    assert positions._rereads[A].count == 1
+
+    # Nothing comes; the partition is read again by unstick, many times.
+    for now in (5.0, 10.0, 15.0, 20.0):
+        clock.now = now
+        unstick(positions, {A: 16})
+    assert broker.seeks == [(A, 10)] * 5
+    assert positions.rereads == 5
+    assert positions._rereads[A].count == 1
+    assert broker.first_offset_asked == []
+
+    # The hole is seen again: its second re-read, not a give-up.
+    clock.now = 20.5
+    admission = admit(positions, recs(A, [15]))
+    assert admission.held == 1
+    assert broker.seeks == [(A, 10)] * 6
+    assert broker.first_offset_asked == []
+
+    # Only after give_up_after hole re-reads is the broker asked (and here confirms).
+    clock.now = 21.5
+    admission = admit(positions, recs(A, [15]))
+    assert broker.first_offset_asked == [(A, 10)]
+    assert admission.admitted == [0]
+    assert broker.seeks == [(A, 10)] * 6
 
 
 def test_a_partition_reaching_its_highwater_restarts_the_stuck_clock() -> None:
@@ -499,7 +765,9 @@ def test_the_unstick_reread_then_arrives() -> None:
     assert admission.admitted == [0, 1]
     positions.done(admission)
     assert positions.position(A, 1) == 4
-    assert positions._rereads == {}
+    clock.now = 20.0
+    unstick(positions, {A: 4})  # caught up
+    assert broker.seeks == [(A, 2)]
 
 
 # -- Faust consumer patches --------------------------------------------------------------
@@ -511,7 +779,7 @@ class FakeConsumer:
     def __init__(self, last_committed: dict[TP, int]) -> None:
         self._acked: defaultdict[TP, list[int]] = defaultdict(list)
         self._acked_index: defaultdict[TP, set[int]] = defaultdict(set)
-        self._gap: dict[TP, list[int]] = {}
+        self._gap: defaultdict[TP, list[int]] = defaultdict(list)
         self.last_committed = last_committed
         self._filter_committable_offsets: Callable[[Any], dict[TP, int]] | None = None
 
@@ -527,7 +795,7 @@ def test_commit_positions_only() -> None:
     for tp in (A, B, C):
         consumer._acked[tp].extend([1, 2, 3])
         consumer._acked_index[tp].update({1, 2, 3})
-        consumer._gap[tp] = [7]
+        consumer._gap[tp].append(7)
     generation = [1]
     commit_positions_only(consumer, positions, lambda: generation[0])
     committable = consumer._filter_committable_offsets
@@ -540,20 +808,42 @@ def test_commit_positions_only() -> None:
         assert consumer._acked_index[tp] == set()
     assert consumer._gap == {}
 
-    # Only the partitions asked about are emptied.
+    # Every partition's bookkeeping is emptied, whichever partitions Faust names.
     consumer._acked[A].append(5)
-    consumer._gap[A] = [9]
+    consumer._acked_index[A].add(5)
+    consumer._gap[A].append(9)
     consumer._acked[B].append(5)
-    consumer._gap[B] = [9]
+    consumer._gap[B].append(9)
+    consumer.last_committed[A] = 5
     assert committable([B]) == {}
-    assert consumer._acked[A] == [5] and consumer._gap == {A: [9]}
-    assert consumer._acked[B] == []
+    assert consumer._acked[A] == [] and consumer._acked[B] == []
+    assert consumer._acked_index[A] == set()
+    assert consumer._gap == {}
 
     # After a rebalance the old generation's positions are never committed.
     generation[0] = 2
     assert committable([A, B, C]) == {}
     positions.done(admit(positions, recs(C, [0, 1], generation=2), generation=2))
     assert committable([A, B, C]) == {C: 2}
+
+
+def test_commit_covers_positions_faust_does_not_name() -> None:
+    """At a rebalance Faust has already forgotten the revoked partitions: their
+    positions are committed all the same."""
+    broker = FakeBroker(committed={A: 0, B: 0, C: 4})
+    positions = make(broker)
+    positions.done(admit(positions, recs(A, range(3)) + recs(B, range(2))))
+    admit(positions, recs(C, [7]))  # C known (at 4) but nothing of it done
+    consumer = FakeConsumer(last_committed={})
+    consumer._acked[A].append(2)
+    commit_positions_only(consumer, positions, lambda: 1)
+    committable = consumer._filter_committable_offsets
+    assert committable is not None
+    assert B not in consumer._acked and C not in consumer._acked
+    assert committable([A]) == {A: 3, B: 2, C: 4}
+    assert committable([]) == {A: 3, B: 2, C: 4}
+    consumer.last_committed.update({A: 3, B: 2, C: 4})
+    assert committable([]) == {}
 
 
 class FakeFaustConsumer:
