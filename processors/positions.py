@@ -106,6 +106,9 @@ class _Reread:
     count: int = 0
     at: float = float("-inf")
 
+    def of(self, target: int, generation: int) -> bool:
+        return (self.target, self.generation) == (target, generation)
+
 
 class Positions:
     """The next raw offset to process, per partition, for the current generation.
@@ -272,7 +275,7 @@ class Positions:
         now = self._clock()
         if (
             reread is not None
-            and (reread.target, reread.generation) == (expected, generation)
+            and reread.of(expected, generation)
             and now - reread.at < self._reread_every
         ):
             return None  # the last seek back has not taken effect yet
@@ -296,7 +299,7 @@ class Positions:
                 return start
             expected = start
         reread = self._rereads.get(tp)
-        if reread is None or (reread.target, reread.generation) != (expected, generation):
+        if reread is None or not reread.of(expected, generation):
             reread = self._rereads[tp] = _Reread(expected, generation)
         if reread.count >= self._give_up_after:
             first = await self._broker.first_offset(tp, expected)
