@@ -1,11 +1,13 @@
 """The Faust floor: the processor's agent with nothing inside it.
 
-    python bench/processor/faust_floor.py BOOTSTRAP TOPIC COUNT APP_ID
+    python bench/processor/faust_floor.py BOOTSTRAP TOPIC COUNT APP_ID [stock|fast]
 
 The same kind of Faust app as ``processors.worker`` (memory store, one agent with
 concurrency 1 taking batches with ``noack_take`` of the same size) that only acks what it
-takes. Prints ``FLOOR <seconds>`` from its first record to its ``COUNT``-th and exits: what
-Faust and aiokafka cost per record before any work of ours, the ceiling for the processor.
+takes. ``fast`` (the default) gives it the processor's fetch loop (:mod:`processors.drain`);
+``stock`` leaves Faust's own. Prints ``FLOOR <seconds>`` from its first record to its
+``COUNT``-th and exits: what Faust and aiokafka cost per record before any work of ours,
+the ceiling for the processor.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from typing import Any, cast
 import faust
 from faust.worker import Worker
 
+from processors.drain import deliver_without_tasks
 from processors.worker import BATCH_MAX, BATCH_WITHIN_S
 
 
 def main() -> None:
     bootstrap, topic, count, app_id = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    fetch_loop = sys.argv[5] if len(sys.argv) > 5 else "fast"
     app = faust.App(
         app_id,
         broker=f"kafka://{bootstrap}",
@@ -33,6 +37,8 @@ def main() -> None:
     raw = app.topic(
         topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
+    if fetch_loop == "fast":
+        deliver_without_tasks(app.consumer)
     state = {"seen": 0, "first": 0.0}
 
     @app.agent(raw, concurrency=1)

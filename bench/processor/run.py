@@ -12,9 +12,12 @@ alternating rounds, each over the whole pre-loaded topic with a fresh consumer g
 - **bare consumer**: a confluent-kafka consumer that reads every record and touches its
   value and headers, timed from its first record to its last: reading the topic and
   nothing else, the ceiling for any consumer in Python;
-- **Faust floor** (``faust_floor.py``): the same kind of Faust app and agent, taking the
-  same batches and only acking them, timed from its first record to its last: what Faust
-  and aiokafka cost before any work of ours, so the ceiling for any Faust processor;
+- **Faust floor** (``faust_floor.py``): the same kind of Faust app and agent, with the
+  processor's fetch loop (``processors/drain.py``), taking the same batches and only
+  acking them, timed from its first record to its last: what Faust and aiokafka cost
+  before any work of ours, so the ceiling for the processor;
+- **stock Faust floor**: the same with Faust's own fetch loop, which wraps every record in
+  four asyncio tasks: what the fetch loop saves;
 - **processor**: ``chargify-stream processor`` as an operator runs it (a child process,
   fresh ``PROCESSOR_APP_ID`` so fresh tables, fresh output topics), timed from the first
   output record to the last (their producer timestamps), so process start, group join and
@@ -113,11 +116,11 @@ def bare_consumer(bootstrap: str, topic: str, count: int) -> float:
     return last - first
 
 
-def faust_floor(bootstrap: str, topic: str, count: int) -> float:
+def faust_floor(bootstrap: str, topic: str, count: int, fetch_loop: str) -> float:
     """Seconds the empty Faust agent takes from its first record to its last."""
     done = subprocess.run(
         [sys.executable, str(HERE / "faust_floor.py"), bootstrap, topic, str(count),
-         f"bench-floor-{uuid.uuid4().hex[:8]}"],
+         f"bench-floor-{uuid.uuid4().hex[:8]}", fetch_loop],
         capture_output=True, text=True, timeout=600, check=False,
         env={**os.environ, "PYTHONPATH": str(HERE.parents[1])},
     )  # fmt: skip
@@ -258,10 +261,12 @@ def main() -> None:
         preload(base.kafka_bootstrap_servers, raw, work)
         bare_s: list[float] = []
         floor_s: list[float] = []
+        stock_s: list[float] = []
         processor_s: list[float] = []
         for round_ in range(args.rounds):
             bare_s.append(bare_consumer(base.kafka_bootstrap_servers, raw, args.events))
-            floor_s.append(faust_floor(base.kafka_bootstrap_servers, raw, args.events))
+            floor_s.append(faust_floor(base.kafka_bootstrap_servers, raw, args.events, "fast"))
+            stock_s.append(faust_floor(base.kafka_bootstrap_servers, raw, args.events, "stock"))
             last = round_ == args.rounds - 1
             processor_s.append(
                 processor_round(
@@ -270,7 +275,8 @@ def main() -> None:
             )
             print(
                 f"  round {round_ + 1}: bare {args.events / bare_s[-1]:,.0f}/s, "
-                f"Faust floor {args.events / floor_s[-1]:,.0f}/s, "
+                f"Faust floor {args.events / floor_s[-1]:,.0f}/s "
+                f"(stock {args.events / stock_s[-1]:,.0f}/s), "
                 f"processor {args.events / processor_s[-1]:,.0f}/s",
                 file=sys.stderr,
             )
@@ -278,6 +284,7 @@ def main() -> None:
         kafka.cleanup()
     bare = args.events / statistics.median(bare_s)
     floor = args.events / statistics.median(floor_s)
+    stock = args.events / statistics.median(stock_s)
     processor = args.events / statistics.median(processor_s)
     result: dict[str, Any] = {
         "events": args.events,
@@ -287,9 +294,11 @@ def main() -> None:
         "expected_outputs": dict(work.expected),
         "bare_seconds": bare_s,
         "floor_seconds": floor_s,
+        "stock_floor_seconds": stock_s,
         "processor_seconds": processor_s,
         "bare_events_per_s": bare,
         "floor_events_per_s": floor,
+        "stock_floor_events_per_s": stock,
         "processor_events_per_s": processor,
         "ratio": processor / bare,
         "ratio_to_floor": processor / floor,
@@ -300,7 +309,8 @@ def main() -> None:
     print(
         f"processor: {processor:,.0f} events/s, bare consumer: {bare:,.0f} events/s, "
         f"ratio {processor / bare:.3f}; Faust floor: {floor:,.0f} events/s, "
-        f"ratio {processor / floor:.2f} ({args.events} events, mean body "
+        f"ratio {processor / floor:.2f}; stock Faust floor: {stock:,.0f} events/s "
+        f"({args.events} events, mean body "
         f"{work.mean_body_bytes:,.0f} B, {args.rounds} rounds, load {os.getloadavg()[0]:.1f})"
     )
 

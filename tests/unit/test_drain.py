@@ -1,0 +1,253 @@
+"""``processors.drain``: the fetch loop delivers in place, and a blocked delivery still
+gives way to a rebalance (on a fake consumer; the real one is covered by the processor's
+integration and fault tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import pytest
+from faust.types import TP
+from mode import Service
+
+from processors.drain import Resumed, deliver_without_tasks
+
+RAW = TP("raw", 0)
+
+
+def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test in a fresh event loop (the suite has no asyncio plugin)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+class Message:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+        self.topic = RAW.topic
+
+
+class Flags:
+    def set_flag(self, flag: str) -> None: ...
+
+    def unset_flag(self, flag: str) -> None: ...
+
+
+class Topics:
+    def acks_enabled_for(self, topic: str) -> bool:
+        return True
+
+
+class App:
+    topics = Topics()
+    should_stop = False
+
+
+class Transport:
+    app = App()
+
+
+class Fetcher(Service):
+    pass
+
+
+class FakeConsumer(Service):
+    """What ``_drain_messages`` uses of a Faust consumer; ``callback`` is set per test.
+
+    ``getmany`` yields ``batches`` one per call, then stops the consumer.
+    """
+
+    consumer_stopped_errors = ()
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        super().__init__()
+        self.batches = batches
+        self.suspend_flow = asyncio.Event()
+        self._read_offset: dict[TP, int | None] = {RAW: None}
+        self.diag = Flags()
+        self._commit_every = None
+        self._n_acked = 0
+        self.app = App()
+        self.transport = Transport()
+        self.gaps: list[tuple[int, int]] = []
+        self.callback: Any = None
+
+    async def _add_gap(self, tp: TP, start: int, end: int) -> None:
+        self.gaps.append((start, end))
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
+        if not self.batches:
+            self._stopped.set()
+            return
+        for offset in self.batches.pop(0):
+            yield RAW, Message(offset)
+
+    async def _drain_messages(self, fetcher: Any) -> None:
+        raise AssertionError("the stock loop ran")
+
+
+def drain(consumer: FakeConsumer) -> asyncio.Future[None]:
+    deliver_without_tasks(consumer)
+    return asyncio.ensure_future(consumer._drain_messages(Fetcher()))
+
+
+@in_loop
+async def test_deliveries_that_do_not_block_run_in_place_without_tasks() -> None:
+    consumer = FakeConsumer([[0, 1, 2], [3]])
+    delivered: list[tuple[int, asyncio.Task[Any] | None]] = []
+
+    async def callback(message: Message) -> None:
+        delivered.append((message.offset, asyncio.current_task()))
+
+    consumer.callback = callback
+    loop_task = drain(consumer)
+    await asyncio.wait_for(loop_task, 5)
+    assert [offset for offset, _ in delivered] == [0, 1, 2, 3]
+    # Run by the loop's own task, not by a task made for the delivery.
+    assert {task for _, task in delivered} == {loop_task}
+    assert consumer._read_offset[RAW] == 3
+
+
+@in_loop
+async def test_a_delivery_that_blocks_is_finished_before_the_next_record() -> None:
+    consumer = FakeConsumer([[0, 1, 2]])
+    room = asyncio.get_running_loop().create_future()
+    delivered: list[int] = []
+
+    async def callback(message: Message) -> None:
+        if message.offset == 1:
+            await room  # a full buffer
+        delivered.append(message.offset)
+
+    consumer.callback = callback
+    loop_task = drain(consumer)
+    await asyncio.sleep(0.05)
+    assert delivered == [0]
+    room.set_result(None)
+    await asyncio.wait_for(loop_task, 5)
+    assert delivered == [0, 1, 2]
+
+
+@in_loop
+async def test_a_rebalance_abandons_a_blocked_delivery_and_the_loop_goes_on() -> None:
+    consumer = FakeConsumer([[0, 1, 2]])
+    delivered: list[int] = []
+    abandoned: list[int] = []
+
+    async def callback(message: Message) -> None:
+        if message.offset == 1:
+            try:
+                await asyncio.get_running_loop().create_future()  # blocks for good
+            except asyncio.CancelledError:
+                abandoned.append(message.offset)
+                raise
+        delivered.append(message.offset)
+
+    consumer.callback = callback
+    loop_task = drain(consumer)
+    await asyncio.sleep(0.05)
+    consumer.suspend_flow.set()  # what Faust does at a rebalance
+    await asyncio.wait_for(loop_task, 5)
+    await asyncio.sleep(0)  # the abandoned delivery's cancellation
+    assert abandoned == [1]
+    assert delivered == [0, 2]
+
+
+@in_loop
+async def test_with_flow_suspended_a_delivery_goes_the_stock_way() -> None:
+    consumer = FakeConsumer([[0]])
+    consumer.suspend_flow.set()
+    tasks: list[asyncio.Task[Any] | None] = []
+
+    async def callback(message: Message) -> None:
+        tasks.append(asyncio.current_task())
+
+    consumer.callback = callback
+    loop_task = drain(consumer)
+    await asyncio.wait_for(loop_task, 5)
+    # wait_first ran it in a task of its own (it may or may not have finished first).
+    assert all(task is not loop_task for task in tasks)
+
+
+@in_loop
+async def test_an_error_in_a_delivery_stops_the_loop_as_before(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    consumer = FakeConsumer([[0, 1]])
+
+    async def callback(message: Message) -> None:
+        raise ValueError(f"bad {message.offset}")
+
+    consumer.callback = callback
+    with caplog.at_level(logging.ERROR), pytest.raises(ValueError, match="bad 0"):
+        await asyncio.wait_for(drain(consumer), 5)
+    assert "Drain messages raised" in caplog.text
+
+
+@in_loop
+async def test_an_offset_jump_is_still_reported_as_a_gap() -> None:
+    consumer = FakeConsumer([[0, 1, 5]])
+
+    async def callback(message: Message) -> None:
+        pass
+
+    consumer.callback = callback
+    await asyncio.wait_for(drain(consumer), 5)
+    assert consumer.gaps == [(2, 5)]
+
+
+# -- Resumed --------------------------------------------------------------------------
+
+
+async def _stepped(coro: Any) -> Resumed:
+    first = coro.send(None)
+    return Resumed(coro, first)
+
+
+@in_loop
+async def test_resumed_returns_what_the_coroutine_returns() -> None:
+    gate = asyncio.get_running_loop().create_future()
+
+    async def work() -> str:
+        value = await gate
+        await asyncio.sleep(0)
+        return f"got {value}"
+
+    task = asyncio.ensure_future(await _stepped(work()))
+    await asyncio.sleep(0)
+    gate.set_result("x")
+    assert await asyncio.wait_for(task, 5) == "got x"
+
+
+@in_loop
+async def test_resumed_passes_exceptions_and_cancellation_into_the_coroutine() -> None:
+    events: list[str] = []
+
+    async def failing() -> None:
+        await asyncio.sleep(0)
+        raise KeyError("inner")
+
+    with pytest.raises(KeyError, match="inner"):
+        await asyncio.ensure_future(await _stepped(failing()))
+
+    async def waiting() -> None:
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            events.append("cancelled inside")
+            raise
+
+    task = asyncio.ensure_future(await _stepped(waiting()))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert events == ["cancelled inside"]
