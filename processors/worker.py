@@ -56,7 +56,7 @@ from faust.web import Request, Response, View
 from chargify_stream.errors import ConfigError
 from chargify_stream.kafka_admin import ensure_topics
 from chargify_stream.settings import Settings
-from processors.drain import deliver_without_tasks
+from processors.drain import deliver_without_tasks, shorten_fetch_wait
 from processors.metrics import CONTENT_TYPE, ProcessorMetrics
 from processors.outputs import Outputs
 from processors.positions import (
@@ -257,6 +257,7 @@ def build_app(
     # Before the consumer starts: see processors.positions for why.
     deliver_every_record(app.consumer, raw_topic)
     deliver_without_tasks(app.consumer)
+    shorten_fetch_wait(app.consumer)
     commit_positions_only(app.consumer, positions, lambda: app.consumer_generation_id)
 
     @seen.table.on_recover

@@ -368,6 +368,36 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
+def by_second(
+    received: dict[int, float],
+    emitted: dict[int, float],
+    commits: dict[int, float],
+    started: float,
+) -> list[dict[str, float]]:
+    """Per second of receipt since ``started``: webhooks, and the p50/max latency to the
+    processor's output and from there to the commit: where in the run a tail came from."""
+    seconds: dict[int, list[int]] = {}
+    for webhook, at in received.items():
+        if webhook in commits and webhook in emitted:
+            seconds.setdefault(int(at - started), []).append(webhook)
+    out = []
+    for second in sorted(seconds):
+        webhooks = seconds[second]
+        to_output = [emitted[w] - received[w] for w in webhooks]
+        to_commit = [commits[w] - emitted[w] for w in webhooks]
+        out.append(
+            {
+                "second": second,
+                "webhooks": len(webhooks),
+                "to_output_p50_ms": percentile(to_output, 50) * 1000,
+                "to_output_max_ms": max(to_output) * 1000,
+                "to_commit_p50_ms": percentile(to_commit, 50) * 1000,
+                "to_commit_max_ms": max(to_commit) * 1000,
+            }
+        )
+    return out
+
+
 def rate_from_stamps(stamps: list[float]) -> float:
     """Items/s from per-item completion times: the items after the first completion
     moment, over the time from it to the last (the first batch's own work is unseen)."""
@@ -464,6 +494,7 @@ def sustained(
         "latency_receipt_to_processor_output": spread(to_output),
         "latency_processor_output_to_commit": spread(output_to_db),
         "cpu_cores": cpu_use,
+        "by_second": by_second(received, emitted, commits, started),
     }
     if out["raw_records_without_row"]:
         services.shortfall = True

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 from faust.types import TP
 from mode import Service
 
-from processors.drain import Resumed, deliver_without_tasks
+from processors.drain import Resumed, deliver_without_tasks, shorten_fetch_wait
 
 RAW = TP("raw", 0)
 
@@ -251,3 +253,40 @@ async def test_resumed_passes_exceptions_and_cancellation_into_the_coroutine() -
     with pytest.raises(asyncio.CancelledError):
         await task
     assert events == ["cancelled inside"]
+
+
+# -- the fetch wait ----------------------------------------------------------------------
+
+
+class ConsumerThread:
+    """Faust's AIOKafkaConsumerThread, as far as shorten_fetch_wait touches it."""
+
+    def __init__(self) -> None:
+        self.created: list[Any] = []
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        client = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1", fetch_max_wait_ms=1500)
+        self.created.append((transport, client))
+        return client
+
+
+class WithThread:
+    def __init__(self) -> None:
+        self._thread = ConsumerThread()
+
+
+@in_loop
+async def test_the_aiokafka_consumer_faust_creates_waits_at_most_the_short_wait() -> None:
+    consumer = WithThread()
+    shorten_fetch_wait(consumer, 100)
+    client = consumer._thread._create_worker_consumer("transport")
+    try:
+        assert consumer._thread.created == [("transport", client)]
+        assert client._fetch_max_wait_ms == 100
+    finally:
+        await client.stop()  # never started: only marks it closed
+
+
+def test_aiokafka_still_reads_the_wait_when_it_starts() -> None:
+    # The attribute shorten_fetch_wait sets is what start() hands to the fetcher.
+    assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in inspect.getsource(AIOKafkaConsumer.start)
