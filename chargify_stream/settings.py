@@ -57,7 +57,7 @@ class Settings(BaseSettings):
 
     # Sink behaviour.
     sink_batch_size: int = Field(default=1000, ge=1)
-    sink_batch_timeout_ms: int = Field(default=200, ge=1)
+    sink_batch_timeout_ms: int = Field(default=50, ge=1)
     sink_metrics_port: int = Field(default=9108, ge=0, le=65535)
 
     log_level: str = "INFO"
