@@ -15,6 +15,9 @@ the record is delivered and no task was made. When it yields (the buffer is full
 flow is suspended), the rest of it runs under ``wait_first`` as before, so a rebalance
 still cuts it short. When flow is already suspended the record goes the old way. A
 record a rebalance cuts short is read again: :mod:`processors.positions` sees the hole.
+Until its first pause a delivery runs as the fetch loop's task, in its context: fine for
+Faust's delivery path, which sets no context variables and starts no timeouts or task
+groups there; code added to that path must not either.
 
 :func:`shorten_fetch_wait` is about the fetches under that loop. Faust 0.15 creates its
 aiokafka consumer with ``fetch_max_wait_ms=1500`` and no setting to change it, and
@@ -53,9 +56,18 @@ class Resumed(Awaitable[Any]):
     def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
         self._coro = coro
         self._first = first
+        # A future the coroutine awaits comes up marked as being awaited; until a task
+        # takes it over, anyone else awaiting the same future would be refused for it.
+        # The mark is cleared here, where nothing is waiting for it, and set again when
+        # the future goes up to the task, as a first ``await`` would have done.
+        self._blocking = bool(getattr(first, "_asyncio_future_blocking", False))
+        if self._blocking:
+            first._asyncio_future_blocking = False
 
     def __await__(self) -> Generator[Any, Any, Any]:
         coro, value = self._coro, self._first
+        if self._blocking:
+            value._asyncio_future_blocking = True
         while True:
             try:
                 sent = yield value
@@ -149,6 +161,13 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:
                                     Resumed(delivery, first), self.suspend_flow.wait()
                                 )
                         set_read_offset(tp, offset)
+                    else:
+                        self.log.dev(
+                            "DROPPED MESSAGE ROFF %r: k=%r v=%r",
+                            offset,
+                            message.key,
+                            message.value,
+                        )
                 unset_flag(CONSUMER_FETCHING)
     except self.consumer_stopped_errors:
         if self.transport.app.should_stop:

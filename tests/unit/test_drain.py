@@ -290,3 +290,23 @@ async def test_the_aiokafka_consumer_faust_creates_waits_at_most_the_short_wait(
 def test_aiokafka_still_reads_the_wait_when_it_starts() -> None:
     # The attribute shorten_fetch_wait sets is what start() hands to the fetcher.
     assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in inspect.getsource(AIOKafkaConsumer.start)
+
+
+@in_loop
+async def test_a_future_the_delivery_waits_on_can_be_awaited_by_others_meanwhile() -> None:
+    shared = asyncio.get_running_loop().create_future()
+
+    async def delivery() -> str:
+        return f"delivered {await shared}"
+
+    async def bystander() -> str:
+        return f"saw {await shared}"
+
+    resumed = await _stepped(delivery())  # the delivery now waits on ``shared``
+    other = asyncio.ensure_future(bystander())  # runs before the delivery's task below
+    await asyncio.sleep(0)
+    task = asyncio.ensure_future(resumed)
+    await asyncio.sleep(0)
+    shared.set_result("x")
+    assert await asyncio.wait_for(other, 5) == "saw x"
+    assert await asyncio.wait_for(task, 5) == "delivered x"
