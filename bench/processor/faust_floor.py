@@ -27,6 +27,8 @@ from processors.worker import BATCH_MAX, BATCH_WITHIN_S
 def main() -> None:
     bootstrap, topic, count, app_id = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     fetch_loop = sys.argv[5] if len(sys.argv) > 5 else "fast"
+    if fetch_loop not in ("fast", "stock"):
+        raise SystemExit(f"fetch loop must be fast or stock, not {fetch_loop!r}")
     app = faust.App(
         app_id,
         broker=f"kafka://{bootstrap}",
