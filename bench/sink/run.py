@@ -49,7 +49,7 @@ from schemas import headers as h
 from schemas.codec import encode
 from schemas.records import SubscriptionChange, Transaction
 from sink import upsert
-from sink.consumer import build_sink
+from sink.consumer import Prepared, build_sink
 from sink.migrate import migrate
 
 HERE = Path(__file__).resolve().parent
@@ -129,19 +129,24 @@ def run_sink(settings: Settings, work: Workload) -> float:
     done = 0
     first: float | None = None
     last = 0.0
-    process = sink.process
+    prepare, finish = sink.prepare, sink.finish
 
-    def timed(msgs: Sequence[Message]) -> None:
-        nonlocal done, first, last
+    def timed_prepare(msgs: Sequence[Message]) -> Prepared:
+        nonlocal first
         if first is None:
             first = time.perf_counter()
-        process(msgs)
+        return prepare(msgs)
+
+    def timed_finish(prepared: Prepared) -> None:
+        nonlocal done, last
+        finish(prepared)
         last = time.perf_counter()
-        done += len(msgs)
+        done += len(prepared.msgs)
         if done >= len(work.records):
             sink.stop()
 
-    sink.process = timed  # type: ignore[method-assign]
+    sink.prepare = timed_prepare  # type: ignore[method-assign]
+    sink.finish = timed_finish  # type: ignore[method-assign]
     sink.run()
     assert first is not None and done == len(work.records), (done, len(work.records))
     return last - first

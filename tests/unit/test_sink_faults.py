@@ -254,3 +254,167 @@ def test_an_undecodable_value_is_dead_lettered_as_unsupported_schema(
     assert letter["headers"]["dlq-stage"] == b"sink"
     assert letter["headers"]["chargify-webhook-id"] == b"0"
     assert fake_consumer.commits == [[("t.chargify.transactions", 0, 2)]]
+
+
+# -- the run loop: decoding the next batch while the writer thread writes this one ---------
+
+
+class ScriptedConsumer(FakeConsumer):
+    """Hands out ``batches`` one per ``consume`` call, then nothing."""
+
+    def __init__(self, batches: list[list[FakeMessage]]) -> None:
+        super().__init__()
+        self.batches = list(batches)
+        self.consumed = 0
+        self.closed = False
+
+    def subscribe(self, topics: list[str], on_revoke: Any = None) -> None:
+        self.on_revoke = on_revoke
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        self.consumed += 1
+        if self.batches:
+            return self.batches.pop(0)
+        threading.Event().wait(timeout)
+        return []
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def run_sink(
+    monkeypatch: pytest.MonkeyPatch,
+    batches: list[list[FakeMessage]] | ScriptedConsumer,
+    write: Any,
+) -> tuple[Sink, ScriptedConsumer, threading.Thread, list[BaseException]]:
+    """Start ``Sink.run`` in a thread on scripted batches, with ``write`` as write_batch."""
+    monkeypatch.setattr(consumer, "write_batch", write)
+    monkeypatch.setattr(consumer.Sink, "_connection", lambda self: object())
+    monkeypatch.setattr(consumer, "ensure_topics", lambda *a, **k: None)
+    sink, _, _ = make_sink()
+    scripted = batches if isinstance(batches, ScriptedConsumer) else ScriptedConsumer(batches)
+    sink.consumer = cast(Any, scripted)
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            sink.run()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return sink, scripted, thread, raised
+
+
+def batch_of(*ids: int) -> list[FakeMessage]:
+    return [FakeMessage(i, encode(payment(i))) for i in ids]
+
+
+def test_the_next_batch_is_consumed_while_one_is_written_and_each_commits_after_its_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    written: list[list[int]] = []
+    commits_before_write: list[int] = []
+    second_consumed = threading.Event()
+    scripted = ScriptedConsumer([batch_of(0, 1), batch_of(2, 3), batch_of(4)])
+
+    def write(conn: Any, records: list[Record]) -> BatchResult:
+        ids = [cast(Transaction, r).transaction_id for r in records]
+        if not written:  # the first batch: the loop must consume the next one meanwhile
+            deadline = threading.Event()
+            while scripted.consumed < 2 and not deadline.wait(0.01):
+                pass
+            if scripted.consumed >= 2:
+                second_consumed.set()
+        commits_before_write.append(len(scripted.commits))
+        written.append(ids)
+        return BatchResult(transactions_written=len(ids))
+
+    sink, _, thread, raised = run_sink(monkeypatch, scripted, write)
+    for _ in range(200):
+        if len(scripted.commits) == 3:
+            break
+        threading.Event().wait(0.02)
+    sink.stop()
+    thread.join(10)
+
+    assert not thread.is_alive() and raised == []
+    assert second_consumed.is_set()
+    assert written == [[0, 1], [2, 3], [4]]  # one at a time, in order
+    # Batch N is committed after its write and before batch N+1 is written.
+    assert commits_before_write == [0, 1, 2]
+    assert [c[0][2] for c in scripted.commits] == [2, 4, 5]
+    assert scripted.closed
+
+
+def test_a_failed_write_ends_the_run_and_nothing_after_it_is_written_or_committed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    written: list[int] = []
+
+    def write(conn: Any, records: list[Record]) -> BatchResult:
+        ids = [cast(Transaction, r).transaction_id for r in records]
+        if 2 in ids:
+            raise RuntimeError("a bug, not a record")
+        written.extend(ids)
+        return BatchResult(transactions_written=len(ids))
+
+    batches = [batch_of(0, 1), batch_of(2, 3), batch_of(4), batch_of(5)]
+    _, scripted, thread, raised = run_sink(monkeypatch, batches, write)
+    thread.join(10)
+
+    assert not thread.is_alive()
+    assert [type(e) for e in raised] == [RuntimeError]
+    assert written == [0, 1]
+    assert [c[0][2] for c in scripted.commits] == [2]
+    assert scripted.closed
+
+
+def test_a_stop_while_the_writer_retries_ends_the_run_without_committing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failing = threading.Event()
+
+    def down(conn: Any, records: list[Record]) -> BatchResult:
+        failing.set()
+        raise DatabaseUnavailable("OperationalError: connection refused", None)
+
+    sink, scripted, thread, raised = run_sink(monkeypatch, [batch_of(0), batch_of(1)], down)
+    assert failing.wait(5)
+    sink.stop()
+    thread.join(10)
+
+    assert not thread.is_alive() and raised == []  # Stopping is how run() ends here
+    assert scripted.commits == []
+    assert scripted.closed
+
+
+def test_a_revocation_waits_for_the_batch_being_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    writing = threading.Event()
+
+    def slow(conn: Any, records: list[Record]) -> BatchResult:
+        writing.set()
+        release.wait(5)
+        return BatchResult(transactions_written=len(records))
+
+    sink, scripted, thread, raised = run_sink(monkeypatch, [batch_of(0)], slow)
+    assert writing.wait(5)
+    # librdkafka calls on_revoke from consume(), in the thread that hands out the writes;
+    # from this other thread, wait until the handing out is done.
+    for _ in range(250):
+        if sink._in_flight is not None:
+            break
+        threading.Event().wait(0.02)
+    revoked = threading.Thread(target=scripted.on_revoke, args=(scripted, []))
+    revoked.start()
+    revoked.join(0.3)
+    assert revoked.is_alive()  # still waiting for the write
+    release.set()
+    revoked.join(5)
+    assert not revoked.is_alive()
+    assert [c[0][2] for c in scripted.commits] == [1]
+    sink.stop()
+    thread.join(10)
+    assert raised == []
