@@ -30,6 +30,7 @@ Faults are told apart by type, for the database by SQLSTATE class
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import random
@@ -37,6 +38,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -62,6 +64,7 @@ _T = TypeVar("_T")
 BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 5.0
 SWITCH_INTERVAL_S = 0.0005
+WRITERS = 2
 GC_YOUNG_THRESHOLD = 50_000
 
 
@@ -171,10 +174,15 @@ class Sink:
         self.metrics = metrics
         self.topics = [settings.topic("transactions"), settings.topic("subscriptions")]
         self._connect = connect
-        self._conn: psycopg.Connection[Any] | None = None
+        self._local = threading.local()  # each writer thread has its own connection
+        self._conns: list[psycopg.Connection[Any]] = []
+        self._conns_lock = threading.Lock()
+        self._publish_lock = threading.Lock()
         self._schema_checked = False
         self._stop = threading.Event()
-        self._in_flight: Future[None] | None = None
+        # Batches handed to the writer threads, oldest first, until their offsets are
+        # committed (in the consuming thread: the consumer serves one thread at a time).
+        self._in_flight: deque[tuple[Future[None], Prepared]] = deque()
 
     def stop(self) -> None:
         """Ask the loop to end after the current step (safe from a signal handler)."""
@@ -205,9 +213,11 @@ class Sink:
     # -- database -------------------------------------------------------------------
 
     def _connection(self) -> psycopg.Connection[Any]:
-        """The open connection, or a new one (checked against the schema the first time)."""
-        if self._conn is not None and not self._conn.closed:
-            return self._conn
+        """This thread's open connection, or a new one (checked against the schema the first
+        time)."""
+        current: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if current is not None and not current.closed:
+            return current
         conn: psycopg.Connection[Any] | None = None
         try:
             conn = self._connect()
@@ -227,11 +237,15 @@ class Sink:
             if classified is None:
                 raise
             raise classified from exc
-        self._conn = conn
+        self._local.conn = conn
+        with self._conns_lock:
+            self._conns = [c for c in self._conns if not c.closed]
+            self._conns.append(conn)
         return conn
 
     def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        self._local.conn = None
         if conn is not None and not conn.closed:
             conn.close()
 
@@ -267,7 +281,15 @@ class Sink:
     # -- kafka ----------------------------------------------------------------------
 
     def _publish_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
-        """Publish and wait for every acknowledgement; failed ones are published again."""
+        """Publish and wait for every acknowledgement; failed ones are published again.
+
+        One writer at a time: a flush serves the delivery reports of every thread's
+        records, and one thread's flush must not return before its own reports ran.
+        """
+        with self._publish_lock:
+            self._publish_dead_letters_now(letters)
+
+    def _publish_dead_letters_now(self, letters: Sequence[DeadLetter]) -> None:
         remaining = list(letters)
 
         def attempt() -> None:
@@ -376,27 +398,33 @@ class Sink:
         self.metrics.batch_size.observe(len(msgs))
         return prepared
 
-    def finish(self, prepared: Prepared) -> None:
-        """Write a decoded batch, publish its dead letters, then commit its offsets."""
+    def store(self, prepared: Prepared) -> None:
+        """Write a decoded batch and publish its dead letters (a writer thread's share)."""
         letters = list(prepared.letters)
         if prepared.items:
             letters.extend(self._write(prepared.items))
         if letters:
             self._publish_dead_letters(letters)
-        self._commit(prepared.msgs)
 
     def process(self, msgs: Sequence[Message]) -> None:
         """Handle one consumed batch through to the offset commit, in this thread."""
-        self.finish(self.prepare(msgs))
+        prepared = self.prepare(msgs)
+        self.store(prepared)
+        self._commit(prepared.msgs)
 
     def run(self) -> None:
         """Consume until :meth:`stop`; then leave the group, offsets as last committed.
 
-        Two threads share the work: this one consumes and decodes batch N+1 while the
-        writer thread writes batch N to Postgres (mostly waiting on the server) and
-        commits its offsets. Batches are written one at a time and in order, each
-        committed only after its database commit, as :meth:`process` does; a batch
-        consumed ahead is consumed again if the sink stops before writing it.
+        The work is shared between threads: this one consumes and decodes the next batch
+        while up to ``WRITERS`` writer threads, each with its own database connection,
+        write the batches before it, one database transaction per batch. A writer thread
+        mostly waits on Postgres, and while one waits for its statements the other builds
+        its own or commits. Each batch's offsets are committed after its database commit
+        and after the previous batch's offsets, so a commit never covers a batch that is
+        not written; a batch consumed ahead is consumed again if the sink stops first.
+        Concurrent batches touching the same rows are safe: every write is idempotent and
+        order-independent, subscriptions are locked in id order, and a deadlock between
+        replayed transactions is a transient fault (retried).
         """
         ensure_topics(
             self.settings.kafka_bootstrap_servers,
@@ -415,11 +443,12 @@ class Sink:
         # dozen records. Less often: 7-12 % more rows/s, and less CPU, in bench/sink.
         gc_threshold = gc.get_threshold()
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc_threshold[1:])
-        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink-writer")
+        writers = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="sink-writer")
         try:
             # Connect before consuming: a schema that lacks migrations stops the sink now,
             # not at the first record; a database that is away is waited for.
             self._retrying("database", self._connection)
+            self._drop_connection()  # the writer threads open their own
             self.consumer.subscribe(self.topics, on_revoke=self._on_revoke)
             log.info(
                 "sink consuming %s as group %s",
@@ -430,38 +459,60 @@ class Sink:
                 msgs = self.consumer.consume(self.settings.sink_batch_size, timeout)
                 batch = [m for m in msgs if not _skip(m)]
                 prepared = self.prepare(batch) if batch else None
-                self._join_writer()  # raises what the previous batch's write raised
+                # Commit what is written; when every writer is busy, wait for the oldest.
+                full = prepared is not None and len(self._in_flight) >= WRITERS
+                self._settle(wait=1 if full else 0)
                 if prepared is not None:
-                    self._in_flight = writer.submit(self.finish, prepared)
-            self._join_writer()
+                    self._in_flight.append((writers.submit(self.store, prepared), prepared))
+            self._settle(wait=len(self._in_flight))
         except Stopping:
             log.info("stopped while waiting on a fault; the batch was not committed")
         finally:
             log.info("sink stopping")
-            writer.shutdown(wait=True)  # a write in flight ends (or stops) first
+            writers.shutdown(wait=True)  # the writes in flight end (or stop) first
+            self._in_flight.clear()  # uncommitted: consumed again by the next owner
             sys.setswitchinterval(switch_interval)
             gc.set_threshold(*gc_threshold)
             self.close()
 
-    def _join_writer(self) -> None:
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None:
-            in_flight.result()
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Called from consume(), in the consuming thread. The batches being written are
+        # committed while the partitions are still ours, so their next owner does not
+        # write them again (harmless, being idempotent, but wasted). A failed write stays
+        # at the head of the queue, uncommitted, and is raised by the next settle, not
+        # inside librdkafka's callback.
+        writing = len(self._in_flight)
+        wait([future for future, _ in self._in_flight])
+        with contextlib.suppress(Exception):
+            self._settle()
+        log.info(
+            "partitions revoked (%s); %d batches in flight, %d committed",
+            ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "none",
+            writing,
+            writing - len(self._in_flight),
+        )
 
-    def _on_revoke(self, _consumer: Consumer, _partitions: list[TopicPartition]) -> None:
-        # Called from consume(), in the consuming thread. The batch being written commits
-        # while the partitions are still ours, so their next owner does not write it again
-        # (harmless, being idempotent, but wasted). Its error, if any, is raised by the
-        # next join, not inside librdkafka's callback.
+    def _settle(self, wait: int = 0) -> None:
+        """Commit the offsets of the finished writes at the head of the queue, in order,
+        after waiting for the oldest ``wait`` writes. A write that failed raises here, and
+        neither it nor any batch after it is committed."""
         in_flight = self._in_flight
-        if in_flight is not None:
-            wait([in_flight])
+        while in_flight and (wait > 0 or in_flight[0][0].done()):
+            future, prepared = in_flight[0]
+            future.result()
+            in_flight.popleft()
+            self._commit(prepared.msgs)
+            wait -= 1
 
     def close(self) -> None:
         """Leave the group (without committing), flush the producer, close the database."""
         self.consumer.close()
         self.producer.flush(5)
-        self._drop_connection()
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            if not conn.closed:
+                conn.close()
 
 
 def build_sink(settings: Settings, metrics: SinkMetrics | None = None) -> Sink:

@@ -11,8 +11,8 @@ alternating rounds, each from empty tables:
 
 - **sink**: the ``Sink`` that ``chargify-stream sink`` runs (``build_sink``, same
   settings, a fresh consumer group reading from the start), timed from the start of its
-  first batch to the end of its last (written, dead letters acknowledged, offsets
-  committed), so process start and group join are left out;
+  first batch to the end of its last (written in Postgres, dead letters acknowledged),
+  so process start and group join are left out;
 - **plain COPY**: the same rows, already decoded and in memory, in one binary COPY per
   table in one transaction: every transaction row, and one row per subscription (its
   final state: COPY cannot apply a change to a row). This is the ceiling.
@@ -30,6 +30,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -129,7 +130,8 @@ def run_sink(settings: Settings, work: Workload) -> float:
     done = 0
     first: float | None = None
     last = 0.0
-    prepare, finish = sink.prepare, sink.finish
+    prepare, store = sink.prepare, sink.store
+    lock = threading.Lock()  # store() runs in the sink's writer threads
 
     def timed_prepare(msgs: Sequence[Message]) -> Prepared:
         nonlocal first
@@ -137,16 +139,17 @@ def run_sink(settings: Settings, work: Workload) -> float:
             first = time.perf_counter()
         return prepare(msgs)
 
-    def timed_finish(prepared: Prepared) -> None:
+    def timed_store(prepared: Prepared) -> None:
         nonlocal done, last
-        finish(prepared)
-        last = time.perf_counter()
-        done += len(prepared.msgs)
-        if done >= len(work.records):
-            sink.stop()
+        store(prepared)
+        with lock:
+            last = time.perf_counter()
+            done += len(prepared.msgs)
+            if done >= len(work.records):
+                sink.stop()
 
     sink.prepare = timed_prepare  # type: ignore[method-assign]
-    sink.finish = timed_finish  # type: ignore[method-assign]
+    sink.store = timed_store  # type: ignore[method-assign]
     sink.run()
     assert first is not None and done == len(work.records), (done, len(work.records))
     return last - first

@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from chargify_stream.local.ports import free_port
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.codec import encode
@@ -494,6 +495,54 @@ def test_sink_killed_and_restarted_writes_every_transaction_exactly_once(
     assert transactions_count(settings) == expected
     assert query(settings, "select subscription_id, components from subscriptions order by 1") == [
         (900 + k, {"1": 36 + k}) for k in range(4)
+    ]
+
+
+def test_two_sinks_through_a_rebalance_write_every_record_exactly_once(
+    make_settings: Callable[..., Settings], stages: Any
+) -> None:
+    """A second sink joins while records arrive and the group rebalances (the first one's
+    batches in flight are committed or consumed again); then the first stops. Nothing is
+    lost or written twice, and every subscription ends in its newest state."""
+    settings = make_settings(partitions=4, sink_batch_size=20)
+    seed(settings, customers=[f"c{i}" for i in range(4)])
+    records: list[Record] = [payment(f"c{i % 4}", amount=i + 1) for i in range(6000)]
+    changes = [
+        change("component_allocation_change", f"c{i % 4}", 700 + i % 8, i, components={1: i})
+        for i in range(400)
+    ]
+    pairs = itertools.zip_longest(records, changes)
+    stream: list[Record] = [r for pair in pairs for r in pair if r is not None]
+    expected = (6000, 6000, sum(range(1, 6001)))
+
+    published = threading.Event()
+
+    def publish_steadily() -> None:  # before, during and after the join
+        for i in range(0, len(stream), 50):
+            publish(settings, stream[i : i + 50])
+            time.sleep(0.03)
+        published.set()
+
+    first = stages("sink", settings)
+    publisher = threading.Thread(target=publish_steadily)
+    publisher.start()
+    try:
+        first.wait_until(lambda: transactions_count(settings)[0] > 0, 30, "the first rows")
+        second = stages("sink", settings.model_copy(update={"sink_metrics_port": free_port()}))
+        second.wait_until(lambda: "sink consuming" in second.log(), 30, "the second sink")
+        assert not published.is_set(), "the join must land mid-stream"
+    finally:
+        publisher.join()
+    # The group rebalanced while the first sink was writing.
+    first.wait_until(lambda: "partitions revoked" in first.log(), 30, "the rebalance")
+    time.sleep(1)  # both sinks share the partitions for a while
+    assert first.stop() == 0  # SIGTERM: the second sink takes every partition
+    second.wait_until(lambda: transactions_count(settings) == expected, 60, f"rows {expected}")
+    wait_caught_up(second, settings)
+
+    assert transactions_count(settings) == expected
+    assert query(settings, "select subscription_id, components from subscriptions order by 1") == [
+        (700 + k, {"1": 392 + k}) for k in range(8)
     ]
 
 

@@ -8,6 +8,8 @@ the integration tests run the same code against the real services.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -311,52 +313,102 @@ def batch_of(*ids: int) -> list[FakeMessage]:
     return [FakeMessage(i, encode(payment(i))) for i in ids]
 
 
-def test_the_next_batch_is_consumed_while_one_is_written_and_each_commits_after_its_write(
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def committed(scripted: ScriptedConsumer) -> list[int]:
+    """The offset each commit named (one partition in these tests)."""
+    return [c[0][2] for c in scripted.commits]
+
+
+def test_the_next_batch_is_consumed_while_one_is_written_and_commits_follow_writes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    written: list[list[int]] = []
-    commits_before_write: list[int] = []
-    second_consumed = threading.Event()
+    written: list[int] = []
+    lock = threading.Lock()
     scripted = ScriptedConsumer([batch_of(0, 1), batch_of(2, 3), batch_of(4)])
+    written_at_commit: list[list[int]] = []
+    commit = scripted.commit
+
+    def recording_commit(*, offsets: Any, asynchronous: bool) -> None:
+        with lock:
+            written_at_commit.append(sorted(written))
+        commit(offsets=offsets, asynchronous=asynchronous)
+
+    scripted.commit = recording_commit  # type: ignore[method-assign]
+    second_consumed = threading.Event()
 
     def write(conn: Any, records: list[Record]) -> BatchResult:
         ids = [cast(Transaction, r).transaction_id for r in records]
-        if not written:  # the first batch: the loop must consume the next one meanwhile
-            deadline = threading.Event()
-            while scripted.consumed < 2 and not deadline.wait(0.01):
-                pass
-            if scripted.consumed >= 2:
-                second_consumed.set()
-        commits_before_write.append(len(scripted.commits))
-        written.append(ids)
+        # The first batch: the loop must consume the next one meanwhile.
+        if ids == [0, 1] and wait_until(lambda: scripted.consumed >= 2):
+            second_consumed.set()
+        with lock:
+            written.extend(ids)
         return BatchResult(transactions_written=len(ids))
 
     sink, _, thread, raised = run_sink(monkeypatch, scripted, write)
-    for _ in range(200):
-        if len(scripted.commits) == 3:
-            break
-        threading.Event().wait(0.02)
+    assert wait_until(lambda: len(scripted.commits) == 3)
     sink.stop()
     thread.join(10)
 
     assert not thread.is_alive() and raised == []
     assert second_consumed.is_set()
-    assert written == [[0, 1], [2, 3], [4]]  # one at a time, in order
-    # Batch N is committed after its write and before batch N+1 is written.
-    assert commits_before_write == [0, 1, 2]
-    assert [c[0][2] for c in scripted.commits] == [2, 4, 5]
+    assert sorted(written) == [0, 1, 2, 3, 4]
+    # In order, and each commit only once its batch and every batch before it is written.
+    assert committed(scripted) == [2, 4, 5]
+    needed = ([0, 1], [0, 1, 2, 3], [0, 1, 2, 3, 4])
+    for at_commit, before in zip(written_at_commit, needed, strict=True):
+        assert set(before) <= set(at_commit)
     assert scripted.closed
 
 
-def test_a_failed_write_ends_the_run_and_nothing_after_it_is_written_or_committed(
+def test_a_batch_written_before_the_one_ahead_of_it_commits_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    release_first = threading.Event()
+    second_written = threading.Event()
+
+    def write(conn: Any, records: list[Record]) -> BatchResult:
+        ids = [cast(Transaction, r).transaction_id for r in records]
+        if ids == [0]:
+            release_first.wait(5)
+        else:
+            second_written.set()
+        return BatchResult(transactions_written=len(ids))
+
+    sink, scripted, thread, raised = run_sink(monkeypatch, [batch_of(0), batch_of(1)], write)
+    assert second_written.wait(5)  # the second writer finished first...
+    time.sleep(0.2)
+    assert scripted.commits == []  # ...and its offsets wait for the first batch's
+    release_first.set()
+    assert wait_until(lambda: len(scripted.commits) == 2)
+    sink.stop()
+    thread.join(10)
+
+    assert raised == []
+    assert committed(scripted) == [1, 2]
+
+
+def test_a_failed_write_ends_the_run_and_nothing_after_it_is_committed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     written: list[int] = []
+    failed = threading.Event()
 
     def write(conn: Any, records: list[Record]) -> BatchResult:
         ids = [cast(Transaction, r).transaction_id for r in records]
         if 2 in ids:
+            failed.set()
             raise RuntimeError("a bug, not a record")
+        if ids == [4]:
+            failed.wait(5)  # written (by the other writer) after the failure
         written.extend(ids)
         return BatchResult(transactions_written=len(ids))
 
@@ -366,8 +418,8 @@ def test_a_failed_write_ends_the_run_and_nothing_after_it_is_written_or_committe
 
     assert not thread.is_alive()
     assert [type(e) for e in raised] == [RuntimeError]
-    assert written == [0, 1]
-    assert [c[0][2] for c in scripted.commits] == [2]
+    assert 5 not in written  # no batch is handed out after the failure is seen
+    assert committed(scripted) == [2]  # the batch after the failed one is not committed
     assert scripted.closed
 
 
@@ -403,10 +455,7 @@ def test_a_revocation_waits_for_the_batch_being_written(monkeypatch: pytest.Monk
     assert writing.wait(5)
     # librdkafka calls on_revoke from consume(), in the thread that hands out the writes;
     # from this other thread, wait until the handing out is done.
-    for _ in range(250):
-        if sink._in_flight is not None:
-            break
-        threading.Event().wait(0.02)
+    assert wait_until(lambda: len(sink._in_flight) > 0)
     revoked = threading.Thread(target=scripted.on_revoke, args=(scripted, []))
     revoked.start()
     revoked.join(0.3)
