@@ -44,6 +44,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -118,12 +119,14 @@ def bare_consumer(bootstrap: str, topic: str, count: int) -> float:
 
 def faust_floor(bootstrap: str, topic: str, count: int, fetch_loop: str) -> float:
     """Seconds the empty Faust agent takes from its first record to its last."""
-    done = subprocess.run(
-        [sys.executable, str(HERE / "faust_floor.py"), bootstrap, topic, str(count),
-         f"bench-floor-{uuid.uuid4().hex[:8]}", fetch_loop],
-        capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, "PYTHONPATH": str(HERE.parents[1])},
-    )  # fmt: skip
+    # Run in a scratch folder: Faust makes its data folder (<app id>-data) where it runs.
+    with tempfile.TemporaryDirectory(prefix="bench-floor-") as scratch:
+        done = subprocess.run(
+            [sys.executable, str(HERE / "faust_floor.py"), bootstrap, topic, str(count),
+             f"bench-floor-{uuid.uuid4().hex[:8]}", fetch_loop],
+            capture_output=True, text=True, timeout=600, check=False, cwd=scratch,
+            env={**os.environ, "PYTHONPATH": str(HERE.parents[1])},
+        )  # fmt: skip
     for line in (done.stdout + done.stderr).splitlines():
         if "FLOOR " in line:
             return float(line.rsplit("FLOOR ", 1)[1].split()[0])
