@@ -183,6 +183,7 @@ class Sink:
         # Batches handed to the writer threads, oldest first, until their offsets are
         # committed (in the consuming thread: the consumer serves one thread at a time).
         self._in_flight: deque[tuple[Future[None], Prepared]] = deque()
+        self._failure: BaseException | None = None  # the first write that failed (a bug)
 
     def stop(self) -> None:
         """Ask the loop to end after the current step (safe from a signal handler)."""
@@ -433,9 +434,9 @@ class Sink:
             replication_factor=self.settings.topic_replication_factor,
         )
         timeout = self.settings.sink_batch_timeout_ms / 1000
-        # The writer thread gets the interpreter back soon after each of its database
-        # round trips (six a batch) completes, not up to 5 ms later (the default slice
-        # of the decoding thread): 6-8 % more rows/s in bench/sink.
+        # A writer thread gets the interpreter back soon after each of its database round
+        # trips (six a batch) completes, not up to 5 ms later (the default slice of the
+        # decoding thread): 6-8 % more rows/s in bench/sink (measured with one writer).
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         # A batch allocates tens of thousands of short-lived objects (decoded records,
@@ -463,22 +464,39 @@ class Sink:
                 full = prepared is not None and len(self._in_flight) >= WRITERS
                 self._settle(wait=1 if full else 0)
                 if prepared is not None:
-                    self._in_flight.append((writers.submit(self.store, prepared), prepared))
+                    future = writers.submit(self.store, prepared)
+                    future.add_done_callback(self._watch)
+                    self._in_flight.append((future, prepared))
             self._settle(wait=len(self._in_flight))
         except Stopping:
+            if self._failure is not None:  # a writer failed while another waited on a fault
+                raise self._failure from None
             log.info("stopped while waiting on a fault; the batch was not committed")
         finally:
             log.info("sink stopping")
+            # A writer waiting on a fault stops now, rather than when the fault clears.
+            self._stop.set()
             writers.shutdown(wait=True)  # the writes in flight end (or stop) first
             self._in_flight.clear()  # uncommitted: consumed again by the next owner
             sys.setswitchinterval(switch_interval)
             gc.set_threshold(*gc_threshold)
             self.close()
 
+    def _watch(self, future: Future[None]) -> None:
+        """A write that failed for a reason other than a stop request stops the sink at
+        once, even while another writer waits on a fault (or the consuming thread waits
+        for that one)."""
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None and not isinstance(exc, Stopping):
+            if self._failure is None:
+                self._failure = exc
+            self._stop.set()
+
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Called from consume(), in the consuming thread. The batches being written are
-        # committed while the partitions are still ours, so their next owner does not
-        # write them again (harmless, being idempotent, but wasted). A failed write stays
+        # Called in the consuming thread, from consume() or close(). The batches being written are
+        # committed (up to the first that failed) while the partitions are still ours, so
+        # their next owner does not write them again (harmless, being idempotent, but
+        # wasted). A failed write stays
         # at the head of the queue, uncommitted, and is raised by the next settle, not
         # inside librdkafka's callback.
         writing = len(self._in_flight)

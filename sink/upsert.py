@@ -329,6 +329,9 @@ def upsert_subscriptions_sql(source: str) -> str:
         " s.occurred_at"
         f" from {source}"
         " left join plans p on p.plan_key = s.product_id::text"
+        # Rows are locked in the order they are inserted; without this the join may
+        # reorder them, and two writers would deadlock on subscriptions both touch.
+        " order by s.subscription_id"
         " on conflict (subscription_id) do update set"
         f" customer_key = case when {_ROW_NEWER}"
         " then excluded.customer_key else t.customer_key end,"
@@ -395,6 +398,9 @@ def _write_batch(conn: psycopg.Connection[Any], records: Sequence[Record]) -> Ba
             else:
                 changes.append(rec)
         if txns:
+            # In id order, as every writer does: duplicates in two concurrent batches
+            # (replays) then wait for each other instead of deadlocking.
+            txns.sort(key=lambda row: row[0])
             cur.execute(INSERT_TRANSACTIONS, columns(txns))
             result.transactions_written = cur.rowcount
             result.transactions_unchanged = len(txns) - cur.rowcount

@@ -467,3 +467,53 @@ def test_a_revocation_waits_for_the_batch_being_written(monkeypatch: pytest.Monk
     sink.stop()
     thread.join(10)
     assert raised == []
+
+
+def test_a_failed_write_stops_the_sink_while_another_writer_waits_on_a_fault(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    retrying = threading.Event()
+
+    def write(conn: Any, records: list[Record]) -> BatchResult:
+        ids = [cast(Transaction, r).transaction_id for r in records]
+        if ids == [0]:
+            retrying.set()
+            raise DatabaseUnavailable("OperationalError: connection refused", None)
+        retrying.wait(5)
+        raise RuntimeError("a bug, not a record")
+
+    monkeypatch.setattr(consumer, "BACKOFF_FIRST_S", 0.05)
+    _, scripted, thread, raised = run_sink(monkeypatch, [batch_of(0), batch_of(1)], write)
+    thread.join(10)
+
+    assert not thread.is_alive(), "the sink went on waiting for the database"
+    assert [type(e) for e in raised] == [RuntimeError]
+    assert scripted.commits == []
+    assert scripted.closed
+
+
+def test_an_error_in_the_consuming_thread_stops_a_writer_waiting_on_a_fault(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    retrying = threading.Event()
+
+    def down(conn: Any, records: list[Record]) -> BatchResult:
+        retrying.set()
+        raise DatabaseUnavailable("OperationalError: connection refused", None)
+
+    scripted = ScriptedConsumer([batch_of(0)])
+    consume = scripted.consume
+
+    def failing_consume(num_messages: int, timeout: float) -> list[FakeMessage]:
+        if scripted.consumed >= 1 and retrying.wait(5):
+            raise RuntimeError("a bug in the consuming thread")
+        return consume(num_messages, timeout)
+
+    scripted.consume = failing_consume  # type: ignore[method-assign]
+    monkeypatch.setattr(consumer, "BACKOFF_FIRST_S", 0.05)
+    _, _, thread, raised = run_sink(monkeypatch, scripted, down)
+    thread.join(10)
+
+    assert not thread.is_alive(), "the sink went on waiting for the database"
+    assert [type(e) for e in raised] == [RuntimeError]
+    assert scripted.commits == []
