@@ -462,12 +462,12 @@ class Sink:
                 prepared = self.prepare(batch) if batch else None
                 # Commit what is written; when every writer is busy, wait for the oldest.
                 full = prepared is not None and len(self._in_flight) >= WRITERS
-                self._settle(wait=1 if full else 0)
+                self._settle(at_least=1 if full else 0)
                 if prepared is not None:
                     future = writers.submit(self.store, prepared)
                     future.add_done_callback(self._watch)
                     self._in_flight.append((future, prepared))
-            self._settle(wait=len(self._in_flight))
+            self._settle(at_least=len(self._in_flight))
         except Stopping:
             if self._failure is not None:  # a writer failed while another waited on a fault
                 raise self._failure from None
@@ -493,12 +493,11 @@ class Sink:
             self._stop.set()
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Called in the consuming thread, from consume() or close(). The batches being written are
-        # committed (up to the first that failed) while the partitions are still ours, so
-        # their next owner does not write them again (harmless, being idempotent, but
-        # wasted). A failed write stays
-        # at the head of the queue, uncommitted, and is raised by the next settle, not
-        # inside librdkafka's callback.
+        # Called in the consuming thread, from consume() or close(). The batches being
+        # written are committed (up to the first that failed) while the partitions are
+        # still ours, so their next owner does not write them again (harmless, being
+        # idempotent, but wasted). A failed write stays at the head of the queue,
+        # uncommitted, and is raised by the next settle, not inside librdkafka's callback.
         writing = len(self._in_flight)
         wait([future for future, _ in self._in_flight])
         with contextlib.suppress(Exception):
@@ -510,17 +509,17 @@ class Sink:
             writing - len(self._in_flight),
         )
 
-    def _settle(self, wait: int = 0) -> None:
+    def _settle(self, at_least: int = 0) -> None:
         """Commit the offsets of the finished writes at the head of the queue, in order,
-        after waiting for the oldest ``wait`` writes. A write that failed raises here, and
-        neither it nor any batch after it is committed."""
+        after waiting for the oldest ``at_least`` writes. A write that failed raises here,
+        and neither it nor any batch after it is committed."""
         in_flight = self._in_flight
-        while in_flight and (wait > 0 or in_flight[0][0].done()):
+        while in_flight and (at_least > 0 or in_flight[0][0].done()):
             future, prepared = in_flight[0]
             future.result()
             in_flight.popleft()
             self._commit(prepared.msgs)
-            wait -= 1
+            at_least -= 1
 
     def close(self) -> None:
         """Leave the group (without committing), flush the producer, close the database."""
