@@ -11,25 +11,28 @@ changelog topics when a worker starts or partitions move (:mod:`processors.state
 ``subscription-references`` (subscription id -> customer reference) and
 ``seen-webhooks`` (webhook ids emitted within ``PROCESSOR_DEDUP_WINDOW_S``).
 
-Delivery is at-least-once. Each batch is taken with ``noack_take``, which never acks on
-its own; the batch's outputs are sent (through librdkafka, :mod:`processors.outputs`) and
-awaited until the broker acknowledged every one (a failed send is retried, never
-skipped); only then are the tables written and the batch's raw records acked. What is
+Delivery is at-least-once. The fetch loop hands the agent the raw records in batches of
+up to ``BATCH_MAX`` (:func:`processors.drain.deliver_in_batches`: all that arrived while
+the last batch was being worked on), past Faust's per-record stream path; the batch's
+outputs are sent (through librdkafka, :mod:`processors.outputs`) and awaited until the
+broker acknowledged every one (a failed send is retried, never skipped); only then are
+the tables written and the batch done. What is
 processed, and so what is committed, is decided by :mod:`processors.positions`, not by
 Faust's ack bookkeeping (which can skip records after a rebalance): each partition is
 processed in offset order from the group's committed offset, a record past a hole
 sends the consumer back to read the hole again, and the commit is the offset after the
 last record whose outputs were acknowledged. Faust commits those offsets on its
 interval and on stop, after flushing its own producer (which carries the table
-changelogs). A worker killed at any point reads the unacked records again; the
+changelogs). A worker killed at any point reads the unfinished records again; the
 duplicates that can produce are dropped by the seen-webhooks table or, failing that,
 absorbed by the idempotent sink. Agent concurrency is 1. Faust's ``exactly_once``
 guarantee is not used.
 
-SIGTERM is graceful: Faust stops fetching, waits until every record taken is acked (its
-``stream_wait_empty``: the batch in hand is finished and acknowledged), commits, and the
-process exits 0. A batch that fails for a reason other than its records (a bug, not bad
-input, which is dead-lettered) exits the process at once with status 1, unacked.
+SIGTERM is graceful: Faust stops fetching, waits for its streams (its
+``stream_wait_empty``, which here also finishes the batch in hand, its outputs
+acknowledged), commits, and the process exits 0. A batch that fails for a reason other
+than its records (a bug, not bad input, which is dead-lettered) exits the process at
+once with status 1, uncommitted.
 
 Faust's web server listens on ``127.0.0.1:PROCESSOR_WEB_PORT`` only, and serves the
 Prometheus metrics at ``/metrics``.
@@ -46,17 +49,17 @@ import sys
 import time
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import faust
 from confluent_kafka import KafkaException
-from faust.types import EventT
+from faust.types import Message
 from faust.web import Request, Response, View
 
 from chargify_stream.errors import ConfigError
 from chargify_stream.kafka_admin import ensure_topics
 from chargify_stream.settings import Settings
-from processors.drain import deliver_without_tasks, shorten_fetch_wait
+from processors.drain import Feed, deliver_in_batches, shorten_fetch_wait
 from processors.metrics import CONTENT_TYPE, ProcessorMetrics
 from processors.outputs import Outputs
 from processors.positions import (
@@ -73,27 +76,30 @@ __all__ = ["build_app", "run"]
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 1000
-BATCH_WITHIN_S = 0.05
 REFERENCES_TABLE = "subscription-references"
 _T = TypeVar("_T")
 SEEN_TABLE = "seen-webhooks"
 
 
-def _headers(event: EventT) -> list[tuple[str, bytes]]:
-    raw: Any = event.message.headers or ()
+def _headers(message: Message) -> list[tuple[str, bytes]]:
+    raw: Any = message.headers or ()
     items: Iterable[tuple[str, Any]] = raw.items() if isinstance(raw, dict) else raw
     return [(k, v) for k, v in items if v is not None]
 
 
-def _incoming(event: EventT) -> Incoming:
-    message = event.message
+def _generation(message: Message) -> int:
+    # Faust stamps every fetched record with the consumer generation; -1 never matches.
+    return -1 if message.generation_id is None else message.generation_id
+
+
+def _incoming(message: Message) -> Incoming:
     return Incoming(
         message.topic,
         message.partition,
         message.offset,
         message.key,
         message.value or b"",
-        _headers(event),
+        _headers(message),
     )
 
 
@@ -256,7 +262,8 @@ def build_app(
     positions = Positions(_KafkaPositions(app, settings))
     # Before the consumer starts: see processors.positions for why.
     deliver_every_record(app.consumer, raw_topic)
-    deliver_without_tasks(app.consumer)
+    feed = Feed(BATCH_MAX)
+    deliver_in_batches(app.consumer, raw_topic, feed)
     shorten_fetch_wait(app.consumer)
     commit_positions_only(app.consumer, positions, lambda: app.consumer_generation_id)
 
@@ -266,42 +273,49 @@ def build_app(
 
     @app.agent(raw, concurrency=1)
     async def split_raw(stream: faust.StreamT[bytes]) -> None:
-        # noack_take exists on faust-streaming's Stream but not on its StreamT protocol.
-        batches = cast(Any, stream).noack_take(BATCH_MAX, within=BATCH_WITHIN_S)
-        async for events in batches:
-            started = time.perf_counter()
+        # Faust subscribes this agent to the raw topic and runs it; the records come in
+        # batches through ``feed`` (processors.drain), not one by one through ``stream``.
+        while True:
+            batch = await feed.take()
             try:
-                rereads = positions.rereads
-                admission = await positions.admit(
-                    [(e.message.tp, e.message.offset, e.message.generation_id) for e in events],
-                    app.consumer_generation_id,
-                )
-                taken = [events[i] for i in admission.admitted]
-                result = split([_incoming(e) for e in taken], tables)
-                await outputs.send(result.outgoing)
-                # Only now: a seen entry for an output that never reached the broker would
-                # drop the record's redelivery as a duplicate.
-                references.learn(result.learned)
-                seen.remember(result.emitted, result.first_offsets)
-                positions.done(admission)
-            except asyncio.CancelledError:
-                raise  # the batch stays unacked and is read again
-            except Exception as exc:
-                # Not a bad record (split dead-letters those): stop the worker rather than
-                # run on with a batch that can never be acked, which would stall commits.
-                log.exception("processor batch failed; stopping the worker")
-                on_failure(exc)
+                finished = await process(batch)
+            finally:
+                feed.done()
+            if not finished:
                 return
-            # Every record is acked, passed over and held ones too (Faust waits for them
-            # at a rebalance or stop); what is committed is the positions.
-            for event in events:
-                await stream.ack(event)
-            metrics.repeated.inc(admission.repeated)
-            metrics.rereads.inc(positions.rereads - rereads)
-            totals.add(result.tally)
-            metrics.record(result.tally)
-            metrics.batch_size.observe(len(taken))
-            metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    async def process(messages: list[Message]) -> bool:
+        """Process one batch; False if it failed (``on_failure`` has been called)."""
+        started = time.perf_counter()
+        try:
+            rereads = positions.rereads
+            admission = await positions.admit(
+                [(m.tp, m.offset, _generation(m)) for m in messages],
+                app.consumer_generation_id,
+            )
+            taken = [messages[i] for i in admission.admitted]
+            result = split([_incoming(m) for m in taken], tables)
+            await outputs.send(result.outgoing)
+            # Only now: a seen entry for an output that never reached the broker would
+            # drop the record's redelivery as a duplicate.
+            references.learn(result.learned)
+            seen.remember(result.emitted, result.first_offsets)
+            positions.done(admission)
+        except asyncio.CancelledError:
+            raise  # the batch is not done, and is read again
+        except Exception as exc:
+            # Not a bad record (split dead-letters those): stop the worker rather than
+            # run on past a batch that is never done, which would stall commits.
+            log.exception("processor batch failed; stopping the worker")
+            on_failure(exc)
+            return False
+        metrics.repeated.inc(admission.repeated)
+        metrics.rereads.inc(positions.rereads - rereads)
+        totals.add(result.tally)
+        metrics.record(result.tally)
+        metrics.batch_size.observe(len(taken))
+        metrics.batch_seconds.observe(time.perf_counter() - started)
+        return True
 
     expiry_interval = min(300.0, settings.processor_dedup_window_s / 4)
 

@@ -13,11 +13,12 @@ alternating rounds, each over the whole pre-loaded topic with a fresh consumer g
   value and headers, timed from its first record to its last: reading the topic and
   nothing else, the ceiling for any consumer in Python;
 - **Faust floor** (``faust_floor.py``): the same kind of Faust app and agent, with the
-  processor's fetch loop (``processors/drain.py``), taking the same batches and only
-  acking them, timed from its first record to its last: what Faust and aiokafka cost
-  before any work of ours, so the ceiling for the processor;
-- **stock Faust floor**: the same with Faust's own fetch loop, which wraps every record in
-  four asyncio tasks: what the fetch loop saves;
+  processor's delivery (``processors/drain.py``: batches handed from the fetch loop to
+  the agent), taking the same batches and doing nothing with them, timed from its first
+  record to its last: what Faust and aiokafka cost before any work of ours, so the
+  ceiling for the processor;
+- **stock Faust floor**: the same through Faust's own fetch loop and stream, one
+  ``Event`` and ack per record (``noack_take``): what the batch delivery saves;
 - **processor**: ``chargify-stream processor`` as an operator runs it (a child process,
   fresh ``PROCESSOR_APP_ID`` so fresh tables, fresh output topics), timed from the first
   output record to the last (their producer timestamps), so process start, group join and
@@ -268,7 +269,7 @@ def main() -> None:
         processor_s: list[float] = []
         for round_ in range(args.rounds):
             bare_s.append(bare_consumer(base.kafka_bootstrap_servers, raw, args.events))
-            floor_s.append(faust_floor(base.kafka_bootstrap_servers, raw, args.events, "fast"))
+            floor_s.append(faust_floor(base.kafka_bootstrap_servers, raw, args.events, "batches"))
             stock_s.append(faust_floor(base.kafka_bootstrap_servers, raw, args.events, "stock"))
             last = round_ == args.rounds - 1
             processor_s.append(

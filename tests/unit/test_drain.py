@@ -16,9 +16,16 @@ from aiokafka import AIOKafkaConsumer
 from faust.types import TP
 from mode import Service
 
-from processors.drain import Resumed, deliver_without_tasks, shorten_fetch_wait
+from processors.drain import (
+    Feed,
+    Resumed,
+    deliver_in_batches,
+    deliver_without_tasks,
+    shorten_fetch_wait,
+)
 
 RAW = TP("raw", 0)
+CHANGELOG = TP("changelog", 0)
 
 
 def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -32,9 +39,10 @@ def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Non
 
 
 class Message:
-    def __init__(self, offset: int) -> None:
+    def __init__(self, offset: int, tp: TP = RAW) -> None:
         self.offset = offset
-        self.topic = RAW.topic
+        self.tp = tp
+        self.topic = tp.topic
 
 
 class Flags:
@@ -48,9 +56,17 @@ class Topics:
         return True
 
 
+class Monitor:
+    def __init__(self) -> None:
+        self.stream_inbound_time: dict[TP, float] = {}
+
+
 class App:
     topics = Topics()
     should_stop = False
+
+    def __init__(self) -> None:
+        self.monitor = Monitor()
 
 
 class Transport:
@@ -69,7 +85,7 @@ class FakeConsumer(Service):
 
     consumer_stopped_errors = ()
 
-    def __init__(self, batches: list[list[int]]) -> None:
+    def __init__(self, batches: list[list[int | tuple[TP, int]]]) -> None:
         super().__init__()
         self.batches = batches
         self.suspend_flow = asyncio.Event()
@@ -89,8 +105,9 @@ class FakeConsumer(Service):
         if not self.batches:
             self._stopped.set()
             return
-        for offset in self.batches.pop(0):
-            yield RAW, Message(offset)
+        for item in self.batches.pop(0):
+            tp, offset = item if isinstance(item, tuple) else (RAW, item)
+            yield tp, Message(offset, tp)
 
     async def _drain_messages(self, fetcher: Any) -> None:
         raise AssertionError("the stock loop ran")
@@ -310,3 +327,104 @@ async def test_a_future_the_delivery_waits_on_can_be_awaited_by_others_meanwhile
     shared.set_result("x")
     assert await asyncio.wait_for(other, 5) == "saw x"
     assert await asyncio.wait_for(task, 5) == "delivered x"
+
+
+# -- batches of raw records through a Feed ----------------------------------------------
+
+
+class BatchConsumer(FakeConsumer):
+    """A fake consumer whose ``wait_empty`` records that Faust's own wait ran."""
+
+    def __init__(self, batches: list[list[int | tuple[TP, int]]]) -> None:
+        super().__init__(batches)
+        self._read_offset[CHANGELOG] = None
+        self.waited_empty = 0
+
+    async def wait_empty(self) -> None:
+        self.waited_empty += 1
+
+
+def drain_in_batches(consumer: FakeConsumer, feed: Feed) -> asyncio.Future[None]:
+    deliver_in_batches(consumer, RAW.topic, feed)
+    return asyncio.ensure_future(consumer._drain_messages(Fetcher()))
+
+
+@in_loop
+async def test_raw_records_reach_the_feed_in_fetch_order_and_others_go_faust_s_way() -> None:
+    consumer = BatchConsumer([[0, (CHANGELOG, 7), 1], [2, 3]])
+    delivered: list[tuple[str, int]] = []
+
+    async def callback(message: Message) -> None:
+        delivered.append((message.topic, message.offset))
+
+    consumer.callback = callback
+    feed = Feed(limit=10)
+    await asyncio.wait_for(drain_in_batches(consumer, feed), 5)
+    assert delivered == [("changelog", 7)]
+    batch = await asyncio.wait_for(feed.take(), 5)
+    assert [m.offset for m in batch] == [0, 1, 2, 3]
+    assert RAW in consumer.app.monitor.stream_inbound_time  # Faust's idle check sees them
+
+
+@in_loop
+async def test_the_agent_takes_at_most_the_limit_and_the_fetch_loop_waits_for_room() -> None:
+    consumer = BatchConsumer([[0, 1, 2], [3, 4], [5]])
+    consumer.callback = None
+    feed = Feed(limit=2)
+    loop_task = drain_in_batches(consumer, feed)
+    await asyncio.sleep(0.05)
+    assert len(feed) == 3  # the first fetch, then no room: the loop waits
+    assert not loop_task.done()
+    first = await feed.take()
+    feed.done()
+    assert [m.offset for m in first] == [0, 1]
+    await asyncio.sleep(0.05)
+    assert len(feed) == 3  # [2] left, room again, [3, 4] added, full again
+    taken = []
+    while len(taken) < 4:
+        taken += [m.offset for m in await asyncio.wait_for(feed.take(), 5)]
+        feed.done()
+    await asyncio.wait_for(loop_task, 5)
+    assert taken == [2, 3, 4, 5]
+
+
+@in_loop
+async def test_wait_empty_drops_the_untaken_records_and_waits_for_the_batch_in_hand() -> None:
+    consumer = BatchConsumer([[0, 1, 2]])
+    consumer.callback = None
+    feed = Feed(limit=2)
+    loop_task = drain_in_batches(consumer, feed)
+    batch = await asyncio.wait_for(feed.take(), 5)  # the agent holds [0, 1]; [2] waits
+    waiting = asyncio.ensure_future(consumer.wait_empty())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # Faust's rebalance or stop waits for the agent
+    assert len(feed) == 0  # the record not taken is dropped, to be read again
+    assert consumer.waited_empty == 0
+    assert [m.offset for m in batch] == [0, 1]
+    feed.done()
+    await asyncio.wait_for(waiting, 5)
+    assert consumer.waited_empty == 1  # then Faust's own wait
+    await asyncio.wait_for(loop_task, 5)
+
+
+@in_loop
+async def test_records_fetched_while_flow_is_suspended_are_not_fed() -> None:
+    consumer = BatchConsumer([[0, 1]])
+    consumer.callback = None
+    consumer.suspend_flow.set()  # a rebalance is under way
+    feed = Feed(limit=10)
+    await asyncio.wait_for(drain_in_batches(consumer, feed), 5)
+    assert len(feed) == 0
+
+
+@in_loop
+async def test_a_rebalance_ends_the_wait_for_room() -> None:
+    consumer = BatchConsumer([[0, 1], [2]])
+    consumer.callback = None
+    feed = Feed(limit=2)
+    loop_task = drain_in_batches(consumer, feed)
+    await asyncio.sleep(0.05)
+    assert not loop_task.done()  # waiting for room
+    consumer.suspend_flow.set()
+    await asyncio.wait_for(loop_task, 5)  # went on: [2] was fetched with flow suspended
+    assert [m.offset for m in await feed.take()] == [0, 1]
