@@ -30,6 +30,7 @@ sequence too new for the cache to hold) takes the full decoder instead.
 from __future__ import annotations
 
 import re
+from binascii import a2b_qp
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -421,14 +422,6 @@ _NOT_ASCII_ESCAPE: Final = re.compile(r"%(?![0-7][0-9A-Fa-f])")
 # (Possessive: nothing to backtrack into, and measurably faster.)
 _VALUES: Final = re.compile(r"=[^&]*+")
 
-# "41" -> "A", in every letter case, for the ASCII escapes that are all _extract_fast decodes.
-_ASCII_ESCAPES: Final = {
-    f"{hi}{lo}": chr(code)
-    for code in range(128)
-    for hi in {f"{code:02x}"[0], f"{code:02X}"[0]}
-    for lo in {f"{code:02x}"[1], f"{code:02X}"[1]}
-}
-
 # For one key sequence: (path, index of its pair in the body split at "&") for each field
 # that holds a string, or None when the body needs the full decoder.
 _Layout = tuple[tuple[Path, int], ...]
@@ -467,9 +460,13 @@ def _layout(key_sequence: str) -> _Layout | None:
 
 
 def _unquote_ascii(value: str) -> str:
-    """Percent-decode ``value``, whose escapes are known to be valid and ASCII."""
-    head, *chunks = value.split("%")
-    return head + "".join(_ASCII_ESCAPES[chunk[:2]] + chunk[2:] for chunk in chunks)
+    """Percent-decode ``value``, whose escapes are known to be valid and ASCII.
+
+    Done in C by ``binascii.a2b_qp``, whose ``=XX`` escapes are ours with ``=`` for ``%``
+    (a literal ``=`` is escaped first). A ``%`` followed by a line break, which quoted-
+    printable would read as a soft line break, never gets here: it is not a valid escape.
+    """
+    return a2b_qp(value.replace("=", "=3D").replace("%", "=").encode()).decode()
 
 
 def _extract_fast(body: bytes) -> Fields | None:

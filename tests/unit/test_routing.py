@@ -671,8 +671,10 @@ _KEYS = st.sampled_from(
     ]
 )
 _VALUES = st.one_of(
-    st.sampled_from(["", "0", "1", "payment_success", "a%20b", "%zz", "%C3%A9", "%E9", "a+b"]),
-    st.text(alphabet="ab1%=+ []", max_size=6),
+    st.sampled_from(
+        ["", "0", "1", "payment_success", "a%20b", "%zz", "%C3%A9", "%E9", "a+b", "%3a%3D=", "%\n"]
+    ),
+    st.text(alphabet="ab1%=+ []_\\\r\néü3dDA", max_size=8),
 )
 
 
