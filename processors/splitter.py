@@ -34,7 +34,7 @@ from schemas import headers as h
 from schemas.codec import encode
 from schemas.deadletter import dead_letter_headers
 
-__all__ = ["Incoming", "Outgoing", "Split", "State", "Tally", "split"]
+__all__ = ["Incoming", "Outgoing", "Pending", "Split", "State", "Tally", "split"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,25 @@ class State(Protocol):
 
     def is_duplicate(self, webhook_id: str) -> bool:
         """Whether the webhook was emitted within the dedup window."""
+
+
+class Pending:
+    """``state`` plus what a batch still on its way (``ahead``) will write to it.
+
+    The worker splits the next batch while the last one's outputs are being
+    acknowledged; the tables learn from that batch only afterwards.
+    """
+
+    def __init__(self, state: State, ahead: Split) -> None:
+        self._state = state
+        self._learned = {sid: ref for (_, sid), ref in ahead.learned.items()}
+        self._emitted = {wid for ids in ahead.emitted.values() for wid in ids}
+
+    def reference(self, subscription_id: str) -> str | None:
+        return self._learned.get(subscription_id) or self._state.reference(subscription_id)
+
+    def is_duplicate(self, webhook_id: str) -> bool:
+        return webhook_id in self._emitted or self._state.is_duplicate(webhook_id)
 
 
 @dataclass

@@ -48,6 +48,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,11 +65,12 @@ from processors.metrics import CONTENT_TYPE, ProcessorMetrics
 from processors.outputs import Outputs
 from processors.positions import (
     TP,
+    Admission,
     Positions,
     commit_positions_only,
     deliver_every_record,
 )
-from processors.splitter import Incoming, Tally, split
+from processors.splitter import Incoming, Pending, Split, Tally, split
 from processors.state import References, SeenWebhooks, Tables
 
 __all__ = ["build_app", "run"]
@@ -85,6 +87,17 @@ def _headers(message: Message) -> list[tuple[str, bytes]]:
     raw: Any = message.headers or ()
     items: Iterable[tuple[str, Any]] = raw.items() if isinstance(raw, dict) else raw
     return [(k, v) for k, v in items if v is not None]
+
+
+@dataclass
+class _Sent:
+    """A batch whose outputs are on their way to the broker."""
+
+    admission: Admission
+    result: Split
+    sending: asyncio.Future[None]
+    started: float
+    rereads: int
 
 
 def _generation(message: Message) -> int:
@@ -275,47 +288,86 @@ def build_app(
     async def split_raw(stream: faust.StreamT[bytes]) -> None:
         # Faust subscribes this agent to the raw topic and runs it; the records come in
         # batches through ``feed`` (processors.drain), not one by one through ``stream``.
-        while True:
-            batch = await feed.take()
-            try:
-                finished = await process(batch)
-            finally:
-                feed.done()
-            if not finished:
-                return
+        # While a batch's outputs are on their way to the broker, the next batch is
+        # split (see _start); the feed is done once nothing is on its way.
+        ahead: _Sent | None = None
+        try:
+            while True:
+                if ahead is not None and not len(feed):
+                    finished = await _finish(ahead)
+                    ahead = None
+                    feed.done()
+                    if not finished:
+                        return
+                    continue
+                batch = await feed.take()
+                ahead = await _start(batch, ahead)
+                if ahead is None:  # failed; on_failure has been called
+                    feed.done()
+                    return
+        finally:
+            if ahead is not None:
+                ahead.sending.cancel()  # stopping: the batch is not done, and is read again
 
-    async def process(messages: list[Message]) -> bool:
-        """Process one batch; False if it failed (``on_failure`` has been called)."""
+    async def _start(messages: list[Message], ahead: _Sent | None) -> _Sent | None:
+        """Split a batch, finish ``ahead`` meanwhile, then send the batch's outputs.
+
+        The split runs while ``ahead``'s outputs are being acknowledged, so it sees the
+        tables plus what ``ahead`` will write to them (:class:`Pending`). Only then is
+        the batch admitted (after ``ahead`` moved the positions on): when a record is
+        not admitted, the batch is split again without it.
+        """
         started = time.perf_counter()
         try:
+            incoming = [_incoming(m) for m in messages]
+            result = split(incoming, tables if ahead is None else Pending(tables, ahead.result))
+            if ahead is not None and not await _finish(ahead):
+                return None
             rereads = positions.rereads
             admission = await positions.admit(
                 [(m.tp, m.offset, _generation(m)) for m in messages],
                 app.consumer_generation_id,
             )
-            taken = [messages[i] for i in admission.admitted]
-            result = split([_incoming(m) for m in taken], tables)
-            await outputs.send(result.outgoing)
-            # Only now: a seen entry for an output that never reached the broker would
-            # drop the record's redelivery as a duplicate.
-            references.learn(result.learned)
-            seen.remember(result.emitted, result.first_offsets)
-            positions.done(admission)
+            if len(admission.admitted) != len(messages):
+                result = split([incoming[i] for i in admission.admitted], tables)
         except asyncio.CancelledError:
             raise  # the batch is not done, and is read again
         except Exception as exc:
-            # Not a bad record (split dead-letters those): stop the worker rather than
-            # run on past a batch that is never done, which would stall commits.
-            log.exception("processor batch failed; stopping the worker")
-            on_failure(exc)
+            _failed(exc)
+            return None
+        sending = asyncio.ensure_future(outputs.send(result.outgoing))
+        return _Sent(admission, result, sending, started, positions.rereads - rereads)
+
+    async def _finish(sent: _Sent) -> bool:
+        """Wait for a batch's outputs, then write the tables and move the positions on.
+
+        False if it failed (``on_failure`` has been called).
+        """
+        try:
+            await sent.sending
+            # Only now: a seen entry for an output that never reached the broker would
+            # drop the record's redelivery as a duplicate.
+            references.learn(sent.result.learned)
+            seen.remember(sent.result.emitted, sent.result.first_offsets)
+            positions.done(sent.admission)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _failed(exc)
             return False
-        metrics.repeated.inc(admission.repeated)
-        metrics.rereads.inc(positions.rereads - rereads)
-        totals.add(result.tally)
-        metrics.record(result.tally)
-        metrics.batch_size.observe(len(taken))
-        metrics.batch_seconds.observe(time.perf_counter() - started)
+        metrics.repeated.inc(sent.admission.repeated)
+        metrics.rereads.inc(sent.rereads)
+        totals.add(sent.result.tally)
+        metrics.record(sent.result.tally)
+        metrics.batch_size.observe(len(sent.admission.admitted))
+        metrics.batch_seconds.observe(time.perf_counter() - sent.started)
         return True
+
+    def _failed(exc: Exception) -> None:
+        # Not a bad record (split dead-letters those): stop the worker rather than run
+        # on past a batch that is never done, which would stall commits.
+        log.exception("processor batch failed; stopping the worker")
+        on_failure(exc)
 
     expiry_interval = min(300.0, settings.processor_dedup_window_s / 4)
 

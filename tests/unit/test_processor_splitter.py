@@ -169,3 +169,30 @@ def test_a_processing_bug_dead_letters_the_record(monkeypatch: pytest.MonkeyPatc
 def test_tally_summary() -> None:
     result = split([incoming("payment_success", 1), incoming("payment_success", 1)], FakeState())
     assert result.tally.summary() == "emitted=1 ignored=0 dead_lettered=0 duplicate=1"
+
+
+def test_the_next_batch_sees_what_the_batch_on_its_way_will_write() -> None:
+    tables = FakeState(seen={"1"})
+    ahead = split(
+        [
+            incoming("signup_success", 2, subscription_id=77, reference="cust-77", partition=1),
+            incoming("payment_success", 3, offset=1),
+        ],
+        tables,
+    )
+    assert tables.references == {}  # nothing written yet: the outputs are on their way
+    nxt = split(
+        [
+            incoming("component_allocation_change", 4, subscription_id=77, partition=1),
+            incoming("payment_success", 3, offset=2),  # emitted by the batch ahead
+            incoming("payment_success", 1, offset=3),  # in the tables
+        ],
+        splitter.Pending(tables, ahead),
+    )
+    [out] = nxt.outgoing
+    assert (out.topic, out.key) == ("subscriptions", b"cust-77")
+    assert nxt.tally.events[("payment_success", "duplicate")] == 2
+    assert nxt.learned == {}  # already learnt by the batch ahead
+    # Without the batch ahead, the allocation change cannot be resolved.
+    alone = split([incoming("component_allocation_change", 4, subscription_id=77)], tables)
+    assert alone.outgoing[0].topic == "deadletter"
