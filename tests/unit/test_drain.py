@@ -5,10 +5,11 @@ integration and fault tests)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from mode import Service
 from processors.drain import (
     Feed,
     Resumed,
+    _fetch_deliverable,
     deliver_in_batches,
     deliver_without_tasks,
     shorten_fetch_wait,
@@ -428,3 +430,97 @@ async def test_a_rebalance_ends_the_wait_for_room() -> None:
     consumer.suspend_flow.set()
     await asyncio.wait_for(loop_task, 5)  # went on: [2] was fetched with flow suspended
     assert [m.offset for m in await feed.take()] == [0, 1]
+
+
+# -- fetching only what the fetch loop delivers ---------------------------------------
+
+
+class FetchRecord:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+class Subscriptions:
+    @contextlib.contextmanager
+    def fetch_context(self) -> Iterator[None]:
+        yield
+
+
+class AioFetcher:
+    """aiokafka's Fetcher as far as ``_fetch_deliverable`` uses it."""
+
+    _closed = False
+
+    def __init__(self, records: dict[TP, list[FetchRecord]]) -> None:
+        self.records = records
+        self.asked: list[frozenset[TP]] = []
+        self.while_waiting: Callable[[], None] = lambda: None
+        self._subscriptions = Subscriptions()
+
+    async def fetched_records(
+        self, partitions: frozenset[TP], timeout: float = 0, max_records: int | None = None
+    ) -> dict[TP, list[FetchRecord]]:
+        self.asked.append(partitions)
+        self.while_waiting()
+        # aiokafka reads an empty set as "every partition".
+        return {tp: b for tp, b in self.records.items() if not partitions or tp in partitions}
+
+
+class AioClient:
+    _closed = False
+
+    def __init__(self, fetcher: AioFetcher) -> None:
+        self._fetcher = fetcher
+        self.seeks: list[tuple[TP, int]] = []
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+class FlowConsumer:
+    flow_active = True
+
+    def __init__(self) -> None:
+        self._buffered_partitions: set[TP] = set()
+
+
+class FetchThread:
+    def __init__(self) -> None:
+        self.consumer = FlowConsumer()
+
+
+def _fetching() -> tuple[FetchThread, AioFetcher, AioClient]:
+    fetcher = AioFetcher(
+        {RAW: [FetchRecord(5), FetchRecord(6)], CHANGELOG: [FetchRecord(0), FetchRecord(1)]}
+    )
+    return FetchThread(), fetcher, AioClient(fetcher)
+
+
+@in_loop
+async def test_no_active_partition_means_no_fetch_not_a_fetch_of_every_partition() -> None:
+    thread, fetcher, client = _fetching()
+    assert await _fetch_deliverable(thread, client, set(), timeout=1) == {}
+    assert fetcher.asked == []
+
+
+@in_loop
+async def test_records_of_a_partition_paused_during_the_wait_are_put_back() -> None:
+    thread, fetcher, client = _fetching()
+    active = {RAW, CHANGELOG}
+    fetcher.while_waiting = lambda: active.discard(CHANGELOG)  # recovery paused it
+    fetched = await _fetch_deliverable(thread, client, active, timeout=1)
+    assert fetcher.asked == [frozenset({RAW, CHANGELOG})]  # a snapshot, not the live set
+    assert [r.offset for r in fetched[RAW]] == [5, 6] and CHANGELOG not in fetched
+    assert client.seeks == [(CHANGELOG, 0)]  # fetched again once resumed
+
+
+@in_loop
+async def test_records_fetched_while_flow_stopped_are_all_put_back() -> None:
+    thread, fetcher, client = _fetching()
+
+    def stop_flow() -> None:
+        thread.consumer.flow_active = False  # a rebalance began during the wait
+
+    fetcher.while_waiting = stop_flow
+    assert await _fetch_deliverable(thread, client, {RAW, CHANGELOG}, timeout=1) == {}
+    assert sorted(client.seeks) == sorted([(RAW, 5), (CHANGELOG, 0)])
