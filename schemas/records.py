@@ -16,6 +16,8 @@ __all__ = ["ComponentAllocation", "SubscriptionChange", "Transaction"]
 
 
 def _utc(value: datetime, name: str) -> datetime:
+    if value.tzinfo is UTC:
+        return value
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware, got {value!r}")
     return value.astimezone(UTC)

@@ -57,6 +57,8 @@ def to_int(text: str | None) -> int | None:
     """A decimal integer that fits a signed 64-bit ``BIGINT``/Avro ``long``; empty -> ``None``."""
     if not text:
         return None
+    if len(text) < 19 and text.isdigit() and text.isascii():
+        return int(text)  # the usual case: fewer than 19 digits always fit
     if not _is_decimal_integer(text):
         raise MalformedPayload(f"not an integer: {_show(text)}")
     value = int(text)
