@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -78,6 +79,7 @@ __all__ = ["build_app", "run"]
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 1000
+GC_YOUNG_THRESHOLD = 50_000
 REFERENCES_TABLE = "subscription-references"
 _T = TypeVar("_T")
 SEEN_TABLE = "seen-webhooks"
@@ -440,6 +442,10 @@ def run(settings: Settings) -> int:
     """Pre-create the topics (Faust does not create source topics), then run a worker."""
     from faust.worker import Worker
 
+    # A young-generation collection every 50,000 allocations instead of 700: each
+    # webhook allocates a few dozen short-lived objects, and the collections also walk the
+    # app's long-lived ones. +11 % events/s in two alternating pairs of benchmark runs.
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     ensure_topics(
         settings.kafka_bootstrap_servers,
         settings.all_topics,
