@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "FETCH_MAX_WAIT_MS",
+    "FINISH_TIMEOUT_S",
     "Feed",
     "Resumed",
     "deliver_in_batches",
@@ -80,6 +81,7 @@ __all__ = [
 ]
 
 FETCH_MAX_WAIT_MS = 100
+FINISH_TIMEOUT_S = 15.0
 
 
 class Resumed(Awaitable[Any]):
@@ -187,21 +189,36 @@ def deliver_without_tasks(consumer: Any) -> None:
     consumer._drain_messages = types.MethodType(_drain_messages, consumer)
 
 
-def deliver_in_batches(consumer: Any, topic: str, feed: Feed) -> None:
+def deliver_in_batches(
+    consumer: Any, topic: str, feed: Feed, finish_timeout: float = FINISH_TIMEOUT_S
+) -> None:
     """Hand every fetched record of ``topic`` to ``feed``; others as :func:`deliver_without_tasks`.
 
     Call before the consumer starts. Also makes the consumer's ``wait_empty`` (a
     rebalance, a stop) finish the feed first, and keeps Faust's "stream is idle" check
     fed with the time each partition's records were last handed over.
+
+    The wait for the batch in hand lasts at most ``finish_timeout`` seconds: a batch that
+    is not done then (its outputs not acknowledged) is left behind with a warning. Nothing
+    is lost that way: its offsets are not committed, so it is read again, by this worker
+    or by the partition's next owner.
     """
     consumer._raw_feed = (topic, feed)
     consumer._drain_messages = types.MethodType(_drain_messages, consumer)
     wait_empty = consumer.wait_empty
 
     async def finish_feed_then_wait_empty() -> None:
-        dropped = await feed.finish()
-        if dropped:
-            log.info("dropped %d raw records not yet taken; they will be read again", dropped)
+        try:
+            dropped = await asyncio.wait_for(feed.finish(), finish_timeout)
+        except TimeoutError:
+            log.warning(
+                "the batch in hand was not done after %.0fs; going on without it (its "
+                "records are not committed and will be read again)",
+                finish_timeout,
+            )
+        else:
+            if dropped:
+                log.info("dropped %d raw records not yet taken; they will be read again", dropped)
         await wait_empty()
 
     consumer.wait_empty = finish_feed_then_wait_empty

@@ -524,3 +524,19 @@ async def test_records_fetched_while_flow_stopped_are_all_put_back() -> None:
     fetcher.while_waiting = stop_flow
     assert await _fetch_deliverable(thread, client, {RAW, CHANGELOG}, timeout=1) == {}
     assert sorted(client.seeks) == sorted([(RAW, 5), (CHANGELOG, 0)])
+
+
+@in_loop
+async def test_wait_empty_goes_on_without_a_batch_that_is_never_done(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    consumer = BatchConsumer([[0, 1]])
+    consumer.callback = None
+    feed = Feed(limit=10)
+    deliver_in_batches(consumer, RAW.topic, feed, finish_timeout=0.1)
+    await asyncio.wait_for(consumer._drain_messages(Fetcher()), 5)
+    await feed.take()  # and never done: its outputs are never acknowledged
+    with caplog.at_level(logging.WARNING):
+        await asyncio.wait_for(consumer.wait_empty(), 5)
+    assert consumer.waited_empty == 1
+    assert "not done after" in caplog.text
