@@ -16,8 +16,10 @@ up to ``BATCH_MAX`` (:func:`processors.drain.deliver_in_batches`: all that arriv
 the last batch was being worked on), past Faust's per-record stream path; the batch's
 outputs are sent (through librdkafka, :mod:`processors.outputs`) and awaited until the
 broker acknowledged every one (a failed send is retried, never skipped); only then are
-the tables written and the batch done. What is
-processed, and so what is committed, is decided by :mod:`processors.positions`, not by
+the tables written and the batch done. While one batch's outputs are on their way, the
+next batch is split (against the tables plus what the first will write to them), so the
+agent does not sit idle waiting for the broker. What is processed, and so what is
+committed, is decided by :mod:`processors.positions`, not by
 Faust's ack bookkeeping (which can skip records after a rebalance): each partition is
 processed in offset order from the group's committed offset, a record past a hole
 sends the consumer back to read the hole again, and the commit is the offset after the
@@ -30,7 +32,8 @@ guarantee is not used.
 
 SIGTERM is graceful: Faust stops fetching, waits for its streams (its
 ``stream_wait_empty``, which here also finishes the batch in hand, its outputs
-acknowledged), commits, and the process exits 0. A batch that fails for a reason other
+acknowledged; for at most ``processors.drain.FINISH_TIMEOUT_S``), commits, and the
+process exits 0. A batch that fails for a reason other
 than its records (a bug, not bad input, which is dead-lettered) exits the process at
 once with status 1, uncommitted.
 
