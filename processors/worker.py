@@ -19,11 +19,11 @@ broker acknowledged every one (a failed send is retried, never skipped); only th
 the tables written and the batch done. While one batch's outputs are on their way, the
 next batch is split (against the tables plus what the first will write to them), so the
 agent does not sit idle waiting for the broker. What is processed, and so what is
-committed, is decided by :mod:`processors.positions`, not by
-Faust's ack bookkeeping (which can skip records after a rebalance): each partition is
-processed in offset order from the group's committed offset, a record past a hole
-sends the consumer back to read the hole again, and the commit is the offset after the
-last record whose outputs were acknowledged. Faust commits those offsets on its
+committed, is decided by :mod:`processors.positions`, not by Faust's ack bookkeeping
+(which can skip records after a rebalance): each partition is processed in offset order
+from the group's committed offset, a record past a hole sends the consumer back to read
+the hole again, and the commit is the offset after the last record whose outputs were
+acknowledged. Faust commits those offsets on its
 interval and on stop, after flushing its own producer (which carries the table
 changelogs). A worker killed at any point reads the unfinished records again; the
 duplicates that can produce are dropped by the seen-webhooks table or, failing that,
@@ -33,9 +33,8 @@ guarantee is not used.
 SIGTERM is graceful: Faust stops fetching, waits for its streams (its
 ``stream_wait_empty``, which here also finishes the batch in hand, its outputs
 acknowledged; for at most ``processors.drain.FINISH_TIMEOUT_S``), commits, and the
-process exits 0. A batch that fails for a reason other
-than its records (a bug, not bad input, which is dead-lettered) exits the process at
-once with status 1, uncommitted.
+process exits 0. A batch that fails for a reason other than its records (a bug, not bad
+input, which is dead-lettered) exits the process at once with status 1, uncommitted.
 
 Faust's web server listens on ``127.0.0.1:PROCESSOR_WEB_PORT`` only, and serves the
 Prometheus metrics at ``/metrics``.

@@ -137,28 +137,15 @@ def _compile(schema: Any) -> _Write | None:
     if kind == "record":
         fields = []
         for spec in schema["fields"]:
-            field_type = spec["type"]
-            # ["null", T] is written here, without a call, for the many null fields.
-            nullable = (
-                isinstance(field_type, list) and len(field_type) == 2 and field_type[0] == "null"
-            )
-            write = _compile(field_type[1] if nullable else field_type)
+            write = _compile(spec["type"])
             if write is None:
                 return None
-            fields.append((spec["name"], nullable, write))
+            fields.append((spec["name"], write))
         plan = tuple(fields)
 
-        def record(
-            value: Any, out: bytearray, plan: tuple[tuple[str, bool, _Write], ...] = plan
-        ) -> None:
-            for name, nullable, write in plan:
-                field = getattr(value, name)
-                if nullable:
-                    if field is None:
-                        out.append(0)  # branch 0, "null"
-                        continue
-                    out.append(2)  # branch 1, zig-zag encoded
-                write(field, out)
+        def record(value: Any, out: bytearray, plan: tuple[tuple[str, _Write], ...] = plan) -> None:
+            for name, write in plan:
+                write(getattr(value, name), out)
 
         return record
     return _compile(kind) if isinstance(kind, str) else None

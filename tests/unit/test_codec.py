@@ -251,6 +251,15 @@ _times = st.datetimes(
 )
 _doubles = st.floats(allow_nan=False)
 
+# The fields every record carries about the webhook it came from.
+_event_fields: dict[str, Any] = {
+    "occurred_at": _times,
+    "webhook_id": _longs,
+    "event_id": _optional_longs,
+    "event": _texts,
+    "site_id": _optional_longs,
+    "site_subdomain": _optional_texts,
+}
 _transactions = st.builds(
     Transaction,
     transaction_id=_longs,
@@ -261,12 +270,7 @@ _transactions = st.builds(
     subscription_id=_optional_longs,
     refunded_payment_id=_optional_longs,
     memo=_optional_texts,
-    occurred_at=_times,
-    webhook_id=_longs,
-    event_id=_optional_longs,
-    event=_texts,
-    site_id=_optional_longs,
-    site_subdomain=_optional_texts,
+    **_event_fields,
 )
 _components = st.builds(
     ComponentAllocation,
@@ -286,12 +290,7 @@ _changes = st.builds(
     previous_product_id=_optional_longs,
     previous_product_handle=_optional_texts,
     components=st.lists(_components, max_size=3).map(tuple),
-    occurred_at=_times,
-    webhook_id=_longs,
-    event_id=_optional_longs,
-    event=_texts,
-    site_id=_optional_longs,
-    site_subdomain=_optional_texts,
+    **_event_fields,
 )
 
 
