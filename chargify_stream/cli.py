@@ -8,8 +8,10 @@ or configuration error, 1 for anything else.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -166,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         setup_logging(settings.log_level)
+        # `kill -QUIT <pid>` prints every thread's stack to stderr and carries on: for a
+        # stage that does not answer, even one whose event loop is stuck.
+        faulthandler.register(signal.SIGQUIT, all_threads=True)
         code: int = args.handler(args, settings)
         return code
     except ConfigError as exc:

@@ -81,7 +81,7 @@ __all__ = [
 ]
 
 FETCH_MAX_WAIT_MS = 100
-FINISH_TIMEOUT_S = 15.0
+FINISH_TIMEOUT_S = 10.0  # below worker.STOP_TIMEOUT_S
 
 
 class Resumed(Awaitable[Any]):

@@ -33,8 +33,12 @@ guarantee is not used.
 SIGTERM is graceful: Faust stops fetching, waits for its streams (its
 ``stream_wait_empty``, which here also finishes the batch in hand, its outputs
 acknowledged; for at most ``processors.drain.FINISH_TIMEOUT_S``), commits, and the
-process exits 0. A batch that fails for a reason other than its records (a bug, not bad
-input, which is dead-lettered) exits the process at once with status 1, uncommitted.
+process exits 0. A stop that is not done ``STOP_TIMEOUT_S`` after the signal is cut
+short: the process prints every thread's stack and exits 1, and what it had not
+committed is read again by the group. (Seen under heavy load: a worker stopped just
+after a rebalance waited for ever in Faust's flush of its producer before the commit.)
+A batch that fails for a reason other than its records (a bug, not bad input, which is
+dead-lettered) exits the process at once with status 1, uncommitted.
 
 Faust's web server listens on ``127.0.0.1:PROCESSOR_WEB_PORT`` only, and serves the
 Prometheus metrics at ``/metrics``.
@@ -45,10 +49,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import faulthandler
 import gc
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
@@ -441,6 +447,49 @@ def _check_changelogs(app: faust.App, settings: Settings, partitions: int) -> No
             )
 
 
+STOP_TIMEOUT_S = 15.0
+
+
+def _exit_if_still_running(after: float, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """From a signal on: exit the process ``after`` seconds later, if it is still there.
+
+    A thread, so that it fires even if the event loop is stuck. Before exiting it prints
+    what each asyncio task of ``loop`` awaits (if the loop still runs callbacks) and every
+    thread's stack. Nothing is lost by it: offsets are committed only after the outputs
+    and the tables' changelog records are acknowledged, so the next owner of each
+    partition reads again what was not.
+    """
+
+    def print_tasks(printed: threading.Event) -> None:
+        for task in asyncio.all_tasks():
+            print(f"task {task.get_name()}:", file=sys.stderr)
+            task.print_stack(limit=12, file=sys.stderr)
+        printed.set()
+
+    def cut_short() -> None:
+        log.error(
+            "the processor did not stop within %gs of the signal; exiting without "
+            "finishing (records not committed will be read again by the group); "
+            "the stacks of its tasks and threads follow",
+            after,
+        )
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(ValueError, OSError):
+                handler.flush()
+        if loop is not None:
+            printed = threading.Event()
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(print_tasks, printed)
+                printed.wait(2.0)
+        faulthandler.dump_traceback(all_threads=True)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(after, cut_short)
+    timer.daemon = True
+    timer.start()
+
+
 def run(settings: Settings) -> int:
     """Pre-create the topics (Faust does not create source topics), then run a worker."""
     from faust.worker import Worker
@@ -499,6 +548,7 @@ def run(settings: Settings) -> int:
 
         async def _stop_on_signal(self, signal: Any) -> None:
             self.signalled = True
+            _exit_if_still_running(STOP_TIMEOUT_S, asyncio.get_running_loop())
             await super()._stop_on_signal(signal)
 
     worker = StartAwareWorker(

@@ -94,10 +94,19 @@ class Stage:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.dump_stacks()
             self.kill()
             raise AssertionError(  # noqa: B904 - the timeout is the error
-                f"{self.name} ignored SIGTERM for {timeout}s:\n{self.log()[-4000:]}"
+                f"{self.name} ignored SIGTERM for {timeout}s:\n{self.log()[-30000:]}"
             )
+
+    def dump_stacks(self) -> None:
+        """Have a stuck stage print where it is: every thread (SIGQUIT, see cli.main), and
+        for the processor every asyncio task too (SIGUSR1, mode's worker)."""
+        self.signal(signal.SIGQUIT)
+        if self.name == "processor":
+            self.signal(signal.SIGUSR1)
+        time.sleep(2.0)
 
 
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,9 +1,12 @@
 """``processors.worker``: a processor whose start failed runs itself again, a bounded
-number of times."""
+number of times; a processor whose stop hangs exits anyway."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import textwrap
+import time
 from unittest import mock
 
 import pytest
@@ -47,3 +50,51 @@ def test_the_attempts_are_bounded(
     execv.assert_not_called()
     sleep.assert_not_called()
     assert f"failed to start {worker.START_ATTEMPTS} times; giving up" in caplog.text
+
+
+_HANGING_STOP = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from chargify_stream.logs import setup_logging
+    from processors import worker
+    setup_logging("INFO")
+
+    async def waits_for_ever():
+        await asyncio.Event().wait()
+
+    def stuck_in_flush():
+        time.sleep(30)
+
+    async def main():
+        task = asyncio.ensure_future(waits_for_ever())
+        worker._exit_if_still_running(0.5, asyncio.get_running_loop())
+        if sys.argv[1] == "stuck":
+            stuck_in_flush()  # blocks the loop itself
+        await task
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("loop", "shown"),
+    [
+        ("alive", "in waits_for_ever"),  # each task and what it awaits
+        ("stuck", "in stuck_in_flush"),  # the loop runs nothing: each thread's stack
+    ],
+)
+def test_a_stop_that_hangs_is_cut_short_with_the_stacks(loop: str, shown: str) -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", _HANGING_STOP, loop],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert time.monotonic() - started < 15
+    output = done.stdout + done.stderr
+    assert "did not stop within 0.5s of the signal" in output, output
+    assert shown in output, output
