@@ -8,6 +8,7 @@ or configuration error, 1 for anything else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import logging
@@ -162,15 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dump_stacks_on_sigquit() -> None:
+    """``kill -QUIT <pid>`` prints every thread's stack to stderr and the stage carries
+    on: for a stage that does not answer, even one whose event loop is stuck."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # stderr is no file
+        faulthandler.register(signal.SIGQUIT, all_threads=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
         setup_logging(settings.log_level)
-        # `kill -QUIT <pid>` prints every thread's stack to stderr and carries on: for a
-        # stage that does not answer, even one whose event loop is stuck.
-        faulthandler.register(signal.SIGQUIT, all_threads=True)
+        _dump_stacks_on_sigquit()
         code: int = args.handler(args, settings)
         return code
     except ConfigError as exc:
