@@ -53,7 +53,9 @@ at a time through a :class:`Feed`. Faust's ``wait_empty``, which a rebalance and
 call to let the streams finish what they started, then waits for the agent's batch in
 hand and drops the records not yet taken (they are read again, as Faust's own buffers
 are cleared at a rebalance). Records of every other topic (the tables' changelogs) go
-Faust's way as before.
+Faust's way as before. With a ``make`` function it also replaces Faust's ``getmany``
+(:func:`_getmany_in_bulk`): the raw records of a fetch become the agent's records in one
+pass, skipping Faust's round-robin iterator, message object and generator step per record.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ import asyncio
 import logging
 import time
 import types
-from collections.abc import Awaitable, Coroutine, Generator
-from typing import Any, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
+from typing import Any, Final, cast
 
 from aiokafka.errors import ConsumerStoppedError, IllegalStateError
 from faust.transport.consumer import CONSUMER_FETCHING
@@ -71,6 +73,7 @@ from faust.transport.consumer import CONSUMER_FETCHING
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BULK",
     "FETCH_MAX_WAIT_MS",
     "FINISH_TIMEOUT_S",
     "Feed",
@@ -189,14 +192,33 @@ def deliver_without_tasks(consumer: Any) -> None:
     consumer._drain_messages = types.MethodType(_drain_messages, consumer)
 
 
+# What :func:`_getmany_in_bulk` yields in place of a (tp, message) pair for the records
+# of the fed topic: (BULK, [record, ...]).
+BULK: Final = "bulk"
+
+# Makes the fed record of one aiokafka record: (tp, record, generation id) -> a record
+# with a ``tp`` attribute (the fetch loop notes each partition's hand-over time).
+MakeRecord = Callable[[Any, Any, int | None], Any]
+
+
 def deliver_in_batches(
-    consumer: Any, topic: str, feed: Feed, finish_timeout: float = FINISH_TIMEOUT_S
+    consumer: Any,
+    topic: str,
+    feed: Feed,
+    finish_timeout: float = FINISH_TIMEOUT_S,
+    make: MakeRecord | None = None,
 ) -> None:
     """Hand every fetched record of ``topic`` to ``feed``; others as :func:`deliver_without_tasks`.
 
     Call before the consumer starts. Also makes the consumer's ``wait_empty`` (a
     rebalance, a stop) finish the feed first, and keeps Faust's "stream is idle" check
     fed with the time each partition's records were last handed over.
+
+    With ``make``, the fetch itself (:func:`_getmany_in_bulk`) turns each of a fetch's
+    records of ``topic`` into ``make(tp, record, generation id)`` in one pass, instead of
+    a Faust message handed over one at a time (Faust's round-robin iterator, a message
+    object and an async generator step per record); without it the records are Faust's
+    messages.
 
     The wait for the batch in hand lasts at most ``finish_timeout`` seconds: a batch that
     is not done then (its outputs not acknowledged) is left behind with a warning. Nothing
@@ -205,6 +227,9 @@ def deliver_in_batches(
     """
     consumer._raw_feed = (topic, feed)
     consumer._drain_messages = types.MethodType(_drain_messages, consumer)
+    if make is not None:
+        consumer.getmany = types.MethodType(_getmany_in_bulk, consumer)
+        consumer._make_fed = make
     wait_empty = consumer.wait_empty
 
     async def finish_feed_then_wait_empty() -> None:
@@ -297,6 +322,51 @@ async def _fetch_deliverable(
     return kept
 
 
+async def _getmany_in_bulk(self: Any, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
+    """``faust.transport.consumer.Consumer.getmany`` of faust-streaming 0.15.3, with the
+    fed topic's records of a fetch made by ``self._make_fed`` and yielded as one item,
+    ``(BULK, records)``; other records are yielded as before, one message at a time.
+
+    The checks are Faust's: nothing while flow is stopped (Faust then seeks back to the
+    committed offsets), only active or buffered partitions, and no more messages once
+    flow stops or the generation changes (the bulk is made in one go, with no pause in
+    which either could happen).
+    """
+    records, active_partitions = await self._wait_next_records(timeout)
+    generation_id = self.app.consumer_generation_id
+    if records is None or self.should_stop:
+        return
+    if not self.flow_active:
+        self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
+        try:
+            await self.perform_seek()
+        except Exception as ex:
+            self.log.warning(f"exception performing seek when flow not active {ex}")
+        return
+    feed_topic = self._raw_feed[0]
+    make = self._make_fed
+    track_end_offset = self.app.monitor.track_tp_end_offset
+    buffered = self._buffered_partitions
+    bulk: list[Any] = []
+    others: list[tuple[Any, list[Any]]] = []
+    for tp, fetched in records.items():
+        if active_partitions is not None and tp not in active_partitions and tp not in buffered:
+            continue
+        track_end_offset(tp, self.highwater(tp))
+        if tp.topic == feed_topic:
+            bulk.extend([make(tp, record, generation_id) for record in fetched])
+        else:
+            others.append((tp, fetched))
+    if bulk:
+        yield BULK, bulk
+    to_message = self._to_message
+    for tp, fetched in others:
+        for record in fetched:
+            if not self.flow_active or self.app.consumer_generation_id != generation_id:
+                return
+            yield tp, to_message(tp, record)
+
+
 async def _drain_messages(self: Any, fetcher: Any) -> None:
     # faust.transport.consumer.Consumer._drain_messages of faust-streaming 0.15.3, with
     # the delivery changed as the module docstring says; the rest is kept as it is.
@@ -331,6 +401,9 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:
                     if num_since_yield > yield_every:
                         await sleep(0)
                         num_since_yield = 0
+                    if tp is BULK:
+                        fed.extend(message)
+                        continue
                     if tp.topic == feed_topic:
                         fed.append(message)
                         continue

@@ -59,11 +59,10 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import faust
 from confluent_kafka import KafkaException
-from faust.types import Message
 from faust.web import Request, Response, View
 
 from chargify_stream.errors import ConfigError
@@ -94,10 +93,31 @@ _T = TypeVar("_T")
 SEEN_TABLE = "seen-webhooks"
 
 
-def _headers(message: Message) -> list[tuple[str, bytes]]:
-    raw: Any = message.headers or ()
-    items: Iterable[tuple[str, Any]] = raw.items() if isinstance(raw, dict) else raw
-    return [(k, v) for k, v in items if v is not None]
+class _Fetched(NamedTuple):
+    """A raw record as the fetch hands it to the agent (``drain.deliver_in_batches``)."""
+
+    incoming: Incoming
+    tp: TP
+    offset: int
+    generation_id: int  # the consumer generation it was fetched in; -1 never matches
+
+
+def _fetched(tp: TP, record: Any, generation_id: int | None) -> _Fetched:
+    """The fed record of one aiokafka ``ConsumerRecord``."""
+    headers = record.headers
+    return _Fetched(
+        Incoming(
+            record.topic,
+            record.partition,
+            record.offset,
+            record.key,
+            record.value or b"",
+            [(k, v) for k, v in headers if v is not None] if headers else [],
+        ),
+        tp,
+        record.offset,
+        -1 if generation_id is None else generation_id,
+    )
 
 
 @dataclass
@@ -109,22 +129,6 @@ class _Sent:
     sending: asyncio.Future[None]
     started: float
     rereads: int
-
-
-def _generation(message: Message) -> int:
-    # Faust stamps every fetched record with the consumer generation; -1 never matches.
-    return -1 if message.generation_id is None else message.generation_id
-
-
-def _incoming(message: Message) -> Incoming:
-    return Incoming(
-        message.topic,
-        message.partition,
-        message.offset,
-        message.key,
-        message.value or b"",
-        _headers(message),
-    )
 
 
 class _KafkaPositions:
@@ -287,7 +291,7 @@ def build_app(
     # Before the consumer starts: see processors.positions for why.
     deliver_every_record(app.consumer, raw_topic)
     feed = Feed(BATCH_MAX)
-    deliver_in_batches(app.consumer, raw_topic, feed)
+    deliver_in_batches(app.consumer, raw_topic, feed, make=_fetched)
     shorten_fetch_wait(app.consumer)
     commit_positions_only(app.consumer, positions, lambda: app.consumer_generation_id)
 
@@ -320,7 +324,7 @@ def build_app(
             if ahead is not None:
                 ahead.sending.cancel()  # stopping: the batch is not done, and is read again
 
-    async def _start(messages: list[Message], ahead: _Sent | None) -> _Sent | None:
+    async def _start(messages: list[_Fetched], ahead: _Sent | None) -> _Sent | None:
         """Split a batch, finish ``ahead`` meanwhile, then send the batch's outputs.
 
         The split runs while ``ahead``'s outputs are being acknowledged, so it sees the
@@ -330,13 +334,13 @@ def build_app(
         """
         started = time.perf_counter()
         try:
-            incoming = [_incoming(m) for m in messages]
+            incoming = [m.incoming for m in messages]
             result = split(incoming, tables if ahead is None else Pending(tables, ahead.result))
             if ahead is not None and not await _finish(ahead):
                 return None
             rereads = positions.rereads
             admission = await positions.admit(
-                [(m.tp, m.offset, _generation(m)) for m in messages],
+                [(m.tp, m.offset, m.generation_id) for m in messages],
                 app.consumer_generation_id,
             )
             if len(admission.admitted) != len(messages):

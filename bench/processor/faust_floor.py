@@ -5,7 +5,8 @@
 The same kind of Faust app as ``processors.worker`` (memory store, one agent with
 concurrency 1) that only takes the raw records, in batches of up to ``BATCH_MAX``.
 ``batches`` (the default) delivers them as the processor does, past Faust's per-record
-stream path (:func:`processors.drain.deliver_in_batches`); ``stock`` takes them through
+stream path, each fetch's records made into the processor's records in one pass
+(:func:`processors.drain.deliver_in_batches`); ``stock`` takes them through
 Faust's own fetch loop and stream (``noack_take``, acking each record), as the processor
 did before. Prints ``FLOOR <seconds>`` from its first record to its ``COUNT``-th and exits:
 what Faust and aiokafka cost per record before any work of ours, the ceiling for the
@@ -23,7 +24,7 @@ import faust
 from faust.worker import Worker
 
 from processors.drain import Feed, deliver_in_batches
-from processors.worker import BATCH_MAX
+from processors.worker import BATCH_MAX, _fetched
 
 STOCK_WITHIN_S = 0.05  # how long noack_take waits to fill a batch
 
@@ -45,7 +46,7 @@ def main() -> None:
     )
     feed = Feed(BATCH_MAX)
     if delivery == "batches":
-        deliver_in_batches(app.consumer, topic, feed)
+        deliver_in_batches(app.consumer, topic, feed, make=_fetched)
     state = {"seen": 0, "first": 0.0}
 
     def took(n: int) -> None:

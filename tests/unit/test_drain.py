@@ -10,7 +10,7 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -18,6 +18,7 @@ from faust.types import TP
 from mode import Service
 
 from processors.drain import (
+    BULK,
     Feed,
     Resumed,
     _fetch_deliverable,
@@ -430,6 +431,135 @@ async def test_a_rebalance_ends_the_wait_for_room() -> None:
     consumer.suspend_flow.set()
     await asyncio.wait_for(loop_task, 5)  # went on: [2] was fetched with flow suspended
     assert [m.offset for m in await feed.take()] == [0, 1]
+
+
+# -- the fed topic's records of a fetch made in bulk ------------------------------------
+
+
+RAW_1 = TP("raw", 1)
+RAW_2 = TP("raw", 2)
+
+
+class Record:
+    """An aiokafka ConsumerRecord as far as the tests' ``make`` reads it."""
+
+    def __init__(self, tp: TP, offset: int) -> None:
+        self.topic, self.partition, self.offset = tp.topic, tp.partition, offset
+
+
+class Made(NamedTuple):
+    tp: TP
+    offset: int
+    generation_id: int | None
+
+
+def made(tp: TP, record: Record, generation_id: int | None) -> Made:
+    return Made(tp, record.offset, generation_id)
+
+
+class BulkConsumer(BatchConsumer):
+    """Faust's consumer as far as ``_getmany_in_bulk`` uses it: one fetch per call."""
+
+    def __init__(self, fetches: list[dict[TP, list[Record]]], active: set[TP] | None) -> None:
+        super().__init__([])
+        self.fetches = fetches
+        self.active = active
+        self.flow_active = True
+        self._buffered_partitions: set[TP] = set()
+        self.app.consumer_generation_id = 3  # type: ignore[attr-defined]
+        self.tracked: list[tuple[TP, int]] = []
+        self.app.monitor.track_tp_end_offset = (  # type: ignore[attr-defined]
+            lambda tp, offset: self.tracked.append((tp, offset))
+        )
+        self.sought = 0
+        self._read_offset[RAW_1] = self._read_offset[RAW_2] = None
+
+    def highwater(self, tp: TP) -> int:
+        return 100 + tp.partition
+
+    async def _wait_next_records(
+        self, timeout: float
+    ) -> tuple[dict[TP, list[Record]] | None, set[TP] | None]:
+        if not self.fetches:
+            self._stopped.set()
+            return None, None
+        return self.fetches.pop(0), self.active
+
+    def _to_message(self, tp: TP, record: Record) -> Message:
+        return Message(record.offset, tp)
+
+    async def perform_seek(self) -> None:
+        self.sought += 1
+
+
+async def bulk_items(consumer: BulkConsumer) -> list[tuple[Any, Any]]:
+    deliver_in_batches(consumer, RAW.topic, Feed(limit=10), make=made)
+    return [item async for item in consumer.getmany(timeout=1.0)]
+
+
+@in_loop
+async def test_a_fetch_s_raw_records_come_as_one_bulk_and_the_others_one_by_one() -> None:
+    fetch = {
+        RAW: [Record(RAW, 0), Record(RAW, 1)],
+        CHANGELOG: [Record(CHANGELOG, 7), Record(CHANGELOG, 8)],
+        RAW_1: [Record(RAW_1, 5)],
+        RAW_2: [Record(RAW_2, 9)],  # not active (paused): skipped
+    }
+    consumer = BulkConsumer([fetch], active={RAW, RAW_1, CHANGELOG})
+    items = await bulk_items(consumer)
+    assert items[0] == (
+        BULK,
+        [Made(RAW, 0, 3), Made(RAW, 1, 3), Made(RAW_1, 5, 3)],
+    )
+    assert [(tp, m.offset) for tp, m in items[1:]] == [(CHANGELOG, 7), (CHANGELOG, 8)]
+    assert consumer.tracked == [(RAW, 100), (CHANGELOG, 100), (RAW_1, 101)]
+
+
+@in_loop
+async def test_a_buffered_partition_counts_as_active() -> None:
+    consumer = BulkConsumer([{RAW_2: [Record(RAW_2, 9)]}], active={RAW})
+    consumer._buffered_partitions = {RAW_2}
+    assert await bulk_items(consumer) == [(BULK, [Made(RAW_2, 9, 3)])]
+
+
+@in_loop
+async def test_nothing_while_flow_is_stopped_but_a_seek_to_the_committed_offsets() -> None:
+    consumer = BulkConsumer([{RAW: [Record(RAW, 0)]}], active=None)
+    consumer.flow_active = False
+    assert await bulk_items(consumer) == []
+    assert consumer.sought == 1
+
+
+@in_loop
+async def test_no_more_messages_once_the_generation_changes() -> None:
+    fetch = {CHANGELOG: [Record(CHANGELOG, 7), Record(CHANGELOG, 8)]}
+    consumer = BulkConsumer([fetch], active=None)
+    deliver_in_batches(consumer, RAW.topic, Feed(limit=10), make=made)
+    items = consumer.getmany(timeout=1.0)
+    assert (await items.__anext__())[1].offset == 7
+    consumer.app.consumer_generation_id = 4  # type: ignore[attr-defined]  # a rebalance
+    assert [item async for item in items] == []
+
+
+@in_loop
+async def test_the_fetch_loop_feeds_the_bulk_in_fetch_order() -> None:
+    fetches = [
+        {RAW: [Record(RAW, 0), Record(RAW, 1)], CHANGELOG: [Record(CHANGELOG, 7)]},
+        {RAW: [Record(RAW, 2)]},
+    ]
+    consumer = BulkConsumer(fetches, active=None)
+    delivered: list[int] = []
+
+    async def callback(message: Message) -> None:
+        delivered.append(message.offset)
+
+    consumer.callback = callback
+    feed = Feed(limit=10)
+    deliver_in_batches(consumer, RAW.topic, feed, make=made)
+    await asyncio.wait_for(consumer._drain_messages(Fetcher()), 5)
+    assert delivered == [7]
+    assert await feed.take() == [Made(RAW, 0, 3), Made(RAW, 1, 3), Made(RAW, 2, 3)]
+    assert RAW in consumer.app.monitor.stream_inbound_time
 
 
 # -- fetching only what the fetch loop delivers ---------------------------------------
