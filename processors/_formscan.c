@@ -13,7 +13,8 @@
  * "+" read as a space and each value (from a pair's first "=" to the next "&") removed.
  *
  * Returns the fields (dict: path -> str), or None when the body needs the full decoder
- * (an escape that is broken or not ASCII, or a layout of None), or NotImplemented when
+ * (an escape that is broken or not ASCII, a pair with an empty key and a value, or a
+ * layout of None), or NotImplemented when
  * the body holds a byte above 0x7F (the Python path handles those: they need UTF-8
  * checks). Nothing here reads outside the body; the only allocations are Python objects
  * and one array of value offsets.
@@ -200,6 +201,13 @@ extract(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
             break;
         case EQUALS:
             if (!in_value) {
+                if (k == keys || k[-1] == '&') {
+                    /* An empty key with a value ("=x"): the full decoder treats it as a
+                     * pair that breaks up repeated groups, and the key sequence cannot
+                     * tell it from an empty piece ("&&"), which it skips. */
+                    result = Py_NewRef(Py_None);
+                    goto done;
+                }
                 in_value = 1;
                 values[2 * pair] = i + 1;
             }

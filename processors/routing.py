@@ -23,8 +23,8 @@ unit test holds it to that): the structure of a form (which keys nest, repeat, o
 conflict) depends on its keys alone, so it is worked out once per *key sequence*, by
 decoding the key sequence with a placeholder value per key, and cached. Chargify sends
 the same few key sequences again and again. Anything unusual on the way (a broken or
-non-ASCII escape anywhere, a field that decodes to a list, a key conflict, a key
-sequence too new for the cache to hold) takes the full decoder instead.
+non-ASCII escape anywhere, a pair with an empty key, a field that decodes to a list, a
+key conflict, a key sequence too new for the cache to hold) takes the full decoder instead.
 
 The scan itself (find the key sequence, pick and percent-decode the values) is done in C
 by ``processors._formscan``, built when the project is installed; it was about four fifths
@@ -534,6 +534,10 @@ def _extract_python(body: bytes) -> Fields | None:
     if "+" in text:
         text = text.replace("+", " ")
     if "%" in text and _NOT_ASCII_ESCAPE.search(text):
+        return None
+    if text.startswith("=") or "&=" in text:
+        # A pair with an empty key and a value: decode_form keeps it, and it breaks up
+        # repeated groups; the key sequence cannot tell it from an empty piece ("&&").
         return None
     layout = _layout_of(_VALUES.sub("", text))
     if layout is None:

@@ -89,6 +89,9 @@ class TestAgainstThePythonScan:
             b"i%=1",
             b"%%41=1",
             b"id=%C3%A9",
+            b"=x&id=1",  # an empty key with a value
+            b"id=1&=&event=a",
+            b"id=1&=",
         ],
     )
     def test_bodies_for_the_full_decoder(self, body: bytes) -> None:

@@ -618,6 +618,10 @@ class TestExtractFields:
             b"&payload[subscription][name]=b&payload[subscription][id]=8",  # a repeated group
             b"id=1&event=x&payload[0]=a&payload[1]=b",
             b"=x&id=1&&event=y+z&payload[memo]=a=b",
+            # An empty key between two repeats turns the group into a list of groups.
+            b"payload[zz]=1&=&payload[zz]=2&" + build_body("payment_success"),
+            b"payload[foo]=1&=&payload[foo]=2&payload[event_id]=5",
+            b"payload[foo]=1&&payload[foo]=2&payload[event_id]=5",  # an empty piece: no effect
             b"id=1&event=x&payload[memo]=caf%C3%A9",
         ],
     )
