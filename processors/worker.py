@@ -454,8 +454,18 @@ def _check_changelogs(app: faust.App, settings: Settings, partitions: int) -> No
 STOP_TIMEOUT_S = 15.0
 
 
-def _exit_if_still_running(after: float, loop: asyncio.AbstractEventLoop | None = None) -> None:
+# After the watchdog's own deadline: if even it cannot run (the main thread stuck in C
+# with the GIL held, or blocked writing to stderr under the logging lock), faulthandler's
+# C thread dumps the stacks and exits.
+_BACKSTOP_S = 5.0
+
+
+def _exit_if_still_running(
+    after: float, loop: asyncio.AbstractEventLoop | None = None
+) -> Callable[[], None]:
     """From a signal on: exit the process ``after`` seconds later, if it is still there.
+
+    Returns the function that calls it off (the worker calls it once its stop is done).
 
     A thread, so that it fires even if the event loop is stuck. Before exiting it prints
     what each asyncio task of ``loop`` awaits (if the loop still runs callbacks) and every
@@ -465,33 +475,45 @@ def _exit_if_still_running(after: float, loop: asyncio.AbstractEventLoop | None 
     """
 
     def print_tasks(printed: threading.Event) -> None:
-        for task in asyncio.all_tasks():
-            print(f"task {task.get_name()}:", file=sys.stderr)
-            task.print_stack(limit=12, file=sys.stderr)
-        printed.set()
+        try:
+            for task in asyncio.all_tasks():
+                print(f"task {task.get_name()}:", file=sys.stderr)
+                task.print_stack(limit=12, file=sys.stderr)
+        finally:
+            printed.set()
 
     def cut_short() -> None:
-        log.error(
-            "the processor did not stop within %gs of the signal; exiting without "
-            "finishing (records not committed will be read again by the group); "
-            "the stacks of its tasks and threads follow",
-            after,
-        )
-        for handler in logging.getLogger().handlers:
-            with contextlib.suppress(ValueError, OSError):
-                handler.flush()
-        if loop is not None:
-            printed = threading.Event()
-            with contextlib.suppress(RuntimeError):  # the loop is closed
-                loop.call_soon_threadsafe(print_tasks, printed)
-                printed.wait(2.0)
-        faulthandler.dump_traceback(all_threads=True)
-        logging.shutdown()
-        os._exit(1)
+        try:
+            log.error(
+                "the processor did not stop within %gs of the signal; exiting without "
+                "finishing (records not committed will be read again by the group); "
+                "the stacks of its tasks and threads follow",
+                after,
+            )
+            for handler in logging.getLogger().handlers:
+                with contextlib.suppress(ValueError, OSError):
+                    handler.flush()
+            if loop is not None:
+                printed = threading.Event()
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(print_tasks, printed)
+                    printed.wait(2.0)
+            faulthandler.dump_traceback(all_threads=True)
+            logging.shutdown()
+        finally:
+            os._exit(1)
 
     timer = threading.Timer(after, cut_short)
     timer.daemon = True
     timer.start()
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # stderr is no file
+        faulthandler.dump_traceback_later(after + _BACKSTOP_S, exit=True)
+
+    def call_off() -> None:
+        timer.cancel()
+        faulthandler.cancel_dump_traceback_later()
+
+    return call_off
 
 
 def run(settings: Settings) -> int:
@@ -545,6 +567,7 @@ def run(settings: Settings) -> int:
     class StartAwareWorker(Worker):
         started = False
         signalled = False
+        call_off_watchdog: Callable[[], None] | None = None
 
         async def on_startup_finished(self) -> None:
             self.started = True
@@ -552,7 +575,9 @@ def run(settings: Settings) -> int:
 
         async def _stop_on_signal(self, signal: Any) -> None:
             self.signalled = True
-            _exit_if_still_running(STOP_TIMEOUT_S, asyncio.get_running_loop())
+            self.call_off_watchdog = _exit_if_still_running(
+                STOP_TIMEOUT_S, asyncio.get_running_loop()
+            )
             await super()._stop_on_signal(signal)
 
     worker = StartAwareWorker(
@@ -564,6 +589,8 @@ def run(settings: Settings) -> int:
     except SystemExit as done:  # how mode's worker always ends
         code = done.code if isinstance(done.code, int) else 1
     finally:
+        if worker.call_off_watchdog is not None:  # the stop is done (outputs.close is bounded)
+            worker.call_off_watchdog()
         outputs.close()
     if code != 0 and not worker.started and not worker.signalled:
         _start_again()

@@ -67,9 +67,14 @@ _HANGING_STOP = textwrap.dedent(
 
     async def main():
         task = asyncio.ensure_future(waits_for_ever())
-        worker._exit_if_still_running(0.5, asyncio.get_running_loop())
+        call_off = worker._exit_if_still_running(0.5, asyncio.get_running_loop())
         if sys.argv[1] == "stuck":
             stuck_in_flush()  # blocks the loop itself
+        if sys.argv[1] == "done":
+            call_off()  # the stop finished in time
+            time.sleep(1.5)
+            print("still here")
+            sys.exit(0)
         await task
 
     asyncio.run(main())
@@ -98,3 +103,16 @@ def test_a_stop_that_hangs_is_cut_short_with_the_stacks(loop: str, shown: str) -
     output = done.stdout + done.stderr
     assert "did not stop within 0.5s of the signal" in output, output
     assert shown in output, output
+
+
+def test_a_stop_done_in_time_calls_the_watchdog_off() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _HANGING_STOP, "done"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "still here" in done.stdout
+    assert "did not stop" not in done.stderr
