@@ -329,8 +329,9 @@ async def _getmany_in_bulk(self: Any, timeout: float) -> AsyncIterator[tuple[Any
 
     The checks are Faust's: nothing while flow is stopped (Faust then seeks back to the
     committed offsets), only active or buffered partitions, and no more messages once
-    flow stops or the generation changes (the bulk is made in one go, with no pause in
-    which either could happen).
+    flow stops or the generation changes. The bulk is made in one go, with no pause in
+    which any of these could change; the other records are checked one by one, between
+    the deliveries, as Faust checks them.
     """
     records, active_partitions = await self._wait_next_records(timeout)
     generation_id = self.app.consumer_generation_id
@@ -349,22 +350,26 @@ async def _getmany_in_bulk(self: Any, timeout: float) -> AsyncIterator[tuple[Any
     buffered = self._buffered_partitions
     bulk: list[Any] = []
     others: list[tuple[Any, list[Any]]] = []
+
+    def deliverable(tp: Any) -> bool:
+        return active_partitions is None or tp in active_partitions or tp in buffered
+
     for tp, fetched in records.items():
-        if active_partitions is not None and tp not in active_partitions and tp not in buffered:
-            continue
-        track_end_offset(tp, self.highwater(tp))
-        if tp.topic == feed_topic:
-            bulk.extend([make(tp, record, generation_id) for record in fetched])
-        else:
+        if tp.topic != feed_topic:
             others.append((tp, fetched))
+        elif deliverable(tp):
+            track_end_offset(tp, self.highwater(tp))
+            bulk.extend([make(tp, record, generation_id) for record in fetched])
     if bulk:
         yield BULK, bulk
     to_message = self._to_message
     for tp, fetched in others:
-        for record in fetched:
+        for record in fetched:  # checked before each one, as Faust does
             if not self.flow_active or self.app.consumer_generation_id != generation_id:
                 return
-            yield tp, to_message(tp, record)
+            if deliverable(tp):
+                track_end_offset(tp, self.highwater(tp))
+                yield tp, to_message(tp, record)
 
 
 async def _drain_messages(self: Any, fetcher: Any) -> None:

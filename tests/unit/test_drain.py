@@ -512,7 +512,19 @@ async def test_a_fetch_s_raw_records_come_as_one_bulk_and_the_others_one_by_one(
         [Made(RAW, 0, 3), Made(RAW, 1, 3), Made(RAW_1, 5, 3)],
     )
     assert [(tp, m.offset) for tp, m in items[1:]] == [(CHANGELOG, 7), (CHANGELOG, 8)]
-    assert consumer.tracked == [(RAW, 100), (CHANGELOG, 100), (RAW_1, 101)]
+    assert consumer.tracked == [(RAW, 100), (RAW_1, 101), (CHANGELOG, 100), (CHANGELOG, 100)]
+
+
+@in_loop
+async def test_a_partition_paused_between_two_messages_gets_no_more() -> None:
+    fetch = {CHANGELOG: [Record(CHANGELOG, 7), Record(CHANGELOG, 8)]}
+    active = {CHANGELOG}
+    consumer = BulkConsumer([fetch], active=active)
+    deliver_in_batches(consumer, RAW.topic, Feed(limit=10), make=made)
+    items = consumer.getmany(timeout=1.0)
+    assert (await items.__anext__())[1].offset == 7
+    active.discard(CHANGELOG)  # paused while the first was delivered (recovery done)
+    assert [item async for item in items] == []
 
 
 @in_loop
