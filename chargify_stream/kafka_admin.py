@@ -9,7 +9,8 @@ topics either (the broker forbids it). So every process that needs a topic calls
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -26,8 +27,15 @@ def ensure_topics(
     partitions: int = 1,
     replication_factor: int = 1,
     timeout: float = 30.0,
+    config: Mapping[str, str] | None = None,
 ) -> None:
-    """Create each missing topic; topics that already exist are left as they are."""
+    """Create each missing topic; topics that already exist are left as they are.
+
+    ``config`` is added to the new topics' configuration. Returns once every topic it
+    created shows a leader for each partition in the broker's metadata (at most
+    ``timeout`` seconds, then a warning): a client that asks for a topic the moment it
+    is created can otherwise be told it does not exist.
+    """
     admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 0})
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
@@ -38,9 +46,9 @@ def ensure_topics(
         return
     # min.insync.replicas follows the replication factor (at most 2) so acks=all means
     # "on every in-sync replica" wherever there is more than one broker.
-    config = {"min.insync.replicas": str(min(replication_factor, 2))}
+    topic_config = {"min.insync.replicas": str(min(replication_factor, 2)), **(config or {})}
     futures = admin.create_topics(
-        [NewTopic(n, partitions, replication_factor, config=config) for n in wanted],
+        [NewTopic(n, partitions, replication_factor, config=topic_config) for n in wanted],
         operation_timeout=timeout,
     )
     for name, future in futures.items():
@@ -50,3 +58,31 @@ def ensure_topics(
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+    _wait_for_leaders(admin, wanted, timeout)
+
+
+def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> None:
+    """Wait until the broker's metadata shows a leader for every partition of ``names``."""
+    deadline = time.monotonic() + timeout
+    waiting = list(names)
+    while waiting:
+        try:
+            topics = admin.list_topics(timeout=max(1.0, deadline - time.monotonic())).topics
+        except KafkaException:
+            topics = {}
+        waiting = [
+            name
+            for name in waiting
+            if name not in topics
+            or topics[name].error is not None
+            or not topics[name].partitions
+            or any(p.leader < 0 for p in topics[name].partitions.values())
+        ]
+        if not waiting:
+            return
+        if time.monotonic() >= deadline:
+            log.warning(
+                "topics %s created but not yet led by a broker after %.0fs", waiting, timeout
+            )
+            return
+        time.sleep(0.1)

@@ -7,6 +7,9 @@ publishes is read back from the output topics.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -265,3 +268,51 @@ def test_a_changelog_partitioned_unlike_the_raw_topic_stops_the_start(
     processor = stages("processor", settings)
     assert processor.proc is not None and processor.proc.wait(60) == 2
     assert f"changelog topic {changelog} has 3 partitions" in processor.log()
+
+
+_CREATE_CHANGELOGS = """
+from chargify_stream.settings import load_settings
+from processors.metrics import ProcessorMetrics
+from processors.outputs import Outputs
+from processors.worker import _create_changelogs, build_app
+
+settings = load_settings()
+outputs = Outputs(settings)
+metrics = ProcessorMetrics()
+app = build_app(settings, partitions=2, outputs=outputs, metrics=metrics, on_failure=print)
+_create_changelogs(app, settings)
+outputs.close()
+"""
+
+
+def test_the_changelogs_are_created_before_faust_starts(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """As Faust would declare them, and led by the broker, before any client asks.
+
+    (In a child process: a Faust app leaves an event loop behind.)"""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    settings = make_settings(partitions=2, processor_dedup_window_s=600)
+    subprocess.run(
+        [sys.executable, "-c", _CREATE_CHANGELOGS],
+        env={**os.environ, **settings.as_env()},
+        check=True,
+        timeout=120,
+    )
+    prefix = settings.processor_app_id
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    topics = admin.list_topics(timeout=10).topics
+    wanted = {
+        f"{prefix}-subscription-references-changelog": {"cleanup.policy": "compact"},
+        f"{prefix}-seen-webhooks-changelog": {
+            "cleanup.policy": "compact,delete",
+            "retention.ms": "1200000",
+        },
+    }
+    for name, expected in wanted.items():
+        assert len(topics[name].partitions) == 2, name
+        assert all(p.leader >= 0 for p in topics[name].partitions.values()), name
+        resource = ConfigResource(ConfigResource.Type.TOPIC, name)
+        configs = admin.describe_configs([resource])[resource].result(timeout=10)
+        assert {key: configs[key].value for key in expected} == expected, name
