@@ -66,7 +66,7 @@ from confluent_kafka import KafkaException
 from faust.web import Request, Response, View
 from mode.utils.times import want_seconds
 
-from chargify_stream.errors import ConfigError
+from chargify_stream.errors import ConfigError, TransientError
 from chargify_stream.kafka_admin import ensure_topics
 from chargify_stream.settings import Settings
 from processors.drain import Feed, deliver_in_batches, shorten_fetch_wait
@@ -99,7 +99,6 @@ class _Fetched(NamedTuple):
 
     incoming: Incoming
     tp: TP
-    offset: int
     generation_id: int  # the consumer generation it was fetched in; -1 never matches
 
 
@@ -116,7 +115,6 @@ def _fetched(tp: TP, record: Any, generation_id: int | None) -> _Fetched:
             [(k, v) for k, v in headers if v is not None] if headers else [],
         ),
         tp,
-        record.offset,
         -1 if generation_id is None else generation_id,
     )
 
@@ -341,7 +339,7 @@ def build_app(
                 return None
             rereads = positions.rereads
             admission = await positions.admit(
-                [(m.tp, m.offset, m.generation_id) for m in messages],
+                [(m.tp, m.incoming.offset, m.generation_id) for m in messages],
                 app.consumer_generation_id,
             )
             if len(admission.admitted) != len(messages):
@@ -485,9 +483,7 @@ STOP_TIMEOUT_S = 15.0
 _BACKSTOP_S = 5.0
 
 
-def _exit_if_still_running(
-    after: float, loop: asyncio.AbstractEventLoop | None = None
-) -> Callable[[], None]:
+def _exit_if_still_running(after: float, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     """From a signal on: exit the process ``after`` seconds later, if it is still there.
 
     Returns the function that calls it off (the worker calls it once its stop is done).
@@ -518,11 +514,10 @@ def _exit_if_still_running(
             for handler in logging.getLogger().handlers:
                 with contextlib.suppress(ValueError, OSError):
                     handler.flush()
-            if loop is not None:
-                printed = threading.Event()
-                with contextlib.suppress(RuntimeError):  # the loop is closed
-                    loop.call_soon_threadsafe(print_tasks, printed)
-                    printed.wait(2.0)
+            printed = threading.Event()
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(print_tasks, printed)
+                printed.wait(2.0)
             faulthandler.dump_traceback(all_threads=True)
             logging.shutdown()
         finally:
@@ -549,13 +544,16 @@ def run(settings: Settings) -> int:
     # webhook allocates a few dozen short-lived objects, and the collections also walk the
     # app's long-lived ones. +11 % events/s in two alternating pairs of benchmark runs.
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-    ensure_topics(
-        settings.kafka_bootstrap_servers,
-        settings.all_topics,
-        partitions=settings.topic_partitions,
-        replication_factor=settings.topic_replication_factor,
-    )
-    partitions = _partition_counts(settings, [settings.topic("raw")])[settings.topic("raw")]
+    try:
+        ensure_topics(
+            settings.kafka_bootstrap_servers,
+            settings.all_topics,
+            partitions=settings.topic_partitions,
+            replication_factor=settings.topic_replication_factor,
+        )
+        partitions = _partition_counts(settings, [settings.topic("raw")])[settings.topic("raw")]
+    except (TransientError, KafkaException) as exc:
+        return _broker_away_at_start(exc)
     Path(settings.processor_data_dir).mkdir(parents=True, exist_ok=True)
     metrics = ProcessorMetrics()
     outputs = Outputs(settings, on_retry=metrics.send_retries.inc)
@@ -575,8 +573,12 @@ def run(settings: Settings) -> int:
         metrics=metrics,
         on_failure=stop_on_failure,
     )
-    _check_changelogs(app, settings, partitions)
-    _create_changelogs(app, settings)
+    try:
+        _check_changelogs(app, settings, partitions)
+        _create_changelogs(app, settings)
+    except (TransientError, KafkaException) as exc:
+        outputs.close()
+        return _broker_away_at_start(exc)
     log.info(
         "processor %s reading %s (%d partitions); metrics on http://127.0.0.1:%d/metrics",
         settings.processor_app_id,
@@ -621,6 +623,13 @@ def run(settings: Settings) -> int:
     if code != 0 and not worker.started and not worker.signalled:
         _start_again()
     return code
+
+
+def _broker_away_at_start(exc: Exception) -> int:
+    """A broker call before Faust starts failed: start again, as after a failed Faust start."""
+    log.error("preparing the topics failed: %s", exc)
+    _start_again()
+    return 1
 
 
 START_ATTEMPTS = 6

@@ -3,6 +3,7 @@ number of times; a processor whose stop hangs exits anyway."""
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -116,3 +117,54 @@ def test_a_stop_done_in_time_calls_the_watchdog_off() -> None:
     assert done.returncode == 0, done.stderr
     assert "still here" in done.stdout
     assert "did not stop" not in done.stderr
+
+
+_BROKER_AWAY_AT_START = textwrap.dedent(
+    """
+    import sys
+    from unittest import mock
+    from confluent_kafka import KafkaError, KafkaException
+    from chargify_stream.errors import TransientError
+    from chargify_stream.settings import Settings
+    from processors import worker
+
+    settings = Settings(
+        kafka_bootstrap_servers="127.0.0.1:9",
+        processor_data_dir=sys.argv[2],
+        database_url="postgresql://x@127.0.0.1:9/x",
+        chargify_shared_keys="k",
+    )
+    away = KafkaException(KafkaError(KafkaError._TRANSPORT))
+    with (
+        mock.patch.object(worker, "_start_again") as start_again,
+        mock.patch.object(worker, "_partition_counts", return_value={settings.topic("raw"): 3}),
+        mock.patch.object(worker, "_check_changelogs"),
+    ):
+        if sys.argv[1] == "raw topics":
+            with mock.patch.object(worker, "ensure_topics", side_effect=TransientError("away")):
+                code = worker.run(settings)
+        else:
+            with (
+                mock.patch.object(worker, "ensure_topics"),
+                mock.patch.object(worker, "_create_changelogs", side_effect=away),
+            ):
+                code = worker.run(settings)
+    print("code", code, "started again", start_again.call_count)
+    """
+)
+
+
+@pytest.mark.parametrize("step", ["raw topics", "changelogs"])
+def test_a_broker_away_while_preparing_the_topics_starts_again(
+    step: str, tmp_path: pathlib.Path
+) -> None:
+    """As a Faust start that failed does: the changelogs are now created before Faust."""
+    done = subprocess.run(  # a child: a Faust app leaves an event loop behind
+        [sys.executable, "-c", _BROKER_AWAY_AT_START, step, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "code 1 started again 1" in done.stdout, done.stdout + done.stderr
+    assert "preparing the topics failed" in done.stdout + done.stderr
