@@ -16,6 +16,8 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from chargify_stream.errors import TransientError
+from chargify_stream.limits import deadletter_record_max, raw_record_max
+from chargify_stream.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,49 @@ def ensure_topics(
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
     _wait_for_leaders(admin, wanted, timeout)
+
+
+def pipeline_topic_config(settings: Settings, name: str) -> dict[str, str]:
+    """The configuration the pipeline gives its topic ``name`` (a full topic name).
+
+    The raw and dead-letter topics take records up to the size budget of
+    :mod:`chargify_stream.limits`; dead letters are kept until dealt with
+    (``DEADLETTER_RETENTION_MS``, unlimited by default) instead of the broker's 7 days.
+    """
+    body_max = settings.gateway_max_body_bytes
+    if name == settings.topic("raw"):
+        return {"max.message.bytes": str(raw_record_max(body_max))}
+    if name == settings.topic("deadletter"):
+        return {
+            "max.message.bytes": str(deadletter_record_max(body_max)),
+            "retention.ms": str(settings.deadletter_retention_ms),
+            "retention.bytes": "-1",
+        }
+    return {}
+
+
+def ensure_pipeline_topics(
+    settings: Settings,
+    names: Iterable[str] | None = None,
+    *,
+    partitions: int | None = None,
+    timeout: float = 30.0,
+) -> None:
+    """:func:`ensure_topics` for the pipeline's own topics (all of them by default),
+    each created with :func:`pipeline_topic_config`."""
+    by_config: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    for name in dict.fromkeys(settings.all_topics if names is None else names):
+        config = tuple(sorted(pipeline_topic_config(settings, name).items()))
+        by_config.setdefault(config, []).append(name)
+    for config, group in by_config.items():
+        ensure_topics(
+            settings.kafka_bootstrap_servers,
+            group,
+            partitions=settings.topic_partitions if partitions is None else partitions,
+            replication_factor=settings.topic_replication_factor,
+            timeout=timeout,
+            config=dict(config),
+        )
 
 
 def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> None:

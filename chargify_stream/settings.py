@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     topic_deadletter: str = "chargify.deadletter"
     topic_partitions: int = Field(default=3, ge=1)
     topic_replication_factor: int = Field(default=1, ge=1)
+    # -1: dead letters are kept until dealt with (replayed or purged by an operator).
+    deadletter_retention_ms: int = Field(default=-1, ge=-1)
     processor_app_id: str = "chargify-processor"
     sink_group_id: str = "chargify-sink"
 

@@ -22,7 +22,7 @@ import uvicorn
 from confluent_kafka import KafkaException
 
 from chargify_stream.errors import TransientError
-from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.settings import Settings
 from ingest.app import WEBHOOK_PATH, GatewayApp, Sink
 from ingest.publisher import Publisher
@@ -56,13 +56,7 @@ class _TopicKeeper:
         delay = 0.5
         while not self._stop.is_set():
             try:
-                ensure_topics(
-                    s.kafka_bootstrap_servers,
-                    [s.topic("raw")],
-                    partitions=s.topic_partitions,
-                    replication_factor=s.topic_replication_factor,
-                    timeout=10.0,
-                )
+                ensure_pipeline_topics(s, [s.topic("raw")], timeout=10.0)
                 return
             except (TransientError, KafkaException) as exc:
                 log.warning("cannot reach Kafka to check topic %s yet: %s", s.topic("raw"), exc)

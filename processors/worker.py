@@ -67,7 +67,7 @@ from faust.web import Request, Response, View
 from mode.utils.times import want_seconds
 
 from chargify_stream.errors import ConfigError, TransientError
-from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.kafka_admin import ensure_pipeline_topics, ensure_topics
 from chargify_stream.settings import Settings
 from processors.drain import Feed, deliver_in_batches, shorten_fetch_wait
 from processors.metrics import CONTENT_TYPE, ProcessorMetrics
@@ -545,12 +545,7 @@ def run(settings: Settings) -> int:
     # app's long-lived ones. +11 % events/s in two alternating pairs of benchmark runs.
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     try:
-        ensure_topics(
-            settings.kafka_bootstrap_servers,
-            settings.all_topics,
-            partitions=settings.topic_partitions,
-            replication_factor=settings.topic_replication_factor,
-        )
+        ensure_pipeline_topics(settings)
         partitions = _partition_counts(settings, [settings.topic("raw")])[settings.topic("raw")]
     except (TransientError, KafkaException) as exc:
         return _broker_away_at_start(exc)

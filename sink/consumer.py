@@ -49,7 +49,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from chargify_stream.errors import ChargifyStreamError, RecordError, TransientError
-from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.codec import decode
@@ -427,12 +427,7 @@ class Sink:
         order-independent, subscriptions are locked in id order, and a deadlock between
         replayed transactions is a transient fault (retried).
         """
-        ensure_topics(
-            self.settings.kafka_bootstrap_servers,
-            [*self.topics, self.settings.topic("deadletter")],
-            partitions=self.settings.topic_partitions,
-            replication_factor=self.settings.topic_replication_factor,
-        )
+        ensure_pipeline_topics(self.settings, [*self.topics, self.settings.topic("deadletter")])
         timeout = self.settings.sink_batch_timeout_ms / 1000
         # A writer thread gets the interpreter back soon after each of its database round
         # trips (six a batch) completes, not up to 5 ms later (the default slice of the

@@ -44,7 +44,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from chargify_stream.errors import TransientError
-from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.deadletter import parse_dead_letter, replay_headers
@@ -341,12 +341,7 @@ class Redriver:
             delay = min(delay * 2, _BACKOFF_MAX_S)
 
     def _session(self) -> None:
-        ensure_topics(
-            self.settings.kafka_bootstrap_servers,
-            [self.deadletter_topic],
-            partitions=self.settings.topic_partitions,
-            replication_factor=self.settings.topic_replication_factor,
-        )
+        ensure_pipeline_topics(self.settings, [self.deadletter_topic])
         dsn = self.settings.database_dsn()
         consumer = Consumer(
             {

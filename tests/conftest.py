@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.kafka_admin import ensure_pipeline_topics, ensure_topics
 from chargify_stream.local.ports import free_port
 from chargify_stream.settings import Settings, load_settings
 from sink.migrate import migrate
@@ -95,7 +95,7 @@ def make_settings(
         }
         values.update(overrides)
         settings = load_settings(**values)
-        ensure_topics(settings.kafka_bootstrap_servers, settings.all_topics, partitions=partitions)
+        ensure_pipeline_topics(settings, partitions=partitions)
         return settings
 
     return make

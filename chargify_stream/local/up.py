@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from chargify_stream.errors import ConfigError, ServiceError
-from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.local.kafka import LocalKafka
 from chargify_stream.local.postgres import LocalPostgres
 from chargify_stream.settings import Settings, load_settings
@@ -87,12 +87,7 @@ def run(settings: Settings, *, data_dir: str, fresh: bool = False) -> int:
         postgres.start()
         postgres.create_database(dbname)
         migrate(settings.database_dsn())
-        ensure_topics(
-            settings.kafka_bootstrap_servers,
-            settings.all_topics,
-            partitions=settings.topic_partitions,
-            replication_factor=settings.topic_replication_factor,
-        )
+        ensure_pipeline_topics(settings)
         env = {**os.environ, **env_overrides, "PYTHONUNBUFFERED": "1"}
         logs = root / "logs"
         logs.mkdir(exist_ok=True)

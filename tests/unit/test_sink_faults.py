@@ -292,7 +292,7 @@ def run_sink(
     """Start ``Sink.run`` in a thread on scripted batches, with ``write`` as write_batch."""
     monkeypatch.setattr(consumer, "write_batch", write)
     monkeypatch.setattr(consumer.Sink, "_connection", lambda self: object())
-    monkeypatch.setattr(consumer, "ensure_topics", lambda *a, **k: None)
+    monkeypatch.setattr(consumer, "ensure_pipeline_topics", lambda *a, **k: None)
     sink, _, _ = make_sink()
     scripted = batches if isinstance(batches, ScriptedConsumer) else ScriptedConsumer(batches)
     sink.consumer = cast(Any, scripted)
