@@ -1,7 +1,7 @@
 """The C field scan (processors/_formscan.c) on its own: built, equal to the Python scan on
 large and hostile bodies, and careful with its inputs, errors and memory.
 
-tests/unit/test_routing.py holds both scans to a full decode on built, real and generated
+tests/unit/test_fields.py holds both scans to a full decode on built, real and generated
 bodies; these tests cover what only C can get wrong.
 """
 
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors import routing
+from processors import fields
 from tests.builders import EVENTS, build_body
 
 try:
@@ -26,7 +26,7 @@ needs_module = pytest.mark.skipif(extract is None, reason="processors._formscan 
 
 
 def test_the_module_is_built() -> None:
-    assert routing.NATIVE_SCAN, (
+    assert fields.NATIVE_SCAN, (
         "processors._formscan is not built, so the processor scans in Python: "
         "run scripts/install on a machine with a C compiler (gcc)"
     )
@@ -34,11 +34,11 @@ def test_the_module_is_built() -> None:
 
 def scan(body: bytes, layouts: dict[str, Any] | None = None) -> Any:
     assert extract is not None
-    return extract(body, {} if layouts is None else layouts, routing._layout)
+    return extract(body, {} if layouts is None else layouts, fields._layout)
 
 
 def python_scan(body: bytes) -> Any:
-    return routing._extract_python(body)
+    return fields._extract_python(body)
 
 
 @needs_module
@@ -101,7 +101,7 @@ class TestAgainstThePythonScan:
     @pytest.mark.parametrize("body", [b"id=caf\xc3\xa9", b"id=1&x=\xff", b"\x80"])
     def test_a_byte_above_0x7f_goes_to_the_python_scan(self, body: bytes) -> None:
         assert scan(body) is NotImplemented
-        assert routing._extract_fast(body) == python_scan(body)
+        assert fields._extract_fast(body) == python_scan(body)
 
     def test_other_types_go_to_the_python_scan(self) -> None:
         assert scan(bytearray(b"id=1")) is NotImplemented  # type: ignore[arg-type]
@@ -141,7 +141,7 @@ class TestInputsAndErrors:
 
         def miss(key_sequence: str) -> Any:
             seen.append(key_sequence)
-            layouts[key_sequence] = layout = routing._layout(key_sequence)
+            layouts[key_sequence] = layout = fields._layout(key_sequence)
             return layout
 
         assert extract(b"id=1&event=a", layouts, miss) == {("id",): "1", ("event",): "a"}
@@ -181,7 +181,7 @@ class TestInputsAndErrors:
         with pytest.raises(TypeError):
             extract(b"id=1")  # type: ignore[call-arg]
         with pytest.raises(TypeError):
-            extract(b"id=1", [], routing._layout)  # type: ignore[arg-type]
+            extract(b"id=1", [], fields._layout)  # type: ignore[arg-type]
 
     def test_no_memory_is_kept(self) -> None:
         """Each call frees its key sequence, offsets and values, on every way out."""

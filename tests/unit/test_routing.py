@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chargify_stream.errors import MalformedPayload
-from processors import routing
+from processors import fields, routing
+from processors.fields import FIELDS, extract_fields
 from processors.routing import (
-    FIELDS,
     TEST_EVENT,
     TEST_PANEL,
     UNSUPPORTED_EVENT,
@@ -22,7 +22,6 @@ from processors.routing import (
     Decision,
     Emit,
     Ignore,
-    extract_fields,
     route,
 )
 from schemas.form import decode_form, encode_pairs
@@ -549,15 +548,15 @@ def test_route_never_raises_on_bytes(body: bytes) -> None:
 def full_fields(body: bytes) -> dict[tuple[str, ...], Any] | str:
     """The reference: decode everything, then read FIELDS (or the decoder's error)."""
     try:
-        return routing._fields_from_tree(decode_form(body))
+        return fields._fields_from_tree(decode_form(body))
     except MalformedPayload as exc:
         return f"MalformedPayload: {exc}"
 
 
 def python_extract_fields(body: bytes) -> dict[tuple[str, ...], Any]:
     """``extract_fields`` with its scan in Python, as where the C module is not built."""
-    fields = routing._extract_python(body)
-    return fields if fields is not None else routing._fields_from_tree(decode_form(body))
+    found = fields._extract_python(body)
+    return found if found is not None else fields._fields_from_tree(decode_form(body))
 
 
 def fast_fields(body: bytes) -> dict[tuple[str, ...], Any] | str:
@@ -585,8 +584,8 @@ class TestExtractFields:
     def test_built_bodies(self, body: bytes) -> None:
         assert fast_fields(body) == full_fields(body)
         # Only a non-ASCII escape (the "é" of one memo) sends a built body the slow way.
-        assert (routing._extract_fast(body) is None) == (b"%C3" in body)
-        assert (routing._extract_python(body) is None) == (b"%C3" in body)
+        assert (fields._extract_fast(body) is None) == (b"%C3" in body)
+        assert (fields._extract_python(body) is None) == (b"%C3" in body)
 
     def test_every_real_body(self) -> None:
         for name, body in raw_form_samples().items():
@@ -629,12 +628,12 @@ class TestExtractFields:
         assert fast_fields(body) == full_fields(body)
 
     def test_the_cache_is_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(routing, "_LAYOUTS", {})
-        monkeypatch.setattr(routing, "_LAYOUTS_MAX", 3)
+        monkeypatch.setattr(fields, "_LAYOUTS", {})
+        monkeypatch.setattr(fields, "_LAYOUTS_MAX", 3)
         for n in range(10):
             body = build_body("signup_success", overrides={f"payload[extra{n}]": "x"})
             assert fast_fields(body) == full_fields(body)
-            assert len(routing._LAYOUTS) <= 3
+            assert len(fields._LAYOUTS) <= 3
 
     def test_the_rules_read_only_fields(self) -> None:
         """Every path the decision reads is in FIELDS, so extraction never hides one."""
