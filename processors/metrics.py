@@ -1,7 +1,8 @@
 """The processor's Prometheus metrics, served at ``/metrics`` on Faust's web server.
 
 Counts are added once per batch from the batch's :class:`processors.splitter.Tally`, not
-once per record, so the hot loop never touches the client library.
+once per record, so the hot loop never touches the client library. The pipeline's thread
+writes them; the web server's page reads them (prometheus_client is thread-safe).
 """
 
 from __future__ import annotations
@@ -48,19 +49,9 @@ class ProcessorMetrics:
             "Exact duplicates (same webhook id) dropped",
             registry=self.registry,
         )
-        self.send_retries = Counter(
-            "processor_send_retries",
-            "Output records sent again after the broker did not acknowledge them",
-            registry=self.registry,
-        )
-        self.repeated = Counter(
-            "processor_records_repeated",
-            "Raw records delivered again after they were processed (passed over)",
-            registry=self.registry,
-        )
-        self.rereads = Counter(
-            "processor_rereads",
-            "Seeks back to re-read records the consumer skipped",
+        self.aborted = Counter(
+            "processor_transactions_aborted",
+            "Batches whose transaction was aborted (their records are processed again)",
             registry=self.registry,
         )
         self.batch_size = Histogram(
@@ -71,18 +62,13 @@ class ProcessorMetrics:
         )
         self.batch_seconds = Histogram(
             "processor_batch_seconds",
-            "Time to process a batch, from taking it to acknowledging it",
+            "Time to process a batch, from taking it to committing its transaction",
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
-        self.references = Gauge(
-            "processor_known_subscriptions",
-            "Subscriptions whose customer reference this worker knows",
-            registry=self.registry,
-        )
         self.seen = Gauge(
-            "processor_dedup_webhook_ids",
-            "Webhook ids held for duplicate detection",
+            "processor_dedup_keys",
+            "Dedup keys (transaction and event ids) stored since the worker started",
             registry=self.registry,
         )
 

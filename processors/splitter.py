@@ -8,24 +8,30 @@ and the webhook ids to remember as seen once the outputs are acknowledged. The w
 
 Per record, in order:
 
-1. an exact duplicate (its webhook id already emitted, within the dedup window or earlier
-   in the batch) is dropped, unless it is a dead-letter replay (``dlq-replay-count`` > 0),
-   which an operator sent on purpose;
-2. :func:`processors.routing.route` decides, resolving a missing customer reference from
+1. :func:`processors.routing.route` decides, resolving a missing customer reference from
    the references known so far, including those learnt earlier in the same batch;
-3. the decision becomes an Avro record with the raw record's ``chargify-webhook-id``,
+2. the decision becomes an Avro record with the raw record's ``chargify-webhook-id``,
    ``chargify-event`` and ``received-at`` headers, or a dead letter carrying the raw key,
-   bytes and headers plus the ``dlq-*`` headers, or nothing (ignored: counted and logged).
+   bytes and headers plus the ``dlq-*`` headers, or nothing (ignored: counted and logged);
+3. an Avro record any of whose dedup keys was already emitted (within the dedup window, or
+   earlier in the batch) is dropped as a duplicate. Its keys: the webhook id (``w:<id>``,
+   the same across Chargify's retries and replays), Chargify's event id (``e:<id>``, the
+   same under every webhook id, e.g. when one event goes to two endpoints) and, for a
+   transaction, the Chargify transaction id (``t:<id>``: DESIGN.md's one record per
+   transaction id, whichever webhook carried it). The keys of a batch are looked up in one
+   query.
 
-Only emitted webhooks are remembered as seen: a webhook that was dead-lettered, say for an
-unknown subscription, gets a fresh chance if Chargify sends it again.
+Only emitted records are remembered: a webhook that was dead-lettered, say for an unknown
+subscription, gets a fresh chance if Chargify sends it again or an operator replays it.
+A dead-letter replay of an emitted webhook is a duplicate like any other: the typed topics
+hold each transaction once, whoever sends it again.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, NamedTuple, Protocol
 
@@ -33,8 +39,9 @@ from processors.routing import SUPPORTED_EVENTS, DeadLetter, Emit, Ignore, route
 from schemas import headers as h
 from schemas.codec import encode
 from schemas.deadletter import dead_letter_headers
+from schemas.records import Transaction
 
-__all__ = ["Incoming", "Outgoing", "Pending", "Split", "State", "Tally", "split"]
+__all__ = ["Incoming", "Outgoing", "Split", "State", "Tally", "dedup_keys", "split"]
 
 log = logging.getLogger(__name__)
 
@@ -74,32 +81,13 @@ class Outgoing(NamedTuple):
 
 
 class State(Protocol):
-    """What the tables know (the worker's ``processors.state`` objects implement it)."""
+    """What the state knows (:class:`processors.state.Store` implements it)."""
 
-    def reference(self, subscription_id: str) -> str | None:
+    def reference(self, partition: int, subscription_id: str) -> str | None:
         """The customer reference learnt for a subscription, or ``None``."""
 
-    def is_duplicate(self, webhook_id: str) -> bool:
-        """Whether the webhook was emitted within the dedup window."""
-
-
-class Pending:
-    """``state`` plus what a batch still on its way (``ahead``) will write to it.
-
-    The worker splits the next batch while the last one's outputs are being
-    acknowledged; the tables learn from that batch only afterwards.
-    """
-
-    def __init__(self, state: State, ahead: Split) -> None:
-        self._state = state
-        self._learned = {sid: ref for (_, sid), ref in ahead.learned.items()}
-        self._emitted = {wid for ids in ahead.emitted.values() for wid in ids}
-
-    def reference(self, subscription_id: str) -> str | None:
-        return self._learned.get(subscription_id) or self._state.reference(subscription_id)
-
-    def is_duplicate(self, webhook_id: str) -> bool:
-        return webhook_id in self._emitted or self._state.is_duplicate(webhook_id)
+    def seen(self, keys: Collection[tuple[int, str]]) -> set[tuple[int, str]]:
+        """Those of the (raw partition, dedup key) pairs emitted within the dedup window."""
 
 
 @dataclass
@@ -135,9 +123,9 @@ class Split:
     outgoing: list[Outgoing] = field(default_factory=list)
     # (raw partition, subscription id) -> customer reference, new or changed.
     learned: dict[tuple[int, str], str] = field(default_factory=dict)
-    # raw partition -> webhook ids emitted, to remember once the outputs are acknowledged.
+    # raw partition -> dedup keys emitted, to remember once the batch is committed.
     emitted: dict[int, list[str]] = field(default_factory=dict)
-    # raw partition -> offset of the batch's first record from it (names a seen-table entry).
+    # raw partition -> offset of the batch's first record from it (names a dedup record).
     first_offsets: dict[int, int] = field(default_factory=dict)
     tally: Tally = field(default_factory=Tally)
 
@@ -146,44 +134,39 @@ def _event_label(event: str | None) -> str:
     return event if event in _EVENT_LABELS else "other"
 
 
-def _replayed(replay_count: bytes) -> bool:
-    """Whether a ``dlq-replay-count`` header says the record is a dead-letter replay."""
-    try:
-        return int(replay_count) > 0
-    except ValueError:
-        return False
+def dedup_keys(emit: Emit) -> tuple[str, ...]:
+    """The keys an emitted record is deduplicated on (see the module docstring)."""
+    record = emit.record
+    keys = [f"w:{record.webhook_id}"]
+    if record.event_id is not None:
+        keys.append(f"e:{record.event_id}")
+    if isinstance(record, Transaction):
+        keys.append(f"t:{record.transaction_id}")
+    return tuple(keys)
 
 
 def split(batch: Sequence[Incoming], state: State) -> Split:
     """Decide every record of ``batch`` (see the module docstring)."""
     result = Split()
     tally = result.tally
-    learned_now: dict[str, str] = {}  # subscription id -> reference, this batch
-    emitted_now: set[str] = set()
-
-    def lookup(subscription_id: int) -> str | None:
-        sid = str(subscription_id)
-        return learned_now.get(sid) or state.reference(sid)
+    learned_now: dict[tuple[int, str], str] = {}  # (partition, subscription id) -> reference
+    # In order: (output, (partition, dedup keys) of an Avro record, event, webhook id).
+    decided: list[tuple[Outgoing, tuple[int, tuple[str, ...]] | None, str | None, str | None]] = []
 
     for record in batch:
-        result.first_offsets.setdefault(record.partition, record.offset)
+        partition = record.partition
+        result.first_offsets.setdefault(partition, record.offset)
         header_id = event_header = None
-        replayed = False
         for name, value in record.headers:
             if name == h.WEBHOOK_ID:
                 header_id = value.decode(errors="replace")
             elif name == h.EVENT:
                 event_header = value.decode(errors="replace")
-            elif name == h.DLQ_REPLAY_COUNT:
-                replayed = _replayed(value)
-        if (
-            header_id
-            and not replayed
-            and (header_id in emitted_now or state.is_duplicate(header_id))
-        ):
-            tally.events[_event_label(event_header), DUPLICATE] += 1
-            log.info("dropped duplicate webhook %s (%s)", header_id, event_header)
-            continue
+
+        def lookup(subscription_id: int, partition: int = partition) -> str | None:
+            sid = str(subscription_id)
+            return learned_now.get((partition, sid)) or state.reference(partition, sid)
+
         try:
             decision = route(record.value, lookup)
             action = decision.action
@@ -211,25 +194,10 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
         if decision is not None and decision.learn is not None:
             sid, reference = str(decision.learn[0]), decision.learn[1]
             if lookup(decision.learn[0]) != reference:
-                learned_now[sid] = reference
-                result.learned[record.partition, sid] = reference
+                learned_now[partition, sid] = reference
+                result.learned[partition, sid] = reference
         if isinstance(action, Emit) and outgoing is not None:
-            # No id header to check before routing: check the body's id instead.
-            if (
-                header_id is None
-                and webhook_id
-                and not replayed
-                and (webhook_id in emitted_now or state.is_duplicate(webhook_id))
-            ):
-                tally.events[_event_label(event), DUPLICATE] += 1
-                log.info("dropped duplicate webhook %s (%s)", webhook_id, event)
-                continue
-            result.outgoing.append(outgoing)
-            if webhook_id:
-                emitted_now.add(webhook_id)
-                result.emitted.setdefault(record.partition, []).append(webhook_id)
-            tally.events[_event_label(event), EMITTED] += 1
-            tally.published[action.topic] += 1
+            decided.append((outgoing, (partition, dedup_keys(action)), event, webhook_id))
         elif isinstance(action, Ignore):
             tally.events[_event_label(event), IGNORED] += 1
             tally.ignored[action.reason] += 1
@@ -244,25 +212,45 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
                 webhook_id,
                 event,
                 record.topic,
-                record.partition,
+                partition,
                 record.offset,
                 action.reason,
                 action.error,
             )
-            result.outgoing.append(
-                Outgoing(
-                    "deadletter",
-                    record.key,
-                    record.value,
-                    dead_letter_headers(
-                        reason=action.reason,
-                        stage=h.STAGE_PROCESSOR,
-                        error=action.error,
-                        source_topic=record.topic,
-                        source_partition=record.partition,
-                        source_offset=record.offset,
-                        original_headers=record.headers,
+            decided.append(
+                (
+                    Outgoing(
+                        "deadletter",
+                        record.key,
+                        record.value,
+                        dead_letter_headers(
+                            reason=action.reason,
+                            stage=h.STAGE_PROCESSOR,
+                            error=action.error,
+                            source_topic=record.topic,
+                            source_partition=partition,
+                            source_offset=record.offset,
+                            original_headers=record.headers,
+                        ),
                     ),
+                    None,
+                    event,
+                    webhook_id,
                 )
             )
+
+    wanted = {(keyed[0], key) for _, keyed, _, _ in decided if keyed for key in keyed[1]}
+    already = state.seen(wanted)
+    for outgoing, keyed, event, webhook_id in decided:
+        if keyed is not None:
+            partition, keys = keyed
+            if any((partition, key) in already for key in keys):
+                tally.events[_event_label(event), DUPLICATE] += 1
+                log.info("dropped duplicate webhook %s (%s)", webhook_id, event)
+                continue
+            already.update((partition, key) for key in keys)
+            result.emitted.setdefault(partition, []).extend(keys)
+            tally.events[_event_label(event), EMITTED] += 1
+            tally.published[outgoing.topic] += 1
+        result.outgoing.append(outgoing)
     return result

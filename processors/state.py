@@ -1,150 +1,288 @@
-"""The worker's two Faust tables, written with an explicit changelog partition.
+"""The worker's state: customer references and dedup keys, on disk, mirrored by changelogs.
 
-Both tables are partitioned like ``chargify.webhooks.raw``, which is keyed by subscription
-id: every event of a subscription, and every retry of a webhook, arrives on the same
-partition, so the worker that owns a raw partition owns the table entries learnt from it,
-and Faust recovers exactly those entries (from the tables' changelog topics) when a worker
-starts or partitions move.
+Two kinds of state, both partitioned like ``chargify.webhooks.raw`` (keyed by subscription
+id: every event of a subscription, every retry of a webhook and every delivery of a
+Chargify event arrive on the same partition, so the worker that owns a raw partition owns
+the state learnt from it):
 
-Faust picks the changelog partition of ``table[key] = value`` from the event being
-processed (``faust.streams.current_event()``), which is set only inside the task that
-iterates the stream. The agent works on batches that span partitions, and writes only once
-a batch's outputs are acknowledged, so every write here names the partition of the raw
-record it came from: ``Table.send_changelog(partition, ...)`` plus the local store, which is
-what ``Table.__setitem__`` does with the partition it derives.
+- **references**: subscription id -> customer reference, one entry per subscription, for
+  ``component_allocation_change`` (which names no customer). Changelog topic
+  ``<PROCESSOR_APP_ID>-references-changelog``, compacted, key = subscription id.
+- **dedup keys**: what was emitted within ``PROCESSOR_DEDUP_WINDOW_S``: ``t:<id>`` per
+  Chargify transaction id, ``e:<id>`` per Chargify event id (``w:<id>``, the webhook id,
+  for a subscription event without one). Changelog topic
+  ``<PROCESSOR_APP_ID>-dedup-changelog``, one record per raw partition and batch (key: the
+  batch's first raw offset; value: the time, then the keys, one a line), deleted by time
+  (retention: the window plus one bucket), never compacted.
 
-- :class:`References`: subscription id -> customer reference, one entry per subscription.
-- :class:`SeenWebhooks`: the webhook ids emitted within ``PROCESSOR_DEDUP_WINDOW_S``. One
-  table entry per raw partition and batch (``"<partition>:<offset>"`` -> the time and the
-  ids), not one per webhook, so remembering costs one changelog record per batch; an
-  in-memory index (id -> time) answers the per-record question and is rebuilt from the
-  table after every recovery.
+The changelog records are written by the pipeline in the same Kafka transaction as the
+outputs and input offsets they belong to (:mod:`processors.pipeline`), so the changelogs
+hold exactly the state of what was committed. This module keeps a local copy of them, for
+lookups at memory speed and restarts without a replay:
+
+- one SQLite file (``state.sqlite``) holds the references and, per changelog partition,
+  the offset up to which the local copy has applied the changelog (``positions``);
+- the dedup keys go to one SQLite file per time bucket (``seen-<bucket>.sqlite``, a bucket
+  is a seventh of the window), so expiry is deleting the files wholly past the window: a
+  few microseconds, whatever their size (an expiry pass over a dict of ids once blocked the
+  loop for seconds);
+- a worker that is assigned a raw partition reads that partition's changelogs from the
+  stored offset to their end (only the tail, when it owned it before) and applies them;
+  nothing is held in memory but a bounded cache of references.
+
+The store is written only after a transaction committed. A worker killed between the
+commit and the local write leaves the local copy behind the changelog, and the stored
+offset says so: the next assignment reads the difference again (applying is idempotent).
+
+Each worker uses its own folder under ``PROCESSOR_DATA_DIR`` (``slot-<n>``), the first one
+no other live process holds (a lock file), so several workers on one host do not share
+files and a restarted worker finds its predecessor's copy.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable
-from typing import Any
+from collections.abc import Callable, Collection, Iterable, Mapping
+from contextlib import suppress
+from pathlib import Path
+from typing import IO
 
-from faust.types import TableT
-
-__all__ = ["References", "SeenWebhooks", "Tables"]
+__all__ = ["DEDUP", "REFERENCES", "Slot", "Store", "bucket_seconds", "dedup_record", "parse_dedup"]
 
 log = logging.getLogger(__name__)
 
-
-def _write(table: TableT[Any, Any], partition: int, key: str, value: Any) -> None:
-    table.send_changelog(partition, key, value)
-    table.data[key] = value
-
-
-def _delete(table: TableT[Any, Any], partition: int, key: str) -> None:
-    # A tombstone, as Table.__delitem__ sends it.
-    table.send_changelog(partition, key, None, value_serializer="raw")
-    table.data.pop(key, None)
+REFERENCES = "references"
+DEDUP = "dedup"
+BUCKETS_PER_WINDOW = 7
+REFERENCE_CACHE_MAX = 500_000
 
 
-class References:
-    """Subscription id -> customer reference, learnt from every event that carries both."""
-
-    def __init__(self, table: TableT[Any, Any]) -> None:
-        self.table = table
-
-    def reference(self, subscription_id: str) -> str | None:
-        value = self.table.data.get(subscription_id)
-        return value if isinstance(value, str) else None
-
-    def learn(self, learned: dict[tuple[int, str], str]) -> None:
-        """Record (raw partition, subscription id) -> reference pairs."""
-        for (partition, subscription_id), reference in learned.items():
-            _write(self.table, partition, subscription_id, reference)
-
-    def __len__(self) -> int:
-        return len(self.table.data)
+def bucket_seconds(window_s: float) -> int:
+    """The length of one dedup bucket: a seventh of the window (a day, for the default)."""
+    return max(1, int(window_s // BUCKETS_PER_WINDOW))
 
 
-class SeenWebhooks:
-    """Webhook ids emitted within the dedup window (see the module docstring)."""
+def dedup_record(at: float, keys: Iterable[str]) -> bytes:
+    """The changelog value of one batch's dedup keys: the time, then one key a line."""
+    return "\n".join([f"{at:.3f}", *keys]).encode()
+
+
+def parse_dedup(value: bytes) -> tuple[float, list[str]]:
+    """``(time, keys)`` of a dedup changelog value; an unreadable one holds nothing."""
+    lines = value.decode(errors="replace").split("\n")
+    try:
+        return float(lines[0]), lines[1:]
+    except ValueError:
+        return 0.0, []
+
+
+class Slot:
+    """This worker's folder under the data dir, held by a lock for the process's life."""
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        root = Path(data_dir).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        n = 0
+        while True:
+            handle: IO[bytes] = open(root / f"slot-{n}.lock", "ab")  # noqa: SIM115 - held
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                n += 1
+                continue
+            break
+        self.number = n
+        self.path = root / f"slot-{n}"
+        self.path.mkdir(exist_ok=True)
+        self._handle = handle
+
+    def release(self) -> None:
+        with suppress(OSError):
+            self._handle.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # The changelogs are the durable copy: a write lost in a power cut is read again.
+    conn.execute("PRAGMA synchronous=OFF")
+    return conn
+
+
+class Store:
+    """The local copy of the state (see the module docstring).
+
+    ``clock`` is wall-clock seconds. Not thread-safe: the pipeline's thread owns it.
+    """
 
     def __init__(
-        self, table: TableT[Any, Any], window_s: float, clock: Callable[[], float] = time.time
+        self, folder: Path, window_s: float, *, clock: Callable[[], float] = time.time
     ) -> None:
-        self.table = table
+        self.folder = folder
         self.window_s = window_s
+        self.bucket_s = bucket_seconds(window_s)
         self.clock = clock
-        self._index: dict[str, float] = {}
+        self._main = _connect(folder / "state.sqlite")
+        self._main.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS refs (
+                partition INTEGER NOT NULL, subscription TEXT NOT NULL, reference TEXT NOT NULL,
+                PRIMARY KEY (subscription, partition)) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS positions (
+                changelog TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+                PRIMARY KEY (changelog, partition)) WITHOUT ROWID;
+            """
+        )
+        self._buckets: dict[int, sqlite3.Connection] = {}
+        self._added = 0  # dedup keys added since start (a count(*) of 10M rows takes long)
+        for file in sorted(folder.glob("seen-*.sqlite")):
+            with suppress(ValueError):
+                self._open_bucket(int(file.stem.removeprefix("seen-")))
+        self._references: dict[tuple[int, str], str | None] = {}
 
-    def seen(self, webhook_id: str) -> bool:
-        at = self._index.get(webhook_id)
-        return at is not None and at >= self.clock() - self.window_s
+    # Positions --------------------------------------------------------------------------
 
-    def remember(self, emitted: dict[int, list[str]], offsets: dict[int, int]) -> None:
-        """Record the ids emitted per raw partition; ``offsets`` names each partition's batch."""
-        now = self.clock()
-        for partition, ids in emitted.items():
-            key = f"{partition}:{offsets[partition]}"
-            _write(self.table, partition, key, {"at": now, "ids": ids})
-            for webhook_id in ids:
-                self._index[webhook_id] = now
+    def position(self, changelog: str, partition: int) -> int | None:
+        """The changelog offset the local copy has applied up to (exclusive), if any."""
+        row = self._main.execute(
+            "SELECT next_offset FROM positions WHERE changelog = ? AND partition = ?",
+            (changelog, partition),
+        ).fetchone()
+        return None if row is None else int(row[0])
 
-    def rebuild(self) -> None:
-        """Rebuild the index from the table (after a recovery)."""
-        index: dict[str, float] = {}
-        for value in self.table.data.values():
-            at, ids = _entry(value)
-            for webhook_id in ids:
-                if index.get(webhook_id, 0.0) < at:
-                    index[webhook_id] = at
-        self._index = index
-        log.info(
-            "dedup index rebuilt: %d webhook ids in %d batches", len(index), len(self.table.data)
+    def _advance(self, positions: Mapping[tuple[str, int], int]) -> None:
+        self._main.executemany(
+            "INSERT INTO positions VALUES (?, ?, ?) ON CONFLICT (changelog, partition) "
+            "DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
+            [
+                (changelog, partition, offset)
+                for (changelog, partition), offset in positions.items()
+            ],
         )
 
-    def expire(self, active_partitions: Collection[int]) -> int:
-        """Forget entries older than the window; return how many batches were forgotten.
+    # References -------------------------------------------------------------------------
 
-        Entries of partitions this worker owns get a tombstone on the changelog; others
-        (left over from partitions that moved away) are only dropped from memory.
-        """
-        horizon = self.clock() - self.window_s
-        old = []
-        for key, value in list(self.table.data.items()):
-            at, _ = _entry(value)
-            if at < horizon:
-                old.append(key)
-        for key in old:
-            partition = int(key.partition(":")[0])
-            if partition in active_partitions:
-                _delete(self.table, partition, key)
-            else:
-                self.table.data.pop(key, None)
-        self._index = {k: at for k, at in self._index.items() if at >= horizon}
+    def reference(self, partition: int, subscription_id: str) -> str | None:
+        """The customer reference learnt for a subscription on a raw partition."""
+        key = (partition, subscription_id)
+        try:
+            return self._references[key]
+        except KeyError:
+            pass
+        row = self._main.execute(
+            "SELECT reference FROM refs WHERE subscription = ? AND partition = ?",
+            (subscription_id, partition),
+        ).fetchone()
+        found = None if row is None else str(row[0])
+        if len(self._references) >= REFERENCE_CACHE_MAX:
+            self._references.clear()
+        self._references[key] = found
+        return found
+
+    def references(self) -> int:
+        """How many subscriptions are known (for the metrics)."""
+        return int(self._main.execute("SELECT count(*) FROM refs").fetchone()[0])
+
+    # Dedup keys -------------------------------------------------------------------------
+
+    def _bucket(self, at: float) -> int:
+        return int(at // self.bucket_s)
+
+    def _horizon(self) -> int:
+        """The oldest bucket still (partly) inside the window."""
+        return self._bucket(self.clock() - self.window_s)
+
+    def _open_bucket(self, bucket: int) -> sqlite3.Connection:
+        conn = self._buckets.get(bucket)
+        if conn is None:
+            conn = _connect(self.folder / f"seen-{bucket}.sqlite")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS seen (key TEXT NOT NULL, partition INTEGER NOT NULL,"
+                " PRIMARY KEY (key, partition)) WITHOUT ROWID"
+            )
+            self._buckets[bucket] = conn
+        return conn
+
+    def seen(self, keys: Collection[tuple[int, str]]) -> set[tuple[int, str]]:
+        """Those of the (raw partition, dedup key) pairs emitted within the window."""
+        if not keys:
+            return set()
+        horizon = self._horizon()
+        by_key = sorted({key for _, key in keys})
+        found: set[tuple[int, str]] = set()
+        for bucket, conn in self._buckets.items():
+            if bucket < horizon:
+                continue
+            for start in range(0, len(by_key), 10_000):
+                chunk = by_key[start : start + 10_000]
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    conn.execute(
+                        f"SELECT partition, key FROM seen WHERE key IN ({marks})", chunk
+                    ).fetchall()
+                )
+        return found & set(keys)
+
+    def expire(self) -> int:
+        """Delete the buckets wholly past the window; return how many were deleted."""
+        horizon = self._horizon()
+        old = [bucket for bucket in self._buckets if bucket < horizon]
+        for bucket in old:
+            self._buckets.pop(bucket).close()
+            for suffix in ("", "-wal", "-shm"):
+                with suppress(FileNotFoundError):
+                    os.remove(self.folder / f"seen-{bucket}.sqlite{suffix}")
         return len(old)
 
-    def __len__(self) -> int:
-        return len(self._index)
+    # Writing ----------------------------------------------------------------------------
 
+    def apply(
+        self,
+        *,
+        references: Mapping[tuple[int, str], str] = {},
+        seen: Iterable[tuple[float, int, Iterable[str]]] = (),
+        positions: Mapping[tuple[str, int], int] = {},
+    ) -> None:
+        """Apply committed state: (partition, subscription) -> reference; (time,
+        partition, keys) dedup entries; then the changelog positions they reach."""
+        horizon = self._horizon()
+        grouped: dict[int, list[tuple[str, int]]] = {}
+        for at, partition, keys in seen:
+            bucket = self._bucket(at)
+            if bucket >= horizon:
+                grouped.setdefault(bucket, []).extend((key, partition) for key in keys)
+        for bucket, rows in grouped.items():
+            conn = self._open_bucket(bucket)
+            conn.execute("BEGIN")
+            self._added += conn.executemany(
+                "INSERT OR IGNORE INTO seen VALUES (?, ?)", rows
+            ).rowcount
+            conn.execute("COMMIT")
+        self._main.execute("BEGIN")
+        if references:
+            self._main.executemany(
+                "INSERT INTO refs VALUES (?, ?, ?) ON CONFLICT (subscription, partition) "
+                "DO UPDATE SET reference = excluded.reference",
+                [(p, sid, ref) for (p, sid), ref in references.items()],
+            )
+            for key, ref in references.items():
+                if key in self._references:
+                    self._references[key] = ref
+        self._advance(positions)
+        self._main.execute("COMMIT")
 
-def _entry(value: Any) -> tuple[float, Iterable[str]]:
-    if isinstance(value, dict):
-        try:
-            return float(value.get("at", 0.0)), [str(i) for i in value.get("ids", ())]
-        except (TypeError, ValueError):
-            pass
-    return 0.0, ()
+    @property
+    def added(self) -> int:
+        """Dedup keys added since the worker started, restored ones included."""
+        return self._added
 
-
-class Tables:
-    """Both tables, as :class:`processors.splitter.State`."""
-
-    def __init__(self, references: References, webhooks: SeenWebhooks) -> None:
-        self.references = references
-        self.webhooks = webhooks
-
-    def reference(self, subscription_id: str) -> str | None:
-        return self.references.reference(subscription_id)
-
-    def is_duplicate(self, webhook_id: str) -> bool:
-        return self.webhooks.seen(webhook_id)
+    def close(self) -> None:
+        for conn in self._buckets.values():
+            conn.close()
+        self._buckets.clear()
+        self._main.close()

@@ -8,16 +8,20 @@ Chargify retries.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from chargify_stream.settings import Settings
+from schemas.codec import decode
 from sink.admin import add_customer, add_partner, connect
 from tests.builders import build_body
+from tests.kafka_tools import consume
 from tests.pipeline import Pipeline
 from tests.services import KafkaService, PostgresService
 
@@ -159,3 +163,118 @@ def test_scale_out_survives_losing_a_worker_of_each_stage(
     for body in bodies[120:]:
         assert pipeline.post(body) == 200
     assert_exactly_once(pipeline, len(bodies))
+
+
+class SteadySender:
+    """Posts webhooks at a steady rate from a thread; ``retry_failed`` is Chargify's retry."""
+
+    def __init__(self, pipeline: Pipeline, bodies: list[bytes], rate: float) -> None:
+        self.pipeline = pipeline
+        self.bodies = bodies
+        self.interval = 1.0 / rate
+        self.statuses: list[int] = []
+        self.thread = threading.Thread(target=self._send, daemon=True)
+
+    def _send(self) -> None:
+        next_at = time.monotonic()
+        for body in self.bodies:
+            self.statuses.append(self.pipeline.post(body))
+            next_at += self.interval
+            time.sleep(max(0.0, next_at - time.monotonic()))
+
+    def sent(self, count: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.statuses) < count:
+            assert time.monotonic() < deadline, f"only {len(self.statuses)} sent"
+            time.sleep(0.05)
+
+    def retry_failed(self) -> None:
+        self.thread.join(180)
+        assert len(self.statuses) == len(self.bodies)
+        for body, status in zip(self.bodies, self.statuses, strict=True):
+            if status != 200:
+                self.pipeline.post_until_accepted(body)
+
+
+def transactions_on_the_topic(settings: Settings, count: int) -> Counter[int]:
+    """What a read_committed reader of chargify.transactions sees, by transaction id."""
+    out = consume(
+        settings.kafka_bootstrap_servers,
+        settings.topic("transactions"),
+        count=count,
+        timeout=60,
+        settle=3.0,
+    )
+    return Counter(decode(m.value()).transaction_id for m in out)  # type: ignore[union-attr]
+
+
+def test_exactly_once_on_the_topic_through_kills_rebalances_and_a_broker_restart(
+    make_settings: Callable[..., Settings],
+    make_pipeline: Callable[..., Pipeline],
+    kafka_service: KafkaService,
+) -> None:
+    """Two processor workers under a steady stream of payments: one SIGKILLed mid-batch,
+    the other SIGKILLed during the rebalance that follows, one SIGTERMed, one frozen past
+    its session (a zombie, SIGSTOP then SIGCONT), and the broker SIGKILLed and restarted.
+    A read_committed reader sees each transaction once, and Postgres holds each once."""
+    if not kafka_service.can_restart:
+        pytest.skip("needs CHARGIFY_TEST_BACKEND=local to kill the broker")
+    settings = make_settings(partitions=4, sink_batch_size=50, gateway_publish_timeout_s=2.0)
+    seed(settings)
+    pipeline = make_pipeline(settings, processors=2)
+    bodies = payments(3000)
+    sender = SteadySender(pipeline, bodies, rate=100)
+    sender.thread.start()
+
+    sender.sent(300)
+    pipeline.processors[0].kill()  # mid-batch: batches are committed every few ms
+    first = pipeline.restart(pipeline.processors[0])
+    first.wait_for_log("processor ")  # started: the group rebalances as it joins
+    pipeline.processors[1].kill()  # during that rebalance
+    pipeline.restart(pipeline.processors[1])
+
+    sender.sent(900)
+    assert pipeline.processors[0].stop() == 0  # SIGTERM: the batch in hand is finished
+    pipeline.restart(pipeline.processors[0])
+
+    sender.sent(1400)
+    zombie = pipeline.processors[1]
+    zombie.signal(signal.SIGSTOP)  # past its session: its partitions move to the other
+    time.sleep(14)
+    zombie.signal(signal.SIGCONT)  # it wakes up mid-batch, in a generation that is gone
+
+    sender.sent(2200)
+    try:
+        kafka_service.kill()
+        time.sleep(3)
+    finally:
+        kafka_service.start()
+    sender.retry_failed()
+
+    assert_exactly_once(pipeline, len(bodies), timeout=180)
+    seen = transactions_on_the_topic(settings, len(bodies))
+    assert seen == Counter(FIRST_TXN + i for i in range(len(bodies)))
+    assert all(p.running for p in pipeline.processors)
+
+
+def test_one_event_under_two_webhook_ids_is_recorded_once(
+    make_settings: Callable[..., Settings],
+    make_pipeline: Callable[..., Pipeline],
+) -> None:
+    """Chargify sends one event to each of two endpoints (e.g. while a site moves its
+    endpoint): two webhook ids, the same event id and transaction id."""
+    settings = make_settings(partitions=2)
+    seed(settings)
+    pipeline = make_pipeline(settings)
+    same = {"transaction_id": FIRST_TXN, "event_id": 77_000_001, "subscription_id": 9_000}
+    first, second = (
+        build_body("payment_success", webhook_id=wid, reference="cust-0", amount_cents=100, **same)
+        for wid in (3_000_000_010, 3_000_000_011)
+    )
+    assert pipeline.post(first) == 200
+    assert_exactly_once(pipeline, 1)
+    assert pipeline.post(second) == 200
+    assert pipeline.post(first) == 200  # and a Chargify retry of the first
+    time.sleep(3)
+    assert_exactly_once(pipeline, 1)
+    assert transactions_on_the_topic(settings, 1) == Counter([FIRST_TXN])

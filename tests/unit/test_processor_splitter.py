@@ -1,32 +1,57 @@
-"""The processor's per-batch logic (``processors.splitter.split``), without Kafka."""
+"""The processor's per-batch logic (``processors.splitter.split``), without Kafka.
+
+The state is the real local store (:class:`processors.state.Store`, SQLite in a
+temporary folder), filled as committed batches fill it.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from processors import splitter
-from processors.splitter import Incoming, split
+from processors.splitter import Incoming, Split, split
+from processors.state import Store
 from schemas import headers as h
 from schemas.codec import decode
 from schemas.deadletter import parse_dead_letter
 from schemas.records import SubscriptionChange, Transaction
 from tests.builders import build_body
 
+MakeStore = Callable[..., Store]
 
-class FakeState:
-    def __init__(
-        self, references: dict[str, str] | None = None, seen: set[str] | None = None
-    ) -> None:
-        self.references = references or {}
-        self.seen = seen or set()
 
-    def reference(self, subscription_id: str) -> str | None:
-        return self.references.get(subscription_id)
+@pytest.fixture
+def make_store(tmp_path: Path) -> MakeStore:
+    made = 0
 
-    def is_duplicate(self, webhook_id: str) -> bool:
-        return webhook_id in self.seen
+    def make(
+        references: dict[str, str] | None = None, seen: set[str] | None = None, partition: int = 0
+    ) -> Store:
+        nonlocal made
+        made += 1
+        folder = tmp_path / f"store-{made}"
+        folder.mkdir()
+        store = Store(folder, 3600)
+        store.apply(
+            references={(partition, sid): ref for sid, ref in (references or {}).items()},
+            seen=[(time.time(), partition, sorted(seen or ()))],
+        )
+        return store
+
+    return make
+
+
+def commit(store: Store, result: Split) -> None:
+    """What the pipeline does once a batch's transaction committed."""
+    store.apply(
+        references=result.learned,
+        seen=[(time.time(), p, keys) for p, keys in result.emitted.items()],
+    )
 
 
 def incoming(
@@ -40,6 +65,9 @@ def incoming(
     with_id_header: bool = True,
     **fields: Any,
 ) -> Incoming:
+    fields.setdefault("event_id", 40_000 + webhook_id)
+    if event == "payment_success":
+        fields.setdefault("transaction_id", 70_000 + webhook_id)
     body = build_body(event, webhook_id=webhook_id, subscription_id=subscription_id, **fields)
     headers = [
         (h.EVENT, event.encode()),
@@ -52,9 +80,9 @@ def incoming(
     return Incoming("raw", partition, offset, str(subscription_id).encode(), body, headers)
 
 
-def test_emits_avro_under_the_customer_with_the_carried_headers() -> None:
-    record = incoming("payment_success", 1, reference="cust-1", transaction_id=70)
-    result = split([record], FakeState())
+def test_emits_avro_under_the_customer_with_the_carried_headers(make_store: MakeStore) -> None:
+    record = incoming("payment_success", 1, reference="cust-1", transaction_id=70, event_id=9)
+    result = split([record], make_store())
     [out] = result.outgoing
     assert (out.topic, out.key) == ("transactions", b"cust-1")
     value = decode(out.value)
@@ -64,14 +92,14 @@ def test_emits_avro_under_the_customer_with_the_carried_headers() -> None:
         (h.EVENT, b"payment_success"),
         (h.RECEIVED_AT, b"2024-10-11T19:28:31.000Z"),
     ]
-    assert result.emitted == {0: ["1"]}
+    assert result.emitted == {0: ["w:1", "e:9", "t:70"]}
     assert result.tally.events == {("payment_success", "emitted"): 1}
     assert result.tally.published == {"transactions": 1}
 
 
-def test_dead_letter_keeps_the_raw_record_and_says_why() -> None:
+def test_dead_letter_keeps_the_raw_record_and_says_why(make_store: MakeStore) -> None:
     record = incoming("component_allocation_change", 9, offset=41, partition=2)
-    result = split([record], FakeState())
+    result = split([record], make_store())
     [out] = result.outgoing
     assert (out.topic, out.key, out.value) == ("deadletter", record.key, record.value)
     assert out.headers[: len(record.headers)] == record.headers
@@ -84,57 +112,93 @@ def test_dead_letter_keeps_the_raw_record_and_says_why() -> None:
     assert result.tally.dead_letters == {"unknown_subscription": 1}
 
 
-def test_duplicates_are_dropped_across_and_within_batches() -> None:
-    state = FakeState(seen={"5"})
+def test_duplicates_are_dropped_across_and_within_batches(make_store: MakeStore) -> None:
+    store = make_store(seen={"w:5"})
     batch = [
         incoming("payment_success", 5),  # emitted earlier
         incoming("payment_success", 6, offset=1),
         incoming("payment_success", 6, offset=2),  # again, in the same batch
     ]
-    result = split(batch, state)
+    result = split(batch, store)
     assert [o.headers[0] for o in result.outgoing] == [(h.WEBHOOK_ID, b"6")]
     assert result.tally.events[("payment_success", "duplicate")] == 2
+    commit(store, result)
+    again = split([incoming("payment_success", 6, offset=3)], store)  # a later batch
+    assert again.outgoing == [] and again.tally.events[("payment_success", "duplicate")] == 1
 
 
-def test_without_an_id_header_the_body_id_is_used() -> None:
+def test_one_chargify_event_under_two_webhook_ids_is_emitted_once(make_store: MakeStore) -> None:
+    """One event sent to two endpoints: two webhook ids, one event id and transaction id."""
+    store = make_store()
+    first = incoming("payment_success", 3000000010, event_id=55, transaction_id=8000000001)
+    second = incoming("payment_success", 3000000011, event_id=55, transaction_id=8000000001)
+    result = split([first, second], store)
+    assert [o.headers[0] for o in result.outgoing] == [(h.WEBHOOK_ID, b"3000000010")]
+    commit(store, result)
+    # In a later batch, and with only one of the two ids in common.
+    later = incoming("payment_success", 3000000012, event_id=56, transaction_id=8000000001)
+    signup = incoming("signup_success", 3000000013, event_id=55, offset=1)
+    assert split([later, signup], store).outgoing == []
+
+
+def test_without_an_id_header_the_body_id_is_used(make_store: MakeStore) -> None:
     batch = [
         incoming("signup_success", 7, with_id_header=False),
         incoming("signup_success", 7, with_id_header=False, offset=1),
     ]
-    result = split(batch, FakeState(seen={"8"}))
-    assert len(result.outgoing) == 1 and result.emitted == {0: ["7"]}
-    again = split([incoming("signup_success", 8, with_id_header=False)], FakeState(seen={"8"}))
+    result = split(batch, make_store(seen={"w:8"}))
+    assert len(result.outgoing) == 1 and result.emitted == {0: ["w:7", "e:40007"]}
+    again = split(
+        [incoming("signup_success", 8, with_id_header=False, event_id=None)],
+        make_store(seen={"w:8"}),
+    )
     assert again.outgoing == []
 
 
-def test_a_dead_letter_replay_is_not_a_duplicate() -> None:
+def test_a_dead_letter_replay_of_an_emitted_webhook_is_a_duplicate(make_store: MakeStore) -> None:
+    """Exactly once on the typed topics holds for replays too (DESIGN.md)."""
     replay = incoming("payment_success", 5, extra_headers=[(h.DLQ_REPLAY_COUNT, b"1")])
-    assert len(split([replay], FakeState(seen={"5"})).outgoing) == 1
+    assert split([replay], make_store(seen={"w:5"})).outgoing == []
+    # A replay of what was dead-lettered (never emitted) goes through.
+    assert len(split([replay], make_store()).outgoing) == 1
 
 
-def test_references_learnt_in_a_batch_resolve_later_records_of_it() -> None:
+def test_references_learnt_in_a_batch_resolve_later_records_of_it(make_store: MakeStore) -> None:
     batch = [
         incoming("signup_success", 1, subscription_id=77, reference="cust-77", partition=1),
         incoming("component_allocation_change", 2, subscription_id=77, partition=1, offset=1),
         incoming("signup_success", 3, subscription_id=78, reference="cust-78", offset=2),
     ]
-    state = FakeState(references={"78": "cust-78"})
-    result = split(batch, state)
+    store = make_store(references={"78": "cust-78"})
+    result = split(batch, store)
     assert [o.key for o in result.outgoing] == [b"cust-77", b"cust-77", b"cust-78"]
     change = decode(result.outgoing[1].value)
     assert isinstance(change, SubscriptionChange) and change.event == "component_allocation_change"
     assert result.learned == {(1, "77"): "cust-77"}  # 78 was known already
-    assert result.emitted == {1: ["1", "2"], 0: ["3"]}
+    assert result.emitted == {1: ["w:1", "e:40001", "w:2", "e:40002"], 0: ["w:3", "e:40003"]}
     assert result.first_offsets == {1: 0, 0: 2}
+    commit(store, result)
+    later = split(
+        [incoming("component_allocation_change", 4, subscription_id=77, partition=1)], store
+    )
+    assert [o.key for o in later.outgoing] == [b"cust-77"]
 
 
-def test_a_changed_reference_is_learnt_again() -> None:
+def test_references_are_per_raw_partition(make_store: MakeStore) -> None:
+    store = make_store(references={"77": "cust-77"}, partition=0)
+    alone = split(
+        [incoming("component_allocation_change", 4, subscription_id=77, partition=1)], store
+    )
+    assert alone.outgoing[0].topic == "deadletter"
+
+
+def test_a_changed_reference_is_learnt_again(make_store: MakeStore) -> None:
     batch = [incoming("payment_success", 1, subscription_id=5, reference="new-ref")]
-    result = split(batch, FakeState(references={"5": "old-ref"}))
+    result = split(batch, make_store(references={"5": "old-ref"}))
     assert result.learned == {(0, "5"): "new-ref"}
 
 
-def test_ignored_records_are_counted_not_published() -> None:
+def test_ignored_records_are_counted_not_published(make_store: MakeStore) -> None:
     test_event = Incoming("raw", 0, 0, None, b"id=1&event=test&payload[chargify]=testing", [])
     renewal = incoming("signup_success", 2, reference="c")
     renewal = Incoming(
@@ -146,53 +210,29 @@ def test_ignored_records_are_counted_not_published() -> None:
         [],
     )
     panel = incoming("payment_success", 3, subscription_id=0, event_id=None, offset=2)
-    result = split([test_event, renewal, panel], FakeState())
+    result = split([test_event, renewal, panel], make_store())
     assert result.outgoing == []
     assert result.tally.ignored == {"test_event": 1, "unsupported_event": 1, "test_panel": 1}
     assert result.tally.events[("other", "ignored")] == 1  # renewal_success: not a label
     assert result.learned == {(0, "15100141"): "c"}  # the renewal still teaches
 
 
-def test_a_processing_bug_dead_letters_the_record(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_processing_bug_dead_letters_the_record(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(record: object) -> bytes:
         raise OverflowError("boom")
 
     monkeypatch.setattr(splitter, "encode", broken)
     record = incoming("payment_success", 1)
-    [out] = split([record], FakeState()).outgoing
+    [out] = split([record], make_store()).outgoing
     info = parse_dead_letter(out.headers)
     assert info is not None and info.reason == "malformed_payload"
     assert info.error == "processor error: OverflowError"
     assert out.value == record.value
 
 
-def test_tally_summary() -> None:
-    result = split([incoming("payment_success", 1), incoming("payment_success", 1)], FakeState())
+def test_tally_summary(make_store: MakeStore) -> None:
+    batch = [incoming("payment_success", 1), incoming("payment_success", 1, offset=1)]
+    result = split(batch, make_store())
     assert result.tally.summary() == "emitted=1 ignored=0 dead_lettered=0 duplicate=1"
-
-
-def test_the_next_batch_sees_what_the_batch_on_its_way_will_write() -> None:
-    tables = FakeState(seen={"1"})
-    ahead = split(
-        [
-            incoming("signup_success", 2, subscription_id=77, reference="cust-77", partition=1),
-            incoming("payment_success", 3, offset=1),
-        ],
-        tables,
-    )
-    assert tables.references == {}  # nothing written yet: the outputs are on their way
-    nxt = split(
-        [
-            incoming("component_allocation_change", 4, subscription_id=77, partition=1),
-            incoming("payment_success", 3, offset=2),  # emitted by the batch ahead
-            incoming("payment_success", 1, offset=3),  # in the tables
-        ],
-        splitter.Pending(tables, ahead),
-    )
-    [out] = nxt.outgoing
-    assert (out.topic, out.key) == ("subscriptions", b"cust-77")
-    assert nxt.tally.events[("payment_success", "duplicate")] == 2
-    assert nxt.learned == {}  # already learnt by the batch ahead
-    # Without the batch ahead, the allocation change cannot be resolved.
-    alone = split([incoming("component_allocation_change", 4, subscription_id=77)], tables)
-    assert alone.outgoing[0].topic == "deadletter"

@@ -1,21 +1,15 @@
-"""The tables' explicit-partition writes, the dedup index and its expiry, on a fake table."""
+"""``processors.state``: the local copy of the processor's state (real SQLite files)."""
 
 from __future__ import annotations
 
-from typing import Any
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from processors.state import References, SeenWebhooks, Tables
+from processors.state import Slot, Store, bucket_seconds, dedup_record, parse_dedup
 
-
-class FakeTable:
-    """What ``processors.state`` uses of a Faust table: ``data`` and ``send_changelog``."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
-        self.changelog: list[tuple[int, str, Any]] = []
-
-    def send_changelog(self, partition: int, key: str, value: Any, **_: Any) -> None:
-        self.changelog.append((partition, key, value))
+DAY = 24 * 3600
 
 
 class Clock:
@@ -26,65 +20,84 @@ class Clock:
         return self.now
 
 
-def test_references_are_written_to_the_raw_partition() -> None:
-    table = FakeTable()
-    refs = References(table)  # type: ignore[arg-type]
-    refs.learn({(2, "77"): "cust-77", (0, "78"): "cust-78"})
-    assert table.changelog == [(2, "77", "cust-77"), (0, "78", "cust-78")]
-    assert refs.reference("77") == "cust-77" and refs.reference("79") is None
-    assert len(refs) == 2
+def test_dedup_keys_are_answered_per_partition(tmp_path: Path) -> None:
+    store = Store(tmp_path, 7 * DAY)
+    now = time.time()
+    store.apply(seen=[(now, 0, ["w:1", "t:9"]), (now, 1, ["w:2"])])
+    asked = {(0, "w:1"), (0, "w:2"), (1, "w:2"), (0, "t:9"), (0, "e:5")}
+    assert store.seen(asked) == {(0, "w:1"), (1, "w:2"), (0, "t:9")}
+    assert store.seen(set()) == set()
+    assert store.added == 3
 
 
-def test_seen_webhooks_one_entry_per_partition_and_batch() -> None:
-    table, clock = FakeTable(), Clock(1000.0)
-    seen = SeenWebhooks(table, window_s=60, clock=clock)  # type: ignore[arg-type]
-    seen.remember({0: ["1", "2"], 2: ["3"]}, {0: 10, 2: 4})
-    assert table.changelog == [
-        (0, "0:10", {"at": 1000.0, "ids": ["1", "2"]}),
-        (2, "2:4", {"at": 1000.0, "ids": ["3"]}),
-    ]
-    assert seen.seen("1") and seen.seen("3") and not seen.seen("4")
-    assert len(seen) == 3
-    clock.now = 1061.0  # older than the window: no longer a duplicate, even before expiry
-    assert not seen.seen("1")
+def test_expiry_deletes_whole_buckets_past_the_window(tmp_path: Path) -> None:
+    clock = Clock(1_000 * DAY)
+    store = Store(tmp_path, 7 * DAY, clock=clock)
+    assert bucket_seconds(7 * DAY) == DAY
+    store.apply(seen=[(clock.now - 6 * DAY, 0, ["old"]), (clock.now, 0, ["new"])])
+    assert len(list(tmp_path.glob("seen-*.sqlite"))) == 2
+    assert store.expire() == 0
+    clock.now += 2 * DAY  # "old" is now 8 days old: its whole bucket is past the window
+    assert store.seen({(0, "old"), (0, "new")}) == {(0, "new")}
+    started = time.perf_counter()
+    assert store.expire() == 1
+    assert time.perf_counter() - started < 0.1
+    assert len(list(tmp_path.glob("seen-*.sqlite"))) == 1
+    # Entries already past the window (a changelog read late) are not stored at all.
+    store.apply(seen=[(clock.now - 9 * DAY, 0, ["older"])])
+    assert len(list(tmp_path.glob("seen-*.sqlite"))) == 1
 
 
-def test_expiry_tombstones_owned_partitions_and_forgets_the_rest() -> None:
-    table, clock = FakeTable(), Clock(1000.0)
-    seen = SeenWebhooks(table, window_s=60, clock=clock)  # type: ignore[arg-type]
-    seen.remember({0: ["1"], 1: ["2"]}, {0: 0, 1: 0})
-    clock.now = 1030.0
-    seen.remember({0: ["3"]}, {0: 1})
-    table.changelog.clear()
-    clock.now = 1070.0
-    assert seen.expire(active_partitions={0}) == 2
-    assert table.changelog == [(0, "0:0", None)]  # partition 1 belongs to another worker
-    assert set(table.data) == {"0:1"}
-    assert (seen.seen("1"), seen.seen("2"), seen.seen("3")) == (False, False, True)
-    assert len(seen) == 1
-
-
-def test_the_index_is_rebuilt_from_the_table() -> None:
-    table, clock = FakeTable(), Clock(1000.0)
-    table.data = {
-        "0:0": {"at": 990.0, "ids": ["1", "2"]},
-        "1:5": {"at": 995.0, "ids": ["2", "3"]},
-        "1:9": "not an entry",
-    }
-    seen = SeenWebhooks(table, window_s=60, clock=clock)  # type: ignore[arg-type]
-    assert not seen.seen("1")
-    seen.rebuild()
-    assert all(seen.seen(w) for w in ("1", "2", "3"))
-    assert seen.expire(active_partitions={0, 1}) == 1  # the unreadable entry
-    assert len(seen) == 3
-
-
-def test_tables_answer_as_the_splitter_state() -> None:
-    refs_table, seen_table = FakeTable(), FakeTable()
-    tables = Tables(
-        References(refs_table),  # type: ignore[arg-type]
-        SeenWebhooks(seen_table, window_s=60, clock=Clock(0.0)),  # type: ignore[arg-type]
+def test_references_and_positions_survive_reopening(tmp_path: Path) -> None:
+    store = Store(tmp_path, DAY)
+    assert store.reference(0, "77") is None  # cached as unknown ...
+    store.apply(
+        references={(0, "77"): "cust-77", (1, "78"): "cust-78"},
+        seen=[(time.time(), 0, ["w:1"])],
+        positions={("refs", 0): 5, ("dedup", 0): 3},
     )
-    tables.references.learn({(0, "1"): "c"})
-    tables.webhooks.remember({0: ["9"]}, {0: 0})
-    assert tables.reference("1") == "c" and tables.is_duplicate("9")
+    assert store.reference(0, "77") == "cust-77"  # ... and learnt
+    store.apply(references={(0, "77"): "moved"}, positions={("refs", 0): 4})
+    assert store.reference(0, "77") == "moved"
+    assert store.position("refs", 0) == 5  # a position never goes back
+    store.close()
+    again = Store(tmp_path, DAY)
+    assert again.reference(0, "77") == "moved"
+    assert again.reference(0, "78") is None  # another partition's
+    assert again.reference(1, "78") == "cust-78"
+    assert again.seen({(0, "w:1")}) == {(0, "w:1")}
+    assert (again.position("refs", 0), again.position("dedup", 0), again.position("x", 0)) == (
+        5,
+        3,
+        None,
+    )
+
+
+def test_changelog_values_round_trip() -> None:
+    assert parse_dedup(dedup_record(12.5, ["w:1", "t:2"])) == (12.5, ["w:1", "t:2"])
+    assert parse_dedup(b"not a time\nw:1") == (0.0, [])
+
+
+_HOLD = (
+    "import sys, time; from processors.state import Slot; held = Slot(sys.argv[1]); "
+    "print('held', flush=True); time.sleep(30)"
+)
+
+
+def test_each_live_worker_gets_its_own_slot(tmp_path: Path) -> None:
+    other = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "held"
+        mine = Slot(tmp_path)
+        assert mine.number == 1  # slot 0 is held by the other process
+        mine.release()
+    finally:
+        other.kill()
+        other.wait()
+        if other.stdout is not None:
+            other.stdout.close()
+    again = Slot(tmp_path)
+    assert again.number == 0  # free again once its holder is gone
+    again.release()
