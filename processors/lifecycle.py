@@ -1,5 +1,8 @@
 """The processor process's lifecycle: start-up retries, failure exits and the stop watchdog.
 
+- SIGTERM or SIGINT before the Faust worker handles signals itself (imports, topic
+  preparation, the worker's start: several seconds on a busy host) stops the start, status
+  0: nothing was read yet.
 - A broker away while the topics are prepared is waited for (``START_ATTEMPTS`` tries with
   a growing pause), then the start gives up with status 1 for the supervisor.
 - A pipeline failure that is not a bad record (those are dead-lettered) exits at once
@@ -16,6 +19,7 @@ import contextlib
 import faulthandler
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +32,8 @@ from chargify_stream.settings import Settings
 
 __all__ = [
     "START_ATTEMPTS",
+    "StopRequested",
+    "exit_early_on_signal",
     "exit_if_still_running",
     "exit_on_failure",
     "join",
@@ -42,6 +48,20 @@ _T = TypeVar("_T")
 # After the watchdog's own deadline: if even it cannot run (the main thread stuck in C with
 # the GIL held), faulthandler's C thread dumps the stacks and exits.
 _BACKSTOP_S = 5.0
+
+
+class StopRequested(Exception):
+    """A stop signal arrived before the worker handled signals itself."""
+
+
+def exit_early_on_signal() -> None:
+    """Until the worker installs its own handlers: a stop signal raises StopRequested."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise StopRequested(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def retry_at_start(what: str, call: Callable[[], _T], *, pause: float = 1.0) -> _T:

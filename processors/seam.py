@@ -15,7 +15,8 @@ The touchpoints, all public, and why:
 - ``faust.Worker(app, *services, loglevel=, quiet=, override_logging=)`` and its
   ``execute_from_commandline()``, which ends with ``SystemExit``: signal handling and a
   graceful stop of the app and of the pipeline's service.
-- ``mode.Service`` with ``on_start``/``on_stop``: the pipeline's thread as a service.
+- ``mode.Service`` with ``on_start``/``on_stop``: the pipeline's thread as a service
+  (:class:`ThreadService`).
 
 ``tests/unit/test_seam.py`` pins the versions (faust-streaming 0.15.3, mode-streaming
 0.7.1, aiokafka 0.14.0, as ``pyproject.toml``) and the source of ``BootStrategy``, and
@@ -25,6 +26,9 @@ real worker of this app against the real broker and checks the contract above.
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -32,19 +36,14 @@ from faust.app.base import BootStrategy
 from faust.web import Request, Response, View
 from mode import Service
 
-__all__ = [
-    "App",
-    "NoKafka",
-    "ProcessorApp",
-    "Request",
-    "Response",
-    "Service",
-    "View",
-    "Worker",
-    "execute",
-]
+from chargify_stream.settings import Settings
+from processors import lifecycle
+from processors.metrics import CONTENT_TYPE, ProcessorMetrics
 
-App = faust.App
+__all__ = ["NoKafka", "ProcessorApp", "ThreadService", "Worker", "build_app", "execute"]
+
+log = logging.getLogger(__name__)
+
 Worker = faust.Worker
 
 
@@ -67,3 +66,63 @@ def execute(worker: Any) -> int:
     except SystemExit as done:  # how mode's worker always ends
         return done.code if isinstance(done.code, int) else 1
     return 0
+
+
+def build_app(settings: Settings, metrics: ProcessorMetrics) -> faust.App:
+    """The processor's Faust app: no Kafka services, a web server with the metrics page."""
+    app = ProcessorApp(
+        settings.processor_app_id,
+        broker=[f"kafka://{s}" for s in settings.kafka_bootstrap_servers.split(",")],
+        datadir=settings.processor_data_dir,
+        web_host="127.0.0.1",
+        web_bind="127.0.0.1",
+        web_port=settings.processor_web_port,
+        web_tables_enabled=False,
+        web_graph_enabled=False,
+    )
+
+    @app.page("/metrics")
+    async def metrics_page(self: View, request: Request) -> Response:
+        return self.bytes(metrics.render(), content_type=CONTENT_TYPE)
+
+    return app
+
+
+class ThreadService(Service):
+    """Runs ``work(stop)`` in a thread while the worker runs; sets ``stop`` when it stops.
+
+    ``on_failure`` is called (from the thread) if ``work`` raises before the stop; a stop
+    not done ``stop_timeout`` seconds after it began exits the process
+    (:func:`processors.lifecycle.exit_if_still_running`).
+    """
+
+    def __init__(
+        self,
+        work: Callable[[threading.Event], None],
+        on_failure: Callable[[BaseException], None],
+        stop_timeout: float,
+    ) -> None:
+        super().__init__()
+        self._work = work
+        self._on_failure = on_failure
+        self._stop_timeout = stop_timeout
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._work(self._stop)
+        except BaseException as exc:
+            if not self._stop.is_set():
+                self._on_failure(exc)
+            else:
+                log.exception("the pipeline failed while stopping")
+
+    async def on_start(self) -> None:
+        self._thread.start()
+
+    async def on_stop(self) -> None:
+        self._stop.set()
+        call_off = lifecycle.exit_if_still_running(self._stop_timeout)
+        await lifecycle.join(self._thread)
+        call_off()

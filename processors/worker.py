@@ -24,20 +24,18 @@ from __future__ import annotations
 
 import gc
 import logging
-import threading
-from collections.abc import Callable
 
 from confluent_kafka import KafkaException
 
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.settings import Settings
-from processors import lifecycle, pipeline, seam
+from processors import lifecycle, pipeline
 from processors.fields import NATIVE_SCAN
-from processors.metrics import CONTENT_TYPE, ProcessorMetrics
+from processors.metrics import ProcessorMetrics
 from processors.state import Slot, Store
 
-__all__ = ["build_app", "run"]
+__all__ = ["run"]
 
 log = logging.getLogger(__name__)
 
@@ -45,61 +43,20 @@ GC_YOUNG_THRESHOLD = 50_000
 STOP_TIMEOUT_S = 15.0
 
 
-def build_app(settings: Settings, metrics: ProcessorMetrics) -> seam.App:
-    """The Faust app: no Kafka services, a web server with the metrics page."""
-    app = seam.ProcessorApp(
-        settings.processor_app_id,
-        broker=[f"kafka://{s}" for s in settings.kafka_bootstrap_servers.split(",")],
-        datadir=settings.processor_data_dir,
-        web_host="127.0.0.1",
-        web_bind="127.0.0.1",
-        web_port=settings.processor_web_port,
-        web_tables_enabled=False,
-        web_graph_enabled=False,
-    )
-
-    @app.page("/metrics")
-    async def metrics_page(self: seam.View, request: seam.Request) -> seam.Response:
-        return self.bytes(metrics.render(), content_type=CONTENT_TYPE)
-
-    return app
-
-
-class PipelineService(seam.Service):
-    """Runs the pipeline in a thread while the worker runs; stops it when the worker stops."""
-
-    def __init__(
-        self,
-        work: Callable[[threading.Event], None],
-        on_failure: Callable[[BaseException], None],
-    ) -> None:
-        super().__init__()
-        self._work = work
-        self._on_failure = on_failure
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self._work(self._stop)
-        except BaseException as exc:
-            if not self._stop.is_set():
-                self._on_failure(exc)
-            else:
-                log.exception("the pipeline failed while stopping")
-
-    async def on_start(self) -> None:
-        self._thread.start()
-
-    async def on_stop(self) -> None:
-        self._stop.set()
-        call_off = lifecycle.exit_if_still_running(STOP_TIMEOUT_S)
-        await lifecycle.join(self._thread)
-        call_off()
-
-
 def run(settings: Settings) -> int:
     """Prepare the topics, then run a worker until it is stopped."""
+    lifecycle.exit_early_on_signal()
+    try:
+        return _run(settings)
+    except lifecycle.StopRequested as stop:
+        log.info("%s before the processor was running: stopped", stop)
+        return 0
+
+
+def _run(settings: Settings) -> int:
+    # Faust is imported here, once a stop signal is handled (its import takes a while).
+    from processors import seam
+
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
     def prepare() -> tuple[int, pipeline.Changelogs]:
@@ -132,8 +89,8 @@ def run(settings: Settings) -> int:
             "processors._formscan is not built (no C compiler at install): "
             "field extraction runs in Python, about 20 us more per webhook"
         )
-    app = build_app(settings, metrics)
-    service = PipelineService(work.run, lifecycle.exit_on_failure)
+    app = seam.build_app(settings, metrics)
+    service = seam.ThreadService(work.run, lifecycle.exit_on_failure, STOP_TIMEOUT_S)
     worker = seam.Worker(
         app, service, loglevel=settings.log_level.lower(), quiet=True, override_logging=False
     )

@@ -234,6 +234,7 @@ def test_exactly_once_on_the_topic_through_kills_rebalances_and_a_broker_restart
     pipeline.restart(pipeline.processors[1])
 
     sender.sent(900)
+    first.wait_for_log("assigned")
     assert pipeline.processors[0].stop() == 0  # SIGTERM: the batch in hand is finished
     pipeline.restart(pipeline.processors[0])
 
