@@ -43,17 +43,20 @@ GC_YOUNG_THRESHOLD = 50_000
 STOP_TIMEOUT_S = 15.0
 
 
-def run(settings: Settings) -> int:
-    """Prepare the topics, then run a worker until it is stopped."""
+def run(settings: Settings, *, transactional: bool = True) -> int:
+    """Prepare the topics, then run a worker until it is stopped.
+
+    ``transactional=False`` is at-least-once delivery, for the benchmark's comparison.
+    """
     lifecycle.exit_early_on_signal()
     try:
-        return _run(settings)
+        return _run(settings, transactional)
     except lifecycle.StopRequested as stop:
         log.info("%s before the processor was running: stopped", stop)
         return 0
 
 
-def _run(settings: Settings) -> int:
+def _run(settings: Settings, transactional: bool) -> int:
     # Faust is imported here, once a stop signal is handled (its import takes a while).
     from processors import seam
 
@@ -73,7 +76,12 @@ def _run(settings: Settings) -> int:
     store = Store(slot.path, settings.processor_dedup_window_s)
     metrics = ProcessorMetrics()
     work = pipeline.build(
-        settings, store=store, slot=slot.number, changelogs=changelogs, metrics=metrics
+        settings,
+        store=store,
+        slot=slot.number,
+        changelogs=changelogs,
+        metrics=metrics,
+        transactional=transactional,
     )
     log.info(
         "processor %s reading %s (%d partitions, transactional id %s); "

@@ -1,39 +1,36 @@
-"""Benchmark one processor worker: raw events/s against a bare consumer in the same run.
+"""Benchmark one processor worker: exactly once against at least once, in the same run.
 
-    .venv/bin/python bench/processor/run.py [--events 60000] [--rounds 2]
+    .venv/bin/python bench/processor/run.py [--events 60000] [--rounds 3]
         [--profile FILE [--profiler py-spy|cprofile|pyinstrument]]
 
 Starts a local Kafka broker (the tests' launcher, a temporary folder), writes the
 workload (``bench/processor/workload.py``: real-size bodies, mean about 3.5 kB, the
 realistic mix of events, 4 % duplicates, 5 % ignored, 1 % dead letters) to a 3-partition
 raw topic as the gateway writes it (lz4, keyed by subscription id, its headers). Then, in
-alternating rounds, each over the whole pre-loaded topic with a fresh consumer group:
+rounds, each over the whole pre-loaded topic with a fresh consumer group:
 
 - **bare consumer**: a confluent-kafka consumer that reads every record and touches its
   value and headers, timed from its first record to its last: reading the topic and
   nothing else, the ceiling for any consumer in Python;
-- **Faust floor** (``faust_floor.py``): the same kind of Faust app and agent, with the
-  processor's delivery (``processors/drain.py``: batches handed from the fetch loop to
-  the agent), taking the same batches and doing nothing with them, timed from its first
-  record to its last: what Faust and aiokafka cost before any work of ours, so the
-  ceiling for the processor;
-- **stock Faust floor**: the same through Faust's own fetch loop and stream, one
-  ``Event`` and ack per record (``noack_take``): what the batch delivery saves;
-- **processor**: ``chargify-stream processor`` as an operator runs it (a child process,
-  fresh ``PROCESSOR_APP_ID`` so fresh tables, fresh output topics), timed from the first
-  output record to the last (their producer timestamps), so process start, group join and
-  table recovery are left out. The run waits until the worker has committed the whole
-  raw topic, then checks what arrived: exactly the expected number of records on each
-  output topic (every emit once, duplicates dropped, nothing lost).
+- **exactly once**: ``chargify-stream processor`` as an operator runs it (a child process,
+  fresh ``PROCESSOR_APP_ID`` so fresh state, fresh output topics): one Kafka transaction
+  per batch;
+- **at least once**: the same worker with the same pipeline, but outputs sent with a plain
+  idempotent producer and the offsets committed after every output was acknowledged
+  (``bench/processor/at_least_once.py``): what the transactions cost.
 
-Prints one line (medians of the rounds; the ratios processor / bare consumer and
-processor / Faust floor) and
+The two processor runs alternate which goes first. Each is timed from its first output
+record to its last (their producer timestamps), so process start and group join are left
+out; the round waits until the worker has committed the whole raw topic, then checks what
+a read_committed reader sees: exactly the expected number of records on each output
+topic (every emit once, duplicates dropped, nothing lost).
+
+Prints one line (medians of the rounds; the ratio exactly once / at least once) and
 writes the measurements to ``bench/results/processor-<time>.json``. ``--profile FILE``
-runs the worker of the last round under a profiler: ``py-spy`` (sampling from outside the
-process, collapsed stacks; barely slows the worker), ``cprofile`` (a stats file; it slows
-the worker several times over and skews proportions towards call-heavy code) or
-``pyinstrument`` (a text report). py-spy and pyinstrument are not dependencies:
-``.venv/bin/pip install py-spy`` first.
+runs the exactly-once worker of the last round under a profiler: ``py-spy`` (sampling from
+outside the process, collapsed stacks), ``cprofile`` (a stats file) or ``pyinstrument``
+(a text report). py-spy and pyinstrument are not dependencies: ``.venv/bin/pip install
+py-spy`` first.
 """
 
 from __future__ import annotations
@@ -45,7 +42,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -66,6 +62,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results"
 PARTITIONS = 3
 OUTPUTS = ("transactions", "subscriptions", "deadletter")
+# Per mode, the worker's CPU seconds (user + system, all its threads) per round.
+cpu_seconds: dict[str, list[float]] = {}
 
 
 def preload(bootstrap: str, topic: str, work: Workload) -> None:
@@ -118,22 +116,6 @@ def bare_consumer(bootstrap: str, topic: str, count: int) -> float:
     return last - first
 
 
-def faust_floor(bootstrap: str, topic: str, count: int, fetch_loop: str) -> float:
-    """Seconds the empty Faust agent takes from its first record to its last."""
-    # Run in a scratch folder: Faust makes its data folder (<app id>-data) where it runs.
-    with tempfile.TemporaryDirectory(prefix="bench-floor-") as scratch:
-        done = subprocess.run(
-            [sys.executable, str(HERE / "faust_floor.py"), bootstrap, topic, str(count),
-             f"bench-floor-{uuid.uuid4().hex[:8]}", fetch_loop],
-            capture_output=True, text=True, timeout=600, check=False, cwd=scratch,
-            env={**os.environ, "PYTHONPATH": str(HERE.parents[1])},
-        )  # fmt: skip
-    for line in (done.stdout + done.stderr).splitlines():
-        if "FLOOR " in line:
-            return float(line.rsplit("FLOOR ", 1)[1].split()[0])
-    raise SystemExit(f"the Faust floor did not finish:\n{done.stdout}\n{done.stderr}")
-
-
 def committed(settings: Settings) -> int:
     group = settings.processor_app_id
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group})
@@ -146,8 +128,9 @@ def committed(settings: Settings) -> int:
         consumer.close()
 
 
-def output_times(settings: Settings) -> tuple[dict[str, int], float, float]:
-    """Records per output topic, and the first and last producer timestamp (s)."""
+def output_times(settings: Settings, expected: int) -> tuple[dict[str, int], float, float]:
+    """Records per output topic (as a read_committed reader sees them), and the first
+    and last producer timestamp (s)."""
     consumer = Consumer(
         {
             "bootstrap.servers": settings.kafka_bootstrap_servers,
@@ -158,17 +141,16 @@ def output_times(settings: Settings) -> tuple[dict[str, int], float, float]:
     )
     counts = dict.fromkeys(OUTPUTS, 0)
     names = {settings.topic(n): n for n in OUTPUTS}
-    ends = {}
-    for name in names:
-        for p in range(PARTITIONS):
-            ends[name, p] = consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
-    total = sum(ends.values())
     consumer.subscribe(list(names))
     first, last = float("inf"), 0.0
     read = 0
+    # Past the expected count, read on a little: a duplicate would show.
     deadline = time.monotonic() + 120
+    settle: float | None = None
     try:
-        while read < total and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (settle is None or time.monotonic() < settle):
+            if settle is None and read >= expected:
+                settle = time.monotonic() + 2.0
             for msg in consumer.consume(1000, 0.5):
                 if msg.error():
                     continue
@@ -182,7 +164,7 @@ def output_times(settings: Settings) -> tuple[dict[str, int], float, float]:
 
 
 def processor_round(
-    base: Settings, n: int, work: Workload, profile: Path | None, profiler: str
+    base: Settings, n: int, work: Workload, mode: str, profile: Path | None, profiler: str
 ) -> float:
     tag = uuid.uuid4().hex[:8]
     settings = load_settings(
@@ -199,6 +181,8 @@ def processor_round(
     ensure_topics(settings.kafka_bootstrap_servers, settings.all_topics, partitions=PARTITIONS)
     env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "WARNING"}
     cmd = [sys.executable, "-m", "chargify_stream", "processor"]
+    if mode == "at-least-once":
+        cmd = [sys.executable, str(HERE / "at_least_once.py")]
     if profile is not None and profiler == "cprofile":
         cmd = [sys.executable, "-m", "cProfile", "-o", str(profile), *cmd[1:]]
     elif profile is not None and profiler == "pyinstrument":
@@ -225,9 +209,10 @@ def processor_round(
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
         proc.terminate()
-        proc.wait(60)
+        _, _, usage = os.wait4(proc.pid, 0)  # the worker's CPU time, start-up included
         log.close()
-    counts, first, last = output_times(settings)
+    cpu_seconds.setdefault(mode, []).append(usage.ru_utime + usage.ru_stime)
+    counts, first, last = output_times(settings, sum(work.expected[t] for t in OUTPUTS))
     assert counts == {t: work.expected[t] for t in OUTPUTS}, (counts, dict(work.expected))
     return last - first
 
@@ -235,7 +220,7 @@ def processor_round(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=60_000)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", type=Path, help="profile the last round's worker")
     parser.add_argument(
         "--profiler", choices=("py-spy", "cprofile", "pyinstrument"), default="py-spy"
@@ -253,6 +238,7 @@ def main() -> None:
     work = make_workload(args.events)
     kafka = LocalKafka()
     kafka.start()
+    seconds: dict[str, list[float]] = {"bare": [], "exactly-once": [], "at-least-once": []}
     try:
         base = load_settings(
             kafka_bootstrap_servers=kafka.bootstrap_servers,
@@ -263,58 +249,52 @@ def main() -> None:
         raw = base.topic("raw")
         ensure_topics(base.kafka_bootstrap_servers, [raw], partitions=PARTITIONS)
         preload(base.kafka_bootstrap_servers, raw, work)
-        bare_s: list[float] = []
-        floor_s: list[float] = []
-        stock_s: list[float] = []
-        processor_s: list[float] = []
         for round_ in range(args.rounds):
-            bare_s.append(bare_consumer(base.kafka_bootstrap_servers, raw, args.events))
-            floor_s.append(faust_floor(base.kafka_bootstrap_servers, raw, args.events, "batches"))
-            stock_s.append(faust_floor(base.kafka_bootstrap_servers, raw, args.events, "stock"))
+            seconds["bare"].append(bare_consumer(base.kafka_bootstrap_servers, raw, args.events))
+            modes = ["exactly-once", "at-least-once"]
+            if round_ % 2:
+                modes.reverse()
             last = round_ == args.rounds - 1
-            processor_s.append(
-                processor_round(
-                    base, args.events, work, args.profile if last else None, args.profiler
+            for mode in modes:
+                profile = args.profile if last and mode == "exactly-once" else None
+                seconds[mode].append(
+                    processor_round(base, args.events, work, mode, profile, args.profiler)
                 )
-            )
             print(
-                f"  round {round_ + 1}: bare {args.events / bare_s[-1]:,.0f}/s, "
-                f"Faust floor {args.events / floor_s[-1]:,.0f}/s "
-                f"(stock {args.events / stock_s[-1]:,.0f}/s), "
-                f"processor {args.events / processor_s[-1]:,.0f}/s",
+                f"  round {round_ + 1}: bare {args.events / seconds['bare'][-1]:,.0f}/s, "
+                f"exactly once {args.events / seconds['exactly-once'][-1]:,.0f}/s, "
+                f"at least once {args.events / seconds['at-least-once'][-1]:,.0f}/s "
+                f"({' first, '.join(modes)} second)",
                 file=sys.stderr,
             )
     finally:
         kafka.cleanup()
-    bare = args.events / statistics.median(bare_s)
-    floor = args.events / statistics.median(floor_s)
-    stock = args.events / statistics.median(stock_s)
-    processor = args.events / statistics.median(processor_s)
+    rate = {name: args.events / statistics.median(s) for name, s in seconds.items()}
+    ratio = rate["exactly-once"] / rate["at-least-once"]
     result: dict[str, Any] = {
         "events": args.events,
         "partitions": PARTITIONS,
         "mean_body_bytes": round(work.mean_body_bytes),
         "mix": dict(work.kinds),
         "expected_outputs": dict(work.expected),
-        "bare_seconds": bare_s,
-        "floor_seconds": floor_s,
-        "stock_floor_seconds": stock_s,
-        "processor_seconds": processor_s,
-        "bare_events_per_s": bare,
-        "floor_events_per_s": floor,
-        "stock_floor_events_per_s": stock,
-        "processor_events_per_s": processor,
-        "ratio": processor / bare,
-        "ratio_to_floor": processor / floor,
+        "seconds": seconds,
+        "events_per_s": rate,
+        "worker_cpu_seconds": cpu_seconds,
+        "ratio_exactly_once_to_at_least_once": ratio,
+        "ratio_to_bare": rate["exactly-once"] / rate["bare"],
         "load_average": list(os.getloadavg()),
     }
     out = RESULTS / f"processor-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2))
     print(
-        f"processor: {processor:,.0f} events/s, bare consumer: {bare:,.0f} events/s, "
-        f"ratio {processor / bare:.3f}; Faust floor: {floor:,.0f} events/s, "
-        f"ratio {processor / floor:.2f}; stock Faust floor: {stock:,.0f} events/s "
-        f"({args.events} events, mean body "
+        f"processor exactly once: {rate['exactly-once']:,.0f} events/s, at least once: "
+        f"{rate['at-least-once']:,.0f} events/s, ratio {ratio:.2f}; bare consumer "
+        f"{rate['bare']:,.0f} events/s; worker CPU per 1,000 events (start-up included): "
+        + ", ".join(
+            f"{mode} {1000 * statistics.median(c) / args.events:.2f} s"
+            for mode, c in sorted(cpu_seconds.items())
+        )
+        + f" ({args.events} events, mean body "
         f"{work.mean_body_bytes:,.0f} B, {args.rounds} rounds, load {os.getloadavg()[0]:.1f})"
     )
 
