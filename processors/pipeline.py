@@ -58,7 +58,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,7 +331,7 @@ class Pipeline:
             return False
         self.store.apply(
             references=result.learned,
-            seen=[(now, p, keys) for p, keys in result.emitted.items()],
+            seen=[(now, keys) for keys in result.emitted.values()],
             positions=self._changelog_offsets,
         )
         self.totals.batches += 1
@@ -497,27 +497,8 @@ class Pipeline:
         log.info("revoked %s partitions %s", self.raw, sorted(numbers))
 
     def restore(self, partitions: Sequence[int]) -> int:
-        """Read the changelogs of ``partitions`` from the local copy's positions to their
-        ends, and apply them; how many records were read."""
-        wanted: list[TopicPartition] = []
-        restorer = self.make_restorer()
-        try:
-            for kind in (REFERENCES, DEDUP):
-                topic = self.changelogs.of(kind)
-                for p in partitions:
-                    start = self.store.position(topic, p)
-                    tp = TopicPartition(topic, p)
-                    low, high = restorer.get_watermark_offsets(tp, timeout=CALL_TIMEOUT_S)
-                    if start is not None and start >= high:
-                        continue
-                    tp.offset = OFFSET_BEGINNING if start is None or start < low else start
-                    wanted.append(tp)
-            if not wanted:
-                return 0
-            restorer.assign(wanted)
-            return _read_to_end(restorer, wanted, self.store, self.changelogs)
-        finally:
-            restorer.close()
+        """Bring the local state of ``partitions`` up to their changelogs' ends."""
+        return restore(self.make_restorer, self.store, self.changelogs, partitions)
 
     # Housekeeping ----------------------------------------------------------------------
 
@@ -539,6 +520,35 @@ class Pipeline:
         self.metrics.seen.set(self.store.added)
 
 
+def restore(
+    make_restorer: Callable[[], Consumer],
+    store: Store,
+    changelogs: Changelogs,
+    partitions: Sequence[int],
+) -> int:
+    """Read the changelogs of ``partitions`` from the local copy's positions to their
+    ends, and apply them; how many records were read."""
+    wanted: list[TopicPartition] = []
+    restorer = make_restorer()
+    try:
+        for kind in (REFERENCES, DEDUP):
+            topic = changelogs.of(kind)
+            for p in partitions:
+                start = store.position(topic, p)
+                tp = TopicPartition(topic, p)
+                low, high = restorer.get_watermark_offsets(tp, timeout=CALL_TIMEOUT_S)
+                if start is not None and start >= high:
+                    continue
+                tp.offset = OFFSET_BEGINNING if start is None or start < low else start
+                wanted.append(tp)
+        if not wanted:
+            return 0
+        restorer.assign(wanted)
+        return _read_to_end(restorer, wanted, store, changelogs)
+    finally:
+        restorer.close()
+
+
 def _read_to_end(
     restorer: Consumer, wanted: list[TopicPartition], store: Store, changelogs: Changelogs
 ) -> int:
@@ -547,7 +557,7 @@ def _read_to_end(
     count = 0
     while pending:
         references: dict[tuple[int, str], str] = {}
-        seen: list[tuple[float, int, list[str]]] = []
+        seen: list[tuple[float, Iterable[int]]] = []
         positions: dict[tuple[str, int], int] = {}
         for message in restorer.consume(10_000, 1.0):
             error = message.error()
@@ -566,8 +576,7 @@ def _read_to_end(
             if topic == changelogs.references:
                 references[partition, (message.key() or b"").decode()] = value.decode()
             else:
-                at, keys = parse_dedup(value)
-                seen.append((at, partition, keys))
+                seen.append(parse_dedup(value))
         store.apply(references=references, seen=seen, positions=positions)
     return count
 

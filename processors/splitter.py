@@ -14,12 +14,11 @@ Per record, in order:
    ``chargify-event`` and ``received-at`` headers, or a dead letter carrying the raw key,
    bytes and headers plus the ``dlq-*`` headers, or nothing (ignored: counted and logged);
 3. an Avro record any of whose dedup keys was already emitted (within the dedup window, or
-   earlier in the batch) is dropped as a duplicate. Its keys: the webhook id (``w:<id>``,
-   the same across Chargify's retries and replays), Chargify's event id (``e:<id>``, the
-   same under every webhook id, e.g. when one event goes to two endpoints) and, for a
-   transaction, the Chargify transaction id (``t:<id>``: DESIGN.md's one record per
-   transaction id, whichever webhook carried it). The keys of a batch are looked up in one
-   query.
+   earlier in the batch) is dropped as a duplicate. A transaction's key is its Chargify
+   transaction id: DESIGN.md's one record per transaction id, whichever webhook carried it
+   (a retry, a replay, a second endpoint: all carry the same id). A subscription change's
+   keys are Chargify's event id (the same under every webhook id and retry) and the webhook
+   id (for a body without an event id). The keys of a batch are looked up in one query.
 
 Only emitted records are remembered: a webhook that was dead-lettered, say for an unknown
 subscription, gets a fresh chance if Chargify sends it again or an operator replays it.
@@ -86,8 +85,8 @@ class State(Protocol):
     def reference(self, partition: int, subscription_id: str) -> str | None:
         """The customer reference learnt for a subscription, or ``None``."""
 
-    def seen(self, keys: Collection[tuple[int, str]]) -> set[tuple[int, str]]:
-        """Those of the (raw partition, dedup key) pairs emitted within the dedup window."""
+    def seen(self, keys: Collection[int]) -> set[int]:
+        """Those of the dedup keys emitted within the dedup window."""
 
 
 @dataclass
@@ -124,7 +123,7 @@ class Split:
     # (raw partition, subscription id) -> customer reference, new or changed.
     learned: dict[tuple[int, str], str] = field(default_factory=dict)
     # raw partition -> dedup keys emitted, to remember once the batch is committed.
-    emitted: dict[int, list[str]] = field(default_factory=dict)
+    emitted: dict[int, list[int]] = field(default_factory=dict)
     # raw partition -> offset of the batch's first record from it (names a dedup record).
     first_offsets: dict[int, int] = field(default_factory=dict)
     tally: Tally = field(default_factory=Tally)
@@ -134,14 +133,20 @@ def _event_label(event: str | None) -> str:
     return event if event in _EVENT_LABELS else "other"
 
 
-def dedup_keys(emit: Emit) -> tuple[str, ...]:
+# A dedup key is a Chargify id times 4 plus its kind, so ids of different kinds never meet;
+# kept within a signed 64-bit integer (Chargify's ids are about 10**10: none wrap).
+WEBHOOK_KEY, EVENT_KEY, TRANSACTION_KEY = 1, 2, 3
+_KEY_SPACE = 1 << 63
+
+
+def dedup_keys(emit: Emit) -> tuple[int, ...]:
     """The keys an emitted record is deduplicated on (see the module docstring)."""
     record = emit.record
-    keys = [f"w:{record.webhook_id}"]
-    if record.event_id is not None:
-        keys.append(f"e:{record.event_id}")
     if isinstance(record, Transaction):
-        keys.append(f"t:{record.transaction_id}")
+        return ((record.transaction_id * 4 + TRANSACTION_KEY) % _KEY_SPACE,)
+    keys = [(record.webhook_id * 4 + WEBHOOK_KEY) % _KEY_SPACE]
+    if record.event_id is not None:
+        keys.append((record.event_id * 4 + EVENT_KEY) % _KEY_SPACE)
     return tuple(keys)
 
 
@@ -151,7 +156,7 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
     tally = result.tally
     learned_now: dict[tuple[int, str], str] = {}  # (partition, subscription id) -> reference
     # In order: (output, (partition, dedup keys) of an Avro record, event, webhook id).
-    decided: list[tuple[Outgoing, tuple[int, tuple[str, ...]] | None, str | None, str | None]] = []
+    decided: list[tuple[Outgoing, tuple[int, tuple[int, ...]] | None, str | None, str | None]] = []
 
     for record in batch:
         partition = record.partition
@@ -239,16 +244,15 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
                 )
             )
 
-    wanted = {(keyed[0], key) for _, keyed, _, _ in decided if keyed for key in keyed[1]}
-    already = state.seen(wanted)
+    already = state.seen({key for _, keyed, _, _ in decided if keyed for key in keyed[1]})
     for outgoing, keyed, event, webhook_id in decided:
         if keyed is not None:
             partition, keys = keyed
-            if any((partition, key) in already for key in keys):
+            if any(key in already for key in keys):
                 tally.events[_event_label(event), DUPLICATE] += 1
                 log.info("dropped duplicate webhook %s (%s)", webhook_id, event)
                 continue
-            already.update((partition, key) for key in keys)
+            already.update(keys)
             result.emitted.setdefault(partition, []).extend(keys)
             tally.events[_event_label(event), EMITTED] += 1
             tally.published[outgoing.topic] += 1

@@ -8,11 +8,10 @@ the state learnt from it):
 - **references**: subscription id -> customer reference, one entry per subscription, for
   ``component_allocation_change`` (which names no customer). Changelog topic
   ``<PROCESSOR_APP_ID>-references-changelog``, compacted, key = subscription id.
-- **dedup keys**: what was emitted within ``PROCESSOR_DEDUP_WINDOW_S``: ``t:<id>`` per
-  Chargify transaction id, ``e:<id>`` per Chargify event id (``w:<id>``, the webhook id,
-  for a subscription event without one). Changelog topic
+- **dedup keys**: what was emitted within ``PROCESSOR_DEDUP_WINDOW_S``, as 64-bit integers
+  (:func:`processors.splitter.dedup_keys`: a Chargify id and its kind). Changelog topic
   ``<PROCESSOR_APP_ID>-dedup-changelog``, one record per raw partition and batch (key: the
-  batch's first raw offset; value: the time, then the keys, one a line), deleted by time
+  batch's first raw offset; value: the time and the keys, packed), deleted by time
   (retention: the window plus one bucket), never compacted.
 
 The changelog records are written by the pipeline in the same Kafka transaction as the
@@ -22,10 +21,10 @@ lookups at memory speed and restarts without a replay:
 
 - one SQLite file (``state.sqlite``) holds the references and, per changelog partition,
   the offset up to which the local copy has applied the changelog (``positions``);
-- the dedup keys go to one SQLite file per time bucket (``seen-<bucket>.sqlite``, a bucket
-  is a seventh of the window), so expiry is deleting the files wholly past the window: a
-  few microseconds, whatever their size (an expiry pass over a dict of ids once blocked the
-  loop for seconds);
+- the dedup keys go to one SQLite file per time bucket
+  (``seen-<bucket>.sqlite``, a bucket is a seventh of the window), so expiry is deleting
+  the files wholly past the window: a few milliseconds, whatever their size (an expiry pass
+  over a dict of ids once blocked the loop for seconds);
 - a worker that is assigned a raw partition reads that partition's changelogs from the
   stored offset to their end (only the tail, when it owned it before) and applies them;
   nothing is held in memory but a bounded cache of references.
@@ -45,9 +44,13 @@ import fcntl
 import logging
 import os
 import sqlite3
+import struct
+import sys
 import time
+from array import array
 from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import suppress
+from itertools import chain
 from pathlib import Path
 from typing import IO
 
@@ -59,6 +62,7 @@ REFERENCES = "references"
 DEDUP = "dedup"
 BUCKETS_PER_WINDOW = 7
 REFERENCE_CACHE_MAX = 500_000
+_CHUNK = 10_000  # keys per IN query (SQLite allows 32,766 parameters)
 
 
 def bucket_seconds(window_s: float) -> int:
@@ -66,18 +70,24 @@ def bucket_seconds(window_s: float) -> int:
     return max(1, int(window_s // BUCKETS_PER_WINDOW))
 
 
-def dedup_record(at: float, keys: Iterable[str]) -> bytes:
-    """The changelog value of one batch's dedup keys: the time, then one key a line."""
-    return "\n".join([f"{at:.3f}", *keys]).encode()
+def dedup_record(at: float, keys: Iterable[int]) -> bytes:
+    """The changelog value of one batch's dedup keys: the time (a little-endian double),
+    then each key (little-endian 64-bit integers)."""
+    packed = array("q", keys)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return struct.pack("<d", at) + packed.tobytes()
 
 
-def parse_dedup(value: bytes) -> tuple[float, list[str]]:
+def parse_dedup(value: bytes) -> tuple[float, array[int]]:
     """``(time, keys)`` of a dedup changelog value; an unreadable one holds nothing."""
-    lines = value.decode(errors="replace").split("\n")
-    try:
-        return float(lines[0]), lines[1:]
-    except ValueError:
-        return 0.0, []
+    if len(value) < 8 or (len(value) - 8) % 8:
+        return 0.0, array("q")
+    (at,) = struct.unpack_from("<d", value)
+    keys = array("q", value[8:])
+    if sys.byteorder == "big":
+        keys.byteswap()
+    return at, keys
 
 
 class Slot:
@@ -201,32 +211,32 @@ class Store:
         conn = self._buckets.get(bucket)
         if conn is None:
             conn = _connect(self.folder / f"seen-{bucket}.sqlite")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS seen (key TEXT NOT NULL, partition INTEGER NOT NULL,"
-                " PRIMARY KEY (key, partition)) WITHOUT ROWID"
-            )
+            conn.execute("CREATE TABLE IF NOT EXISTS seen (key INTEGER PRIMARY KEY)")
             self._buckets[bucket] = conn
         return conn
 
-    def seen(self, keys: Collection[tuple[int, str]]) -> set[tuple[int, str]]:
-        """Those of the (raw partition, dedup key) pairs emitted within the window."""
+    def seen(self, keys: Collection[int]) -> set[int]:
+        """Those of ``keys`` emitted within the window."""
         if not keys:
             return set()
         horizon = self._horizon()
-        by_key = sorted({key for _, key in keys})
-        found: set[tuple[int, str]] = set()
-        for bucket, conn in self._buckets.items():
-            if bucket < horizon:
-                continue
-            for start in range(0, len(by_key), 10_000):
-                chunk = by_key[start : start + 10_000]
+        # Newest bucket first: a repeat is most often recent, and found keys are not
+        # asked again of the older buckets.
+        missing = sorted(keys)
+        found: set[int] = set()
+        for bucket in sorted(self._buckets, reverse=True):
+            if bucket < horizon or not missing:
+                break
+            conn = self._buckets[bucket]
+            for start in range(0, len(missing), _CHUNK):
+                chunk = missing[start : start + _CHUNK]
                 marks = ",".join("?" * len(chunk))
                 found.update(
-                    conn.execute(
-                        f"SELECT partition, key FROM seen WHERE key IN ({marks})", chunk
-                    ).fetchall()
+                    row[0]
+                    for row in conn.execute(f"SELECT key FROM seen WHERE key IN ({marks})", chunk)
                 )
-        return found & set(keys)
+            missing = [key for key in missing if key not in found]
+        return found
 
     def expire(self) -> int:
         """Delete the buckets wholly past the window; return how many were deleted."""
@@ -245,23 +255,24 @@ class Store:
         self,
         *,
         references: Mapping[tuple[int, str], str] = {},
-        seen: Iterable[tuple[float, int, Iterable[str]]] = (),
+        seen: Iterable[tuple[float, Iterable[int]]] = (),
         positions: Mapping[tuple[str, int], int] = {},
     ) -> None:
-        """Apply committed state: (partition, subscription) -> reference; (time,
-        partition, keys) dedup entries; then the changelog positions they reach."""
+        """Apply committed state: (partition, subscription) -> reference; (time, keys)
+        dedup entries; then the changelog positions they reach."""
         horizon = self._horizon()
-        grouped: dict[int, list[tuple[str, int]]] = {}
-        for at, partition, keys in seen:
+        grouped: dict[int, list[Iterable[int]]] = {}
+        for at, keys in seen:
             bucket = self._bucket(at)
             if bucket >= horizon:
-                grouped.setdefault(bucket, []).extend((key, partition) for key in keys)
-        for bucket, rows in grouped.items():
+                grouped.setdefault(bucket, []).append(keys)
+        for bucket, parts in grouped.items():
+            # In key order: appended to the b-tree, not scattered through it.
+            rows = sorted(chain.from_iterable(parts))
             conn = self._open_bucket(bucket)
             conn.execute("BEGIN")
-            self._added += conn.executemany(
-                "INSERT OR IGNORE INTO seen VALUES (?, ?)", rows
-            ).rowcount
+            inserted = conn.executemany("INSERT OR IGNORE INTO seen VALUES (?)", zip(rows))
+            self._added += inserted.rowcount
             conn.execute("COMMIT")
         self._main.execute("BEGIN")
         if references:

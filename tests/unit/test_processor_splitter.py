@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from processors import splitter
-from processors.splitter import Incoming, Split, split
+from processors.splitter import EVENT_KEY, TRANSACTION_KEY, WEBHOOK_KEY, Incoming, Split, split
 from processors.state import Store
 from schemas import headers as h
 from schemas.codec import decode
@@ -30,7 +30,7 @@ def make_store(tmp_path: Path) -> MakeStore:
     made = 0
 
     def make(
-        references: dict[str, str] | None = None, seen: set[str] | None = None, partition: int = 0
+        references: dict[str, str] | None = None, seen: set[int] | None = None, partition: int = 0
     ) -> Store:
         nonlocal made
         made += 1
@@ -39,7 +39,7 @@ def make_store(tmp_path: Path) -> MakeStore:
         store = Store(folder, 3600)
         store.apply(
             references={(partition, sid): ref for sid, ref in (references or {}).items()},
-            seen=[(time.time(), partition, sorted(seen or ()))],
+            seen=[(time.time(), sorted(seen or ()))],
         )
         return store
 
@@ -50,8 +50,20 @@ def commit(store: Store, result: Split) -> None:
     """What the pipeline does once a batch's transaction committed."""
     store.apply(
         references=result.learned,
-        seen=[(time.time(), p, keys) for p, keys in result.emitted.items()],
+        seen=[(time.time(), keys) for keys in result.emitted.values()],
     )
+
+
+def w(webhook_id: int) -> int:
+    return webhook_id * 4 + WEBHOOK_KEY
+
+
+def e(event_id: int) -> int:
+    return event_id * 4 + EVENT_KEY
+
+
+def t(transaction_id: int) -> int:
+    return transaction_id * 4 + TRANSACTION_KEY
 
 
 def incoming(
@@ -92,7 +104,7 @@ def test_emits_avro_under_the_customer_with_the_carried_headers(make_store: Make
         (h.EVENT, b"payment_success"),
         (h.RECEIVED_AT, b"2024-10-11T19:28:31.000Z"),
     ]
-    assert result.emitted == {0: ["w:1", "e:9", "t:70"]}
+    assert result.emitted == {0: [t(70)]}
     assert result.tally.events == {("payment_success", "emitted"): 1}
     assert result.tally.published == {"transactions": 1}
 
@@ -113,7 +125,7 @@ def test_dead_letter_keeps_the_raw_record_and_says_why(make_store: MakeStore) ->
 
 
 def test_duplicates_are_dropped_across_and_within_batches(make_store: MakeStore) -> None:
-    store = make_store(seen={"w:5"})
+    store = make_store(seen={t(70_005)})
     batch = [
         incoming("payment_success", 5),  # emitted earlier
         incoming("payment_success", 6, offset=1),
@@ -135,10 +147,13 @@ def test_one_chargify_event_under_two_webhook_ids_is_emitted_once(make_store: Ma
     result = split([first, second], store)
     assert [o.headers[0] for o in result.outgoing] == [(h.WEBHOOK_ID, b"3000000010")]
     commit(store, result)
-    # In a later batch, and with only one of the two ids in common.
+    # In a later batch, and by the transaction id alone (a replay under a new webhook id).
     later = incoming("payment_success", 3000000012, event_id=56, transaction_id=8000000001)
-    signup = incoming("signup_success", 3000000013, event_id=55, offset=1)
-    assert split([later, signup], store).outgoing == []
+    assert split([later], store).outgoing == []
+    # A subscription event under two webhook ids: its event id.
+    signup = incoming("signup_success", 3000000013, event_id=57, offset=1)
+    again = incoming("signup_success", 3000000014, event_id=57, offset=2)
+    assert len(split([signup, again], store).outgoing) == 1
 
 
 def test_without_an_id_header_the_body_id_is_used(make_store: MakeStore) -> None:
@@ -146,11 +161,11 @@ def test_without_an_id_header_the_body_id_is_used(make_store: MakeStore) -> None
         incoming("signup_success", 7, with_id_header=False),
         incoming("signup_success", 7, with_id_header=False, offset=1),
     ]
-    result = split(batch, make_store(seen={"w:8"}))
-    assert len(result.outgoing) == 1 and result.emitted == {0: ["w:7", "e:40007"]}
+    result = split(batch, make_store(seen={w(8)}))
+    assert len(result.outgoing) == 1 and result.emitted == {0: [w(7), e(40_007)]}
     again = split(
         [incoming("signup_success", 8, with_id_header=False, event_id=None)],
-        make_store(seen={"w:8"}),
+        make_store(seen={w(8)}),
     )
     assert again.outgoing == []
 
@@ -158,7 +173,7 @@ def test_without_an_id_header_the_body_id_is_used(make_store: MakeStore) -> None
 def test_a_dead_letter_replay_of_an_emitted_webhook_is_a_duplicate(make_store: MakeStore) -> None:
     """Exactly once on the typed topics holds for replays too (DESIGN.md)."""
     replay = incoming("payment_success", 5, extra_headers=[(h.DLQ_REPLAY_COUNT, b"1")])
-    assert split([replay], make_store(seen={"w:5"})).outgoing == []
+    assert split([replay], make_store(seen={t(70_005)})).outgoing == []
     # A replay of what was dead-lettered (never emitted) goes through.
     assert len(split([replay], make_store()).outgoing) == 1
 
@@ -175,7 +190,7 @@ def test_references_learnt_in_a_batch_resolve_later_records_of_it(make_store: Ma
     change = decode(result.outgoing[1].value)
     assert isinstance(change, SubscriptionChange) and change.event == "component_allocation_change"
     assert result.learned == {(1, "77"): "cust-77"}  # 78 was known already
-    assert result.emitted == {1: ["w:1", "e:40001", "w:2", "e:40002"], 0: ["w:3", "e:40003"]}
+    assert result.emitted == {1: [w(1), e(40_001), w(2), e(40_002)], 0: [w(3), e(40_003)]}
     assert result.first_offsets == {1: 0, 0: 2}
     commit(store, result)
     later = split(
