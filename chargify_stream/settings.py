@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chargify_stream.errors import ConfigError
@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     gateway_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     gateway_publish_timeout_s: float = Field(default=5.0, gt=0, le=14)
     gateway_allow_unsigned: bool = False
+    # Request bodies held at once across all requests (bodies are read before their
+    # signature can be checked): above it, 503 with Retry-After.
+    gateway_max_inflight_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Deadlines per connection, each under Chargify's 15 s wait for an answer: request
+    # headers from the connection (or the request's first byte), the whole body from the
+    # headers, and an idle keep-alive connection's next request.
+    gateway_header_timeout_s: float = Field(default=5.0, gt=0, le=14)
+    gateway_body_timeout_s: float = Field(default=5.0, gt=0, le=14)
+    gateway_keep_alive_s: float = Field(default=5.0, gt=0, le=300)
 
     # Kafka names. Each can be set alone; KAFKA_TOPIC_PREFIX is put before every one.
     kafka_topic_prefix: str = ""
@@ -63,6 +72,15 @@ class Settings(BaseSettings):
     sink_metrics_port: int = Field(default=9108, ge=0, le=65535)
 
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _inflight_holds_a_body(self) -> Settings:
+        if self.gateway_max_inflight_bytes < self.gateway_max_body_bytes:
+            raise ValueError(
+                "GATEWAY_MAX_INFLIGHT_BYTES must be at least GATEWAY_MAX_BODY_BYTES "
+                f"({self.gateway_max_body_bytes}), or no body of the limit could be taken"
+            )
+        return self
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod
@@ -146,6 +164,7 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "?"
-            problems.append(f"{field.upper()}: {err['msg']}")
+            field = ".".join(str(p) for p in err["loc"])
+            # A check across fields has no location: its message names the variables.
+            problems.append(f"{field.upper()}: {err['msg']}" if field else err["msg"])
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
