@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     gateway_allow_unsigned: bool = False
     # Request bodies held at once across all requests (bodies are read before their
     # signature can be checked): above it, 503 with Retry-After.
-    gateway_max_inflight_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    gateway_max_inflight_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     # Deadlines per connection, each under Chargify's 15 s wait for an answer: request
     # headers from the connection (or the request's first byte), the whole body from the
     # headers, and an idle keep-alive connection's next request.

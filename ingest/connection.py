@@ -38,11 +38,15 @@ uvicorn names this module relies on (versions pinned in pyproject.toml; checked 
   implements (``on_message_begin``, ``on_headers_complete``, ``on_body``,
   ``on_message_complete``), plus ``connection_made``, ``connection_lost`` and
   ``on_response_complete``, each extended here and always calling uvicorn's own;
-- its attributes ``loop``, ``transport`` and ``cycle`` (the current request);
-- ``RequestResponseCycle.keep_alive`` and ``.response_complete``: ``keep_alive`` is set
-  to True on every request so that the cycle never closes the connection itself after an
-  answer; this protocol closes it once the request's body is over (the answer then lacks
-  ``connection: close``, which a client that asked to close does not need).
+- its attributes ``loop``, ``transport``, ``cycle`` (the current request) and ``flow``
+  (``FlowControl.pause_reading``: a body is read only once the app asks for it; uvicorn
+  would read up to 64 KiB ahead per request, memory a crowd of refused uploads held);
+- ``RequestResponseCycle.keep_alive``, ``.response_complete`` and ``.body``:
+  ``keep_alive`` is set to True on every request so that the cycle never closes the
+  connection itself after an answer; this protocol closes it once the request's body is
+  over (the answer then lacks ``connection: close``, which a client that asked to close
+  does not need). ``body``, what was read ahead and not taken by the app, is emptied
+  when the rest of the body is to be discarded.
 """
 
 from __future__ import annotations
@@ -146,6 +150,8 @@ class GatewayProtocol(HttpToolsProtocol):
         if cycle is not None:
             self._close_after = not cycle.keep_alive
             cycle.keep_alive = True
+            # Read the body only when the app asks for it (uvicorn would read ahead).
+            self.flow.pause_reading()
         self._arm("body", self.deadlines.body_timeout_s)
 
     def on_body(self, body: bytes) -> None:
@@ -174,6 +180,7 @@ class GatewayProtocol(HttpToolsProtocol):
             self._after_request()
         else:
             self._drained = 0
+            self.cycle.body = bytearray()  # what was read ahead is discarded too
             self._arm("drain", DRAIN_TIME_S)
 
     def _after_request(self) -> None:

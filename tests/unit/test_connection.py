@@ -46,6 +46,12 @@ def test_the_uvicorn_names_the_seam_extends_exist() -> None:
     # The cycle closes the connection after an answer only when keep_alive is False.
     assert "if not self.keep_alive:\n                    self.transport.close()" in source
     assert "self.response_complete = True" in source
+    assert "self.body = bytearray()" in source
+    protocol_source = inspect.getsource(base)
+    assert "self.flow = FlowControl(transport)" in protocol_source
+    assert "self.flow.resume_reading()" in inspect.getsource(
+        httptools_impl.RequestResponseCycle.receive
+    )
 
 
 def test_the_gateway_is_served_with_the_seam() -> None:
