@@ -29,6 +29,7 @@ from confluent_kafka import KafkaError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.local.ports import free_port
 from chargify_stream.settings import Settings, load_settings
+from ingest.connection import DRAIN_MAX_BYTES
 from ingest.publisher import Publisher
 from ingest.signature import sign
 from tests.builders import build_body
@@ -642,6 +643,27 @@ def test_an_early_answer_is_read_by_a_client_that_keeps_sending(
         except OSError as exc:
             seen.append(type(exc).__name__)
     assert seen == [status] * 20, seen
+
+
+@pytest.mark.usefixtures("gateway_log")
+def test_the_rest_of_a_body_answered_early_is_discarded_up_to_a_bound(gateway: Gateway) -> None:
+    declared = 4 * DRAIN_MAX_BYTES
+    head = signed_head(b"", length=declared)
+    piece = b"a" * (1024 * 1024)
+    dropped = 'gateway_connections_dropped_total{reason="drain_limit"}'
+    before = gateway.metric(dropped)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", gateway.settings.gateway_port), 10) as sock:
+        sock.sendall(head)
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+        with contextlib.suppress(OSError):  # the reset once the bound is passed
+            while sent < declared:
+                sock.sendall(piece)
+                sent += len(piece)
+    # Read and discarded up to the bound (plus what the kernels' buffers held), no further.
+    assert DRAIN_MAX_BYTES < sent < DRAIN_MAX_BYTES + 32 * 1024 * 1024
+    wait_for(lambda: gateway.metric(dropped) == before + 1, 5, "the drop counted")
 
 
 def test_a_full_in_flight_budget_is_503_before_the_body_is_read(

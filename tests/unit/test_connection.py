@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import resource
 from importlib.metadata import version
 
 import uvicorn
 from uvicorn.protocols.http import httptools_impl
 
 from chargify_stream.settings import load_settings
-from ingest.connection import Deadlines, GatewayProtocol, protocol_class
+from ingest.connection import Deadlines, GatewayProtocol, protocol_class, raise_open_files
 from ingest.server import build_app, uvicorn_config
 from tests.unit.test_gateway_app import FakeSink
 
@@ -82,3 +83,14 @@ def test_a_protocol_is_made_the_way_uvicorn_makes_it() -> None:
         assert made.deadlines == Deadlines(1, 1, 1)
     finally:
         loop.close()
+
+
+def test_the_open_files_soft_limit_is_raised_to_the_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+    try:
+        expected = hard if hard != resource.RLIM_INFINITY else min(soft, 256)
+        assert raise_open_files() == expected
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == expected
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
