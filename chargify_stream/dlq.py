@@ -46,6 +46,7 @@ from typing import Any, Protocol, TextIO, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from chargify_stream.errors import ChargifyStreamError, ConfigError, TransientError
+from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.deadletter import DeadLetterInfo, format_timestamp, parse_dead_letter, replay_headers
@@ -732,6 +733,7 @@ def _replay(
                 # A record the broker has not taken by then is reported failed, so the
                 # summary below is final when flush() returns.
                 "message.timeout.ms": int(max(args.timeout, 5) * 3000),
+                "message.max.bytes": deadletter_record_max(settings.gateway_max_body_bytes),
             }
         )
         outcome = send_replays(
