@@ -71,9 +71,17 @@ def produce(
     bootstrap_servers: str,
     topic: str,
     records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
+    *,
+    max_bytes: int = 1_000_000,
 ) -> None:
-    """Write (key, value, headers) records and wait until the broker has every one."""
-    producer = Producer({"bootstrap.servers": bootstrap_servers, "acks": "all"})
+    """Write (key, value, headers) records and wait until the broker has every one.
+
+    ``max_bytes`` is the producer's ``message.max.bytes`` (librdkafka's default unless
+    a test writes records as large as the pipeline's budget allows).
+    """
+    producer = Producer(
+        {"bootstrap.servers": bootstrap_servers, "acks": "all", "message.max.bytes": max_bytes}
+    )
     errors: list[str] = []
 
     def report(err: object, _msg: Message) -> None:
