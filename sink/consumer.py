@@ -52,7 +52,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from chargify_stream.errors import ChargifyStreamError, RecordError, TransientError
-from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_admin import check_deadletter_topic, ensure_pipeline_topics
 from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
@@ -470,6 +470,7 @@ class Sink:
         replayed transactions is a transient fault (retried).
         """
         ensure_pipeline_topics(self.settings, [*self.topics, self.settings.topic("deadletter")])
+        check_deadletter_topic(self.settings)
         timeout = self.settings.sink_batch_timeout_ms / 1000
         # A writer thread gets the interpreter back soon after each of its database round
         # trips (six a batch) completes, not up to 5 ms later (the default slice of the

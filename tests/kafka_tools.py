@@ -96,3 +96,26 @@ def produce(
 
 def headers_of(msg: Message) -> dict[str, bytes]:
     return {k: v for k, v in (msg.headers() or []) if v is not None}
+
+
+def alter_topic(bootstrap_servers: str, topic: str, config: dict[str, str]) -> None:
+    """Set configuration entries of an existing topic, as an operator would by hand."""
+    from confluent_kafka.admin import (
+        AdminClient,
+        AlterConfigOpType,
+        ConfigEntry,
+        ConfigResource,
+        ResourceType,
+    )
+
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    resource = ConfigResource(
+        ResourceType.TOPIC,
+        topic,
+        incremental_configs=[
+            ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+            for name, value in config.items()
+        ],
+    )
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)

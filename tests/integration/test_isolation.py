@@ -19,13 +19,6 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import (
-    AdminClient,
-    AlterConfigOpType,
-    ConfigEntry,
-    ConfigResource,
-    ResourceType,
-)
 
 from chargify_stream.errors import RecordError
 from chargify_stream.kafka_admin import ensure_topics
@@ -38,7 +31,7 @@ from schemas.deadletter import dead_letter_headers
 from tests.conftest import unique
 from tests.integration.test_processor import Raw, raw, webhook
 from tests.integration.test_sink import carried_headers, payment, publish, query, seed
-from tests.kafka_tools import consume, headers_of, produce
+from tests.kafka_tools import alter_topic, consume, headers_of, produce
 from tests.stages import Stage
 
 pytestmark = pytest.mark.integration
@@ -198,20 +191,11 @@ def sink_producer(settings: Settings) -> dict[str, Any]:
 def legacy_deadletter_topic(settings: Settings) -> None:
     """Give the dead-letter topic the broker's default limit, as one created by an older
     release has: the stages leave an existing topic's configuration as it is."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    resource = ConfigResource(
-        ResourceType.TOPIC,
+    alter_topic(
+        settings.kafka_bootstrap_servers,
         settings.topic("deadletter"),
-        incremental_configs=[
-            ConfigEntry(
-                "max.message.bytes",
-                str(BROKER_DEFAULT_MAX),
-                incremental_operation=AlterConfigOpType.SET,
-            )
-        ],
+        {"max.message.bytes": str(BROKER_DEFAULT_MAX)},
     )
-    for future in admin.incremental_alter_configs([resource]).values():
-        future.result(30)
 
 
 def dead_letters_by_webhook(settings: Settings, count: int) -> dict[bytes, Message]:
@@ -351,6 +335,7 @@ def test_a_dead_letter_the_topic_cannot_take_whole_becomes_a_pointer(
     assert_whole(letters[str(wids[1]).encode()], bodies[1])
     assert_pointer(letters[str(wids[2]).encode()], bodies[2], offset=3)
     assert_pointer(letters[str(wids[3]).encode()], bodies[3], offset=4)
+    assert "larger dead letters are written as pointers" in processor.log()
     pointer = headers_of(letters[str(wids[2]).encode()])
     assert pointer[h.DLQ_REASON] == b"malformed_payload"
     assert pointer[h.DLQ_SOURCE_TOPIC] == settings.topic("raw").encode()
@@ -396,10 +381,11 @@ def test_a_sink_dead_letter_the_topic_cannot_take_whole_becomes_a_pointer(
     print(
         f"sink: largest value whose dead letter a {BROKER_DEFAULT_MAX:,}-byte topic takes: {at:,}"
     )
-    _check_sink(settings, stages, [at - 100, at, at + 1], pointers=1)
+    sink = _check_sink(settings, stages, [at - 100, at, at + 1], pointers=1)
+    assert "larger dead letters are written as pointers" in sink.log()
 
 
-def _check_sink(settings: Settings, stages: Any, sizes: list[int], *, pointers: int) -> None:
+def _check_sink(settings: Settings, stages: Any, sizes: list[int], *, pointers: int) -> Stage:
     """Publish a payment, undecodable values of ``sizes``, a payment; the last ``pointers``
     of them must come out as pointers, the others whole."""
     first, last = payment("c1"), payment("c1")
@@ -435,3 +421,4 @@ def _check_sink(settings: Settings, stages: Any, sizes: list[int], *, pointers: 
         else:
             assert_whole(letter, value)
     assert sink.running
+    return sink
