@@ -29,10 +29,11 @@ from schemas import headers as h
 from schemas.codec import decode
 from schemas.deadletter import dead_letter_headers
 from tests.conftest import unique
+from tests.integration.test_dlq import cli_json
 from tests.integration.test_processor import Raw, raw, webhook
 from tests.integration.test_sink import carried_headers, payment, publish, query, seed
 from tests.kafka_tools import alter_topic, consume, headers_of, produce
-from tests.stages import Stage
+from tests.stages import Stage, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -336,6 +337,30 @@ def test_a_dead_letter_the_topic_cannot_take_whole_becomes_a_pointer(
     assert_pointer(letters[str(wids[2]).encode()], bodies[2], offset=3)
     assert_pointer(letters[str(wids[3]).encode()], bodies[3], offset=4)
     assert "larger dead letters are written as pointers" in processor.log()
+
+    # dlq list shows the pointers; dlq replay reads their originals back from the raw topic.
+    events = {e["webhook_id"]: e for e in cli_json(settings, "dlq", "list")}
+    assert [events[str(w)]["pointer"] for w in wids] == [False, False, True, True]
+    assert events[str(wids[2])]["original_size"] == len(bodies[2])
+    listing = run_cli(settings, "dlq", "list")
+    assert "(pointer)" in listing.stdout and "2 written as pointers" in listing.stdout
+    assert cli_json(settings, "dlq", "replay", "--reason", "malformed_payload")["replayed"] == 4
+    replays = consume(
+        settings.kafka_bootstrap_servers, settings.topic("raw"), count=len(records) + 6
+    )[len(records) + 2 :]
+    by_webhook = {headers_of(m)[h.WEBHOOK_ID]: m for m in replays}
+    for wid, (key, body, original) in zip(wids, records, strict=True):
+        replay = by_webhook[str(wid).encode()]
+        assert (replay.key(), replay.value()) == (key, body)
+        assert headers_of(replay) == {**dict(original), h.DLQ_REPLAY_COUNT: b"1"}
+
+    # Dead-lettered again (still malformed), as a pointer again where it must be.
+    again = consume(
+        settings.kafka_bootstrap_servers, settings.topic("deadletter"), count=2 * len(records)
+    )[len(records) :]
+    counts = {headers_of(m)[h.WEBHOOK_ID]: headers_of(m)[h.DLQ_REPLAY_COUNT] for m in again}
+    assert counts == {str(w).encode(): b"1" for w in wids}
+    assert processor.running
     pointer = headers_of(letters[str(wids[2]).encode()])
     assert pointer[h.DLQ_REASON] == b"malformed_payload"
     assert pointer[h.DLQ_SOURCE_TOPIC] == settings.topic("raw").encode()
