@@ -31,10 +31,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
 from chargify_stream import connect
 from chargify_stream.chargify_api import (
@@ -46,6 +44,15 @@ from chargify_stream.chargify_api import (
 from chargify_stream.dlq import parse_time
 from chargify_stream.errors import ChargifyStreamError, ConfigError, TransientError
 from chargify_stream.received import RawTopicReader, outcome_ids
+from chargify_stream.reconcile_report import (
+    Report,
+    Webhook,
+    Window,
+    format_ids,
+    format_time,
+    parse_api_time,
+    print_report,
+)
 from chargify_stream.settings import Settings
 
 __all__ = [
@@ -64,7 +71,6 @@ log = logging.getLogger(__name__)
 
 EXIT_ATTENTION = 3
 RAW_SLACK = timedelta(hours=1)
-_EVENT_ID = re.compile(r"(?:^|&)payload\[event_id\]=(\d+)")
 _INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -79,115 +85,6 @@ EXIT_CODES = """exit codes:
 
 class ReplayIncomplete(ChargifyStreamError):
     """A replay batch failed; the message says which ids were and were not requested."""
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    since: datetime
-    until: datetime
-
-    def contains(self, moment: datetime) -> bool:
-        return self.since <= moment < self.until
-
-    def api_dates(self) -> tuple[date, date]:
-        """The ``since_date``/``until_date`` to ask for: a day wider on each side."""
-        return (self.since - timedelta(days=1)).date(), (self.until + timedelta(days=1)).date()
-
-
-@dataclass(frozen=True, slots=True)
-class Webhook:
-    """A webhook record of Chargify's log, as far as reconciling needs it."""
-
-    id: int
-    event: str
-    created_at: datetime
-    state: str  # successful, failed, pending (pending includes paused: not yet sent)
-    event_id: int | None
-    last_error: str | None
-
-    @classmethod
-    def from_api(cls, record: dict[str, Any]) -> Webhook:
-        if record.get("successful"):
-            state = "successful"
-        elif record.get("last_error") or record.get("last_error_at"):
-            state = "failed"
-        else:
-            state = "pending"
-        found = _EVENT_ID.search(str(record.get("body") or ""))
-        return cls(
-            id=int(record["id"]),
-            event=str(record.get("event") or ""),
-            created_at=_time(record["created_at"]),
-            state=state,
-            event_id=int(found.group(1)) if found else None,
-            last_error=record.get("last_error"),
-        )
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "event": self.event,
-            "status": self.state,
-            "created_at": self.created_at.isoformat(),
-            "last_error": self.last_error,
-        }
-
-
-@dataclass
-class Report:
-    window: Window
-    dry_run: bool
-    checked: int = 0
-    by_state: dict[str, int] = field(default_factory=dict)
-    received: int = 0
-    missing: list[Webhook] = field(default_factory=list)
-    replayed: list[int] = field(default_factory=list)
-    waited: float | None = None
-    still_missing: list[int] | None = None
-    endpoints: list[dict[str, Any]] = field(default_factory=list)
-    events_checked: int = 0
-    events_without_webhook: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def advice(self) -> list[str]:
-        return [a for a in map(connect.endpoint_advice, self.endpoints) if a]
-
-    @property
-    def needs_attention(self) -> bool:
-        return bool(
-            (self.dry_run and self.missing)
-            or self.still_missing
-            or self.advice
-            or self.events_without_webhook
-        )
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "since": self.window.since.isoformat(),
-            "until": self.window.until.isoformat(),
-            "dry_run": self.dry_run,
-            "checked": self.checked,
-            "by_status": self.by_state,
-            "already_received": self.received,
-            "missing": [w.as_json() for w in self.missing],
-            "replay_requested": len(self.replayed),
-            "replayed_ids": self.replayed,
-            "waited_s": self.waited,
-            "still_missing": self.still_missing,
-            "endpoints": [
-                {
-                    "id": e.get("id"),
-                    "url": e.get("url"),
-                    "status": e.get("status"),
-                    "advice": connect.endpoint_advice(e),
-                }
-                for e in self.endpoints
-            ],
-            "events_checked": self.events_checked,
-            "events_without_webhook": self.events_without_webhook,
-            "notes": self.notes,
-        }
 
 
 def reconcile(
@@ -213,7 +110,7 @@ def reconcile(
         received = set(raw.read(window.since - RAW_SLACK))
         if raw.truncated:
             report.notes.append(
-                f"the raw topic no longer holds records before {_iso(raw.oldest)}: older "
+                f"the raw topic no longer holds records before {format_time(raw.oldest)}: older "
                 "webhooks count as received only if webhook_outcomes has them"
             )
         unseen = [w.id for w in webhooks if w.id not in received]
@@ -237,7 +134,8 @@ def reconcile(
         _check_events(api, window, have_webhook, report)
     except (ChargifyUnavailable, ChargifyApiError) as exc:
         done = (
-            f"replay was requested for {len(report.replayed)} webhooks ({_ids(report.replayed)})"
+            f"replay was requested for {len(report.replayed)} webhooks "
+            f"({format_ids(report.replayed)})"
             if report.replayed
             else "nothing was replayed"
         )
@@ -266,7 +164,7 @@ def _check_events(api: ChargifyApi, window: Window, have_webhook: set[int], repo
         filter=connect.EVENTS,
         direction="asc",
     ):
-        if not window.contains(_time(event["created_at"])):
+        if not window.contains(parse_api_time(event["created_at"])):
             continue
         report.events_checked += 1
         if int(event["id"]) not in have_webhook:
@@ -293,9 +191,10 @@ def request_replays(api: ChargifyApi, ids: Sequence[int], requested: set[int]) -
             rest = todo[start + len(batch) :]
             raise ReplayIncomplete(
                 f"{exc}. Replay was requested for {len(done)} of {len(todo)} missing webhooks"
-                f"{' (' + _ids(done) + ')' if done else ''}; the batch of {len(batch)} being "
-                f"sent ({_ids(batch)}) may or may not have been queued; {len(rest)} more were "
-                "not requested. Run reconcile again: it asks only for what is still missing."
+                f"{' (' + format_ids(done) + ')' if done else ''}; the batch of {len(batch)} "
+                f"being sent ({format_ids(batch)}) may or may not have been queued; {len(rest)} "
+                "more were not requested. Run reconcile again: it asks only for what is still "
+                "missing."
             ) from None
         requested.update(batch)
         done.extend(batch)
@@ -327,7 +226,9 @@ def window_for(args: argparse.Namespace, now: datetime | None = None) -> Window:
     except ValueError as exc:
         raise ConfigError(f"--since/--until: {exc}") from None
     if since >= until:
-        raise ConfigError(f"--since ({_iso(since)}) must be before --until ({_iso(until)})")
+        raise ConfigError(
+            f"--since ({format_time(since)}) must be before --until ({format_time(until)})"
+        )
     return Window(since, until)
 
 
@@ -377,61 +278,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def print_report(report: Report) -> None:
-    w = report.window
-    states = ", ".join(f"{n} {s}" for s, n in sorted(report.by_state.items())) or "none"
-    print(f"window: {_iso(w.since)} .. {_iso(w.until)}" + ("  (dry run)" if report.dry_run else ""))
-    print(f"checked: {report.checked} webhooks in Chargify's log ({states})")
-    print(f"already received: {report.received}")
-    print(f"missing: {len(report.missing)}")
-    for webhook in report.missing:
-        error = f"  last error: {webhook.last_error}" if webhook.last_error else ""
-        print(
-            f"  {webhook.id}  {webhook.event}  {webhook.state}  {_iso(webhook.created_at)}{error}"
-        )
-    if report.dry_run:
-        print(f"replay requested: 0 (dry run; would request {len(report.missing)})")
-    else:
-        print(f"replay requested: {len(report.replayed)}")
-    if report.still_missing is not None:
-        print(f"still missing after {report.waited}s: {len(report.still_missing)}")
-        if report.still_missing:
-            print(f"  {_ids(report.still_missing)}")
-    elif report.replayed:
-        print("still missing: not checked (use --wait SECONDS to see the replays arrive)")
-    enabled = sum(1 for e in report.endpoints if not connect.endpoint_advice(e))
-    print(f"endpoints: {len(report.endpoints)} ({enabled} enabled)")
-    for advice in report.advice:
-        print(f"  {advice}")
-    print(
-        f"events without a webhook: {len(report.events_without_webhook)} "
-        f"(of {report.events_checked} events of the types the pipeline acts on)"
-    )
-    for event in report.events_without_webhook:
-        print(
-            f"  event {event['id']}  {event['key']}  subscription {event['subscription_id']}"
-            f"  {event['created_at']}: Chargify made no webhook for it; replay cannot bring it"
-        )
-    for note in report.notes:
-        print(f"note: {note}")
-
-
-def _time(text: str) -> datetime:
-    moment = datetime.fromisoformat(str(text))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _iso(moment: datetime | None) -> str:
-    if moment is None:
-        return "?"
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def _id(webhook: Webhook) -> int:
     return webhook.id
-
-
-def _ids(ids: Iterable[int], limit: int = 20) -> str:
-    items = list(ids)
-    shown = ", ".join(map(str, items[:limit]))
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

@@ -65,7 +65,8 @@ def run_forever(
     *,
     stop: threading.Event | None = None,
 ) -> int:
-    from chargify_stream.reconcile import Window, print_report, reconcile
+    from chargify_stream.reconcile import reconcile
+    from chargify_stream.reconcile_report import Window, print_report
 
     metrics = ReconcileMetrics()
     if settings.reconcile_metrics_port:
