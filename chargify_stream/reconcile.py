@@ -33,6 +33,7 @@ import re
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from chargify_stream import connect
 from chargify_stream.chargify_api import (
@@ -78,7 +79,8 @@ EXIT_CODES = """exit codes:
   0  nothing missing, or every missing webhook was replayed (and, with --wait, arrived)
   1  failed: Chargify, Kafka or Postgres unreachable, or Chargify refused a request;
      the message says what was and was not done
-  2  usage or configuration error, including a CHARGIFY_API_KEY that Chargify rejects
+  2  usage or configuration error, including a CHARGIFY_API_KEY that Chargify rejects,
+     or a site with several endpoints and no --url
   3  needs an operator: --dry-run found missing webhooks, replayed webhooks still
      missing after --wait, an endpoint paused or disabled, or events with no webhook"""
 
@@ -94,14 +96,23 @@ def reconcile(
     *,
     dry_run: bool = False,
     wait: float = 0.0,
+    endpoint_url: str | None = None,
 ) -> Report:
     """One pass; see the module docstring."""
     report = Report(window, dry_run)
     try:
+        report.endpoints = api.endpoints()
+        report.endpoint_url = our_endpoint(report.endpoints, endpoint_url, report.notes)
         listed = _list_webhooks(api, window)
     except (ChargifyUnavailable, ChargifyApiError) as exc:
         raise _failed(exc, "nothing was compared or replayed") from None
-    webhooks = sorted((w for w in listed.values() if window.contains(w.created_at)), key=_id)
+    # Chargify lists the webhooks of every endpoint of the site; each endpoint gets its own
+    # copy (own id) of an event. Those last sent to another endpoint are not ours to replay.
+    others = {str(e.get("url")) for e in report.endpoints} - {report.endpoint_url}
+    ours = {i: w for i, w in listed.items() if w.sent_to not in others}
+    in_window = [w for w in listed.values() if window.contains(w.created_at)]
+    webhooks = sorted((w for w in in_window if w.id in ours), key=_id)
+    report.other_endpoints = len(in_window) - len(webhooks)
     report.checked = len(webhooks)
     for webhook in webhooks:
         report.by_state[webhook.state] = report.by_state.get(webhook.state, 0) + 1
@@ -126,11 +137,10 @@ def reconcile(
                 started = time.monotonic()
                 report.still_missing = sorted(raw.follow(report.replayed, wait))
                 report.waited = round(time.monotonic() - started, 1)
-        have_webhook = {w.event_id for w in listed.values() if w.event_id is not None}
+        have_webhook = {w.event_id for w in ours.values() if w.event_id is not None}
         have_webhook |= raw.event_ids
 
     try:
-        report.endpoints = api.endpoints()
         _check_events(api, window, have_webhook, report)
     except (ChargifyUnavailable, ChargifyApiError) as exc:
         done = (
@@ -139,8 +149,30 @@ def reconcile(
             if report.replayed
             else "nothing was replayed"
         )
-        raise _failed(exc, f"{done}; endpoints and events were not checked") from None
+        raise _failed(exc, f"{done}; events were not checked") from None
     return report
+
+
+def our_endpoint(endpoints: list[dict[str, Any]], url: str | None, notes: list[str]) -> str | None:
+    """This pipeline's endpoint URL: ``url`` (``--url``), else the site's only endpoint.
+    With several endpoints and no ``url``, which one is ours cannot be guessed."""
+    urls = [str(e.get("url")) for e in endpoints]
+    if url:
+        if url not in urls:
+            notes.append(
+                f"no endpoint of the site has the URL {url}: Chargify sends this pipeline "
+                "nothing (run `chargify-stream connect URL`)"
+            )
+        return url
+    if len(urls) == 1:
+        return urls[0]
+    if not urls:
+        notes.append("the site has no webhook endpoint (run `chargify-stream connect URL`)")
+        return None
+    raise ConfigError(
+        f"the site has {len(urls)} webhook endpoints ({', '.join(urls)}); say which one is "
+        "this pipeline's with --url, so that the others' webhooks are left alone"
+    )
 
 
 def _list_webhooks(api: ChargifyApi, window: Window) -> dict[int, Webhook]:
@@ -210,7 +242,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         from chargify_stream.reconcile_metrics import run_forever
 
         return run_forever(api, settings, args, window_for)
-    report = reconcile(api, settings, window_for(args), dry_run=args.dry_run, wait=args.wait)
+    report = reconcile(
+        api, settings, window_for(args), dry_run=args.dry_run, wait=args.wait, endpoint_url=args.url
+    )
     if args.json:
         print(json.dumps(report.as_json(), indent=2, sort_keys=True))
     else:
@@ -265,6 +299,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start of the window: an age (90m, 2d) or an RFC 3339 time (default 2d)",
     )  # fmt: skip
     parser.add_argument("--until", help="end of the window (default now)")
+    parser.add_argument(
+        "--url",
+        help="this pipeline's endpoint URL, as given to `connect`; needed only when the site "
+        "has several endpoints (the others' webhooks are left alone)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="compare and report; replay nothing")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(

@@ -82,7 +82,14 @@ def run_forever(
         try:
             window = window_for(args)
             assert isinstance(window, Window)
-            report = reconcile(api, settings, window, dry_run=args.dry_run, wait=args.wait)
+            report = reconcile(
+                api,
+                settings,
+                window,
+                dry_run=args.dry_run,
+                wait=args.wait,
+                endpoint_url=args.url,
+            )
         except ConfigError:
             raise
         except ChargifyStreamError as exc:

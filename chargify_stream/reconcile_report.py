@@ -46,6 +46,7 @@ class Webhook:
     state: str  # successful, failed, pending (pending includes paused: not yet sent)
     event_id: int | None
     last_error: str | None
+    sent_to: str | None  # last_sent_url: which endpoint it belongs to
 
     @classmethod
     def from_api(cls, record: dict[str, Any]) -> Webhook:
@@ -63,6 +64,7 @@ class Webhook:
             state=state,
             event_id=int(found.group(1)) if found else None,
             last_error=record.get("last_error"),
+            sent_to=record.get("last_sent_url"),
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -79,6 +81,8 @@ class Webhook:
 class Report:
     window: Window
     dry_run: bool
+    endpoint_url: str | None = None  # this pipeline's endpoint
+    other_endpoints: int = 0  # webhooks of the window sent to the site's other endpoints
     checked: int = 0
     by_state: dict[str, int] = field(default_factory=dict)
     received: int = 0
@@ -109,6 +113,8 @@ class Report:
             "since": self.window.since.isoformat(),
             "until": self.window.until.isoformat(),
             "dry_run": self.dry_run,
+            "endpoint_url": self.endpoint_url,
+            "other_endpoints_webhooks": self.other_endpoints,
             "checked": self.checked,
             "by_status": self.by_state,
             "already_received": self.received,
@@ -139,7 +145,10 @@ def print_report(report: Report) -> None:
         f"window: {format_time(w.since)} .. {format_time(w.until)}"
         + ("  (dry run)" if report.dry_run else "")
     )
+    print(f"endpoint: {report.endpoint_url or '(none: all webhooks of the site are checked)'}")
     print(f"checked: {report.checked} webhooks in Chargify's log ({states})")
+    if report.other_endpoints:
+        print(f"  (and {report.other_endpoints} sent to the site's other endpoints: left alone)")
     print(f"already received: {report.received}")
     print(f"missing: {len(report.missing)}")
     for webhook in report.missing:

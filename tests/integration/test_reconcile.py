@@ -44,8 +44,8 @@ def site_settings(make_settings: Callable[..., Settings], site: ChargifyStandIn)
     return make_settings(chargify_api_url=site.url, chargify_api_key=site.api_key)
 
 
-def pay(site: ChargifyStandIn, n: int, *, lost: bool = False) -> int:
-    """A payment of customer c1 happens on the site; return its webhook id."""
+def payment(site: ChargifyStandIn, n: int, *, lost: bool = False) -> list[int]:
+    """Payment ``n`` of customer c1 happens on the site; return its webhooks' ids."""
     transaction_id = TRANSACTION + n
 
     def body(webhook_id: int, event_id: int) -> bytes:
@@ -55,7 +55,12 @@ def pay(site: ChargifyStandIn, n: int, *, lost: bool = False) -> int:
         )  # fmt: skip
 
     data = {"product_id": 3792003, "account_transaction_id": transaction_id}
-    [webhook_id] = site.emit("payment_success", body, subscription_id=SUB, data=data, lost=lost)
+    return site.emit("payment_success", body, subscription_id=SUB, data=data, lost=lost)
+
+
+def pay(site: ChargifyStandIn, n: int, *, lost: bool = False) -> int:
+    """Payment ``n`` on a site with one endpoint; its webhook id."""
+    [webhook_id] = payment(site, n, lost=lost)
     return webhook_id
 
 
@@ -165,6 +170,25 @@ def test_reconcile_reports_events_without_webhook_and_paused_endpoints(
     assert text.returncode == 3
     assert f"event {orphan.id}  refund_success" in text.stdout
     assert "replay cannot bring it" in text.stdout and "is PAUSED" in text.stdout
+
+
+def test_reconcile_leaves_the_other_endpoints_webhooks_alone(
+    site_settings: Settings, site: ChargifyStandIn
+) -> None:
+    ours = f"http://127.0.0.1:{free_port()}/webhooks/chargify"
+    site.add_endpoint(ours, EVENTS)
+    site.add_endpoint(f"http://127.0.0.1:{free_port()}/partners", ["payment_success"])
+    mine, theirs = payment(site, 1, lost=True)  # one copy per endpoint, each its own id
+
+    done = run_cli(site_settings, "reconcile", "--since", "1h")
+    assert done.returncode == 2 and "--url" in done.stderr
+    assert site.mutations() == []
+
+    code, report = reconcile(site_settings, "--url", ours)
+    assert code == 0, report
+    assert [w["id"] for w in report["missing"]] == [mine]
+    assert (report["checked"], report["other_endpoints_webhooks"]) == (1, 1)
+    assert site.replays == [[mine]] and theirs not in site.replays[0]
 
 
 def test_reconcile_errors_name_the_key_and_say_what_was_done(
