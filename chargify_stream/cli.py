@@ -104,6 +104,12 @@ def _dlq(action: str) -> Handler:
     return run
 
 
+def _tail(args: argparse.Namespace, settings: Settings) -> int:
+    from chargify_stream.tail import run
+
+    return run(args, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chargify-stream",
@@ -160,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("replay", "re-publish dead-lettered events to the topic they failed on"),
     ):
         add_dlq_arguments(action, add(action, _dlq(action), help_, dlq_actions))
+
+    from chargify_stream.tail import add_arguments as add_tail_arguments
+
+    add_tail_arguments(
+        add("tail", _tail, "print a topic's decoded records as JSON lines or a table")
+    )
     return parser
 
 
