@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     topic_transactions: str = "chargify.transactions"
     topic_subscriptions: str = "chargify.subscriptions"
     topic_deadletter: str = "chargify.deadletter"
+    # Compacted mirror of the customers table, for in-stream attribution joins.
+    topic_customers: str = "chargify.customers"
     topic_partitions: int = Field(default=3, ge=1)
     topic_replication_factor: int = Field(default=1, ge=1)
     # -1: dead letters are kept until dealt with (replayed or purged by an operator).
@@ -143,7 +145,8 @@ class Settings(BaseSettings):
         return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
 
     def topic(self, name: str) -> str:
-        """The full name of topic ``raw``, ``transactions``, ``subscriptions`` or ``deadletter``."""
+        """The full name of topic ``raw``, ``transactions``, ``subscriptions``, ``deadletter``
+        or ``customers``."""
         return self.kafka_topic_prefix + str(getattr(self, f"topic_{name}"))
 
     @property
