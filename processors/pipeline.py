@@ -74,9 +74,11 @@ from confluent_kafka import (
 
 from chargify_stream.errors import ConfigError
 from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
 from processors.metrics import ProcessorMetrics
-from processors.splitter import Incoming, Split, Tally, split
+from processors.outputs import Outputs, Unplaceable
+from processors.splitter import Incoming, Outgoing, Split, Tally, split
 from processors.state import DEDUP, REFERENCES, Store, bucket_seconds, dedup_record, parse_dedup
 
 __all__ = [
@@ -105,6 +107,8 @@ _LEFT = KafkaError(
     KafkaError._ASSIGNMENT_LOST, "not a member of the group", txn_requires_abort=True
 )
 EXPIRY_INTERVAL_S = 60.0
+UNPLACEABLE_PAUSE_S = 5.0
+ATTEMPTS_IN_PLACE = 3
 
 
 # Clients -------------------------------------------------------------------------------
@@ -139,6 +143,9 @@ def producer_config(settings: Settings, transactional: str | None) -> dict[str, 
         "compression.type": "lz4",
         "queue.buffering.max.messages": 200_000,
         "message.timeout.ms": TRANSACTION_TIMEOUT_MS,
+        # The dead letter of any raw record fits (processors.outputs).
+        "message.max.bytes": deadletter_record_max(settings.gateway_max_body_bytes),
+        "delivery.report.only.error": True,
         "log_level": 3,
     }
     if transactional is not None:
@@ -262,7 +269,9 @@ class Pipeline:
         self.transactional = transactional
         self.totals = _Totals()
         self.assigned: set[int] = set()
-        self._changelog_offsets: dict[tuple[str, int], int] = {}
+        self.outputs = Outputs(producer, self.topics)
+        self._written: dict[tuple[str, int], int] = {}  # changelog records in the transaction
+        self._positions: dict[tuple[str, int], int] = {}  # where the changelogs end
         self._next_report = time.monotonic() + REPORT_INTERVAL_S
         self._next_expiry = time.monotonic() + EXPIRY_INTERVAL_S
 
@@ -320,19 +329,43 @@ class Pipeline:
         for record in batch:
             ends[record.partition] = record.offset + 1
         now = time.time()
-        if self.transactional:
-            committed = self._transact(result, ends, now)
-        else:
-            committed = self._at_least_once(result, ends, now)
-        if not committed:
+        outgoing: list[Outgoing] | None = result.outgoing
+        attempts = 0
+        try:
+            while outgoing is not None:
+                if not self.transactional:
+                    self._at_least_once(outgoing, result, ends, now)
+                    break
+                if self._transact(outgoing, result, ends, now):
+                    break
+                # Aborted: again at once with the records Kafka refused for themselves
+                # replaced, or as it was (the producer's state after an abort, the broker
+                # away a moment) a few times, or else from the batch's first records.
+                outgoing, refused = self.outputs.replaced(outgoing)
+                if not refused:
+                    attempts += 1
+                    if attempts >= ATTEMPTS_IN_PLACE:
+                        outgoing = None
+                    else:
+                        time.sleep(0.1 * attempts)
+        except Unplaceable as exc:
+            log.error("%s; the batch is done again in %.0fs", exc, UNPLACEABLE_PAUSE_S)
+            time.sleep(UNPLACEABLE_PAUSE_S)
+            outgoing = None
+        if outgoing is None:
             self._rewind(result.first_offsets)
             self.totals.aborted += 1
             self.metrics.aborted.inc()
             return False
+        positions = {
+            key: self._positions.get(key, 0) + count + (1 if self.transactional else 0)
+            for key, count in self._written.items()
+        }
+        self._positions.update(positions)
         self.store.apply(
             references=result.learned,
             seen=[(now, keys) for keys in result.emitted.values()],
-            positions=self._changelog_offsets,
+            positions=positions,
         )
         self.totals.batches += 1
         self.totals.tally.add(result.tally)
@@ -343,62 +376,37 @@ class Pipeline:
 
     # Sending ---------------------------------------------------------------------------
 
-    def _produce_all(self, result: Split, now: float) -> None:
-        self._changelog_offsets = {}
-        produce = self.producer.produce
-        topics = self.topics
-        for out in result.outgoing:
-            self._produce(produce, topics[out.topic], out.value, out.key, out.headers)
+    def _produce_all(self, outgoing: Sequence[Outgoing], result: Split, now: float) -> None:
+        """The outputs, then the state's changelog records (counted, for the positions:
+        each committed transaction adds its records and one marker to a partition)."""
+        self.outputs.produce(outgoing)
+        written: dict[tuple[str, int], int] = {}
+        dedup, references = self.changelogs.dedup, self.changelogs.references
         for partition, keys in result.emitted.items():
-            self._produce(
-                produce,
-                self.changelogs.dedup,
-                dedup_record(now, keys),
-                str(result.first_offsets[partition]).encode(),
-                None,
-                partition=partition,
-                on_delivery=self._changelog_delivered,
-            )
+            key = str(result.first_offsets[partition]).encode()
+            self._produce(dedup, partition, key, dedup_record(now, keys))
+            written[dedup, partition] = written.get((dedup, partition), 0) + 1
         for (partition, subscription_id), reference in result.learned.items():
-            self._produce(
-                produce,
-                self.changelogs.references,
-                reference.encode(),
-                subscription_id.encode(),
-                None,
-                partition=partition,
-                on_delivery=self._changelog_delivered,
-            )
+            self._produce(references, partition, subscription_id.encode(), reference.encode())
+            written[references, partition] = written.get((references, partition), 0) + 1
+        self._written = written
 
-    def _produce(
-        self,
-        produce: Callable[..., None],
-        topic: str,
-        value: bytes,
-        key: bytes | None,
-        headers: Any,
-        **extra: Any,
-    ) -> None:
+    def _produce(self, topic: str, partition: int, key: bytes, value: bytes) -> None:
         while True:
             try:
-                produce(topic, value=value, key=key, headers=headers, **extra)
+                self.producer.produce(topic, value=value, key=key, partition=partition)
                 return
             except BufferError:  # the local queue is full: let deliveries drain it
                 self.producer.poll(0.05)
 
-    def _changelog_delivered(self, err: KafkaError | None, msg: Message) -> None:
-        if err is None:
-            key = (msg.topic() or "", msg.partition() or 0)
-            offset = (msg.offset() or 0) + 1
-            if offset > self._changelog_offsets.get(key, -1):
-                self._changelog_offsets[key] = offset
-
-    def _transact(self, result: Split, ends: dict[int, int], now: float) -> bool:
+    def _transact(
+        self, outgoing: Sequence[Outgoing], result: Split, ends: dict[int, int], now: float
+    ) -> bool:
         """One transaction for the batch; False if it was aborted."""
         producer = self.producer
         try:
             producer.begin_transaction()
-            self._produce_all(result, now)
+            self._produce_all(outgoing, result, now)
             offsets = [TopicPartition(self.raw, p, offset) for p, offset in ends.items()]
             member = self.consumer.memberid()
             group = self.consumer.consumer_group_metadata()
@@ -413,7 +421,10 @@ class Pipeline:
             error: KafkaError = exc.args[0]
             if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
                 raise
-            log.warning("aborting the batch's transaction (it is done again): %s", error)
+            log.warning("aborting the batch's transaction: %s", error)
+        except Unplaceable:
+            self._call(lambda: producer.abort_transaction(CALL_TIMEOUT_S), abortable=False)
+            raise
         self._call(lambda: producer.abort_transaction(CALL_TIMEOUT_S), abortable=False)
         return False
 
@@ -434,15 +445,15 @@ class Pipeline:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _at_least_once(self, result: Split, ends: dict[int, int], now: float) -> bool:
+    def _at_least_once(
+        self, outgoing: Sequence[Outgoing], result: Split, ends: dict[int, int], now: float
+    ) -> None:
         """The benchmark's comparison: send, wait for every ack, then commit the offsets."""
-        self._produce_all(result, now)
-        remaining = self.producer.flush(CALL_TIMEOUT_S)
-        if remaining:
-            return False
+        self._produce_all(outgoing, result, now)
+        while self.producer.flush(CALL_TIMEOUT_S):
+            log.warning("outputs not acknowledged within %.0fs; waiting on", CALL_TIMEOUT_S)
         offsets = [TopicPartition(self.raw, p, offset) for p, offset in ends.items()]
         self.consumer.commit(offsets=offsets, asynchronous=False)
-        return True
 
     def _rewind(self, first_offsets: dict[int, int]) -> None:
         """Send the consumer back to the batch's first records (the batch was not committed)."""
@@ -498,7 +509,11 @@ class Pipeline:
 
     def restore(self, partitions: Sequence[int]) -> int:
         """Bring the local state of ``partitions`` up to their changelogs' ends."""
-        return restore(self.make_restorer, self.store, self.changelogs, partitions)
+        count = restore(self.make_restorer, self.store, self.changelogs, partitions)
+        for topic in (self.changelogs.references, self.changelogs.dedup):
+            for p in partitions:
+                self._positions[topic, p] = self.store.position(topic, p) or 0
+        return count
 
     # Housekeeping ----------------------------------------------------------------------
 
@@ -536,7 +551,7 @@ def restore(
             for p in partitions:
                 start = store.position(topic, p)
                 tp = TopicPartition(topic, p)
-                low, high = restorer.get_watermark_offsets(tp, timeout=CALL_TIMEOUT_S)
+                low, high = _watermarks(restorer, tp)
                 if start is not None and start >= high:
                     continue
                 tp.offset = OFFSET_BEGINNING if start is None or start < low else start
@@ -547,6 +562,33 @@ def restore(
         return _read_to_end(restorer, wanted, store, changelogs)
     finally:
         restorer.close()
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
+    """The partition's low and high watermarks, asked again while the broker cannot say
+    (a topic just created has no leader for a moment)."""
+    delay = 0.1
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=CALL_TIMEOUT_S)
+            return low, high
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if error.fatal() or not (error.retriable() or _no_leader(error)):
+                raise
+            log.info("asking for %s[%d]'s offsets: %s; again", tp.topic, tp.partition, error)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _no_leader(error: KafkaError) -> bool:
+    return error.code() in (
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+    )
 
 
 def _read_to_end(
@@ -565,6 +607,7 @@ def _read_to_end(
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:
                     pending.discard((topic, partition))
+                    positions[topic, partition] = message.offset() or 0  # the end
                 elif error.fatal():
                     raise KafkaException(error)
                 continue

@@ -28,7 +28,7 @@ import logging
 from confluent_kafka import KafkaException
 
 from chargify_stream.errors import TransientError
-from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_admin import check_deadletter_topic, ensure_pipeline_topics
 from chargify_stream.settings import Settings
 from processors import lifecycle, pipeline
 from processors.fields import NATIVE_SCAN
@@ -64,6 +64,7 @@ def _run(settings: Settings, transactional: bool) -> int:
 
     def prepare() -> tuple[int, pipeline.Changelogs]:
         ensure_pipeline_topics(settings)
+        check_deadletter_topic(settings)
         partitions = lifecycle.partition_count(settings, settings.topic("raw"))
         return partitions, pipeline.ensure_changelogs(settings, partitions)
 
