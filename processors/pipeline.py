@@ -41,11 +41,12 @@ stable across restarts of the same worker (``<app id>-<host>-<data dir>-<slot>``
 restarted worker's ``init_transactions`` aborts at once whatever its killed predecessor
 left open.
 
-**Transaction timeout.** ``TRANSACTION_TIMEOUT_MS`` (10 s): a transaction here lives for
-one batch (milliseconds), but one left open by a worker that died and is not restarted
-holds back every ``read_committed`` reader of the partitions it wrote (their last stable
-offset) until the broker aborts it: within this timeout plus the broker's check interval
-(``transaction.abort.timed.out.transaction.cleanup.interval.ms``, 10 s by default).
+**Transaction timeout.** ``processors.clients.TRANSACTION_TIMEOUT_MS`` (10 s): a
+transaction here lives for one batch (milliseconds), but one left open by a worker that
+died and is not restarted holds back every ``read_committed`` reader of the partitions it
+wrote (their last stable offset) until the broker aborts it: within this timeout plus the
+broker's check interval (``transaction.abort.timed.out.transaction.cleanup.interval.ms``,
+10 s by default).
 
 The loop knows nothing of Faust; :mod:`processors.worker` runs it in a thread of the
 Faust worker, and tests run it directly.
@@ -53,17 +54,14 @@ Faust worker, and tests run it directly.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
@@ -72,33 +70,21 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from chargify_stream.errors import ConfigError
-from chargify_stream.kafka_admin import ensure_topics
-from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
 from processors.metrics import ProcessorMetrics
 from processors.outputs import Outputs, Unplaceable
+from processors.restore import restore
 from processors.splitter import Incoming, Outgoing, Split, Tally, split
-from processors.state import DEDUP, REFERENCES, Store, bucket_seconds, dedup_record, parse_dedup
+from processors.state import Store, dedup_record
 
-__all__ = [
-    "BATCH_MAX",
-    "TRANSACTION_TIMEOUT_MS",
-    "Changelogs",
-    "Pipeline",
-    "changelog_topics",
-    "consumer_config",
-    "ensure_changelogs",
-    "incoming",
-    "producer_config",
-    "restorer_config",
-    "transactional_id",
-]
+if TYPE_CHECKING:
+    from processors.clients import Changelogs
+
+__all__ = ["BATCH_MAX", "Pipeline", "incoming"]
 
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 1000
-TRANSACTION_TIMEOUT_MS = 10_000
 CALL_TIMEOUT_S = 30.0
 REPORT_INTERVAL_S = 60.0
 # The consumer knows it is out of the group (max.poll.interval.ms passed, or the
@@ -109,120 +95,6 @@ _LEFT = KafkaError(
 EXPIRY_INTERVAL_S = 60.0
 UNPLACEABLE_PAUSE_S = 5.0
 ATTEMPTS_IN_PLACE = 3
-
-
-# Clients -------------------------------------------------------------------------------
-
-
-def consumer_config(settings: Settings) -> dict[str, Any]:
-    """The raw topic's consumer: the processor's group, offsets only in transactions."""
-    return {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
-        "group.id": settings.processor_app_id,
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-        # The raw topic is not written in transactions; read_committed also makes the
-        # offset fetch after an assignment wait for a previous owner's open transaction.
-        "isolation.level": "read_committed",
-        # Kafka's long-time default: a crashed worker's partitions move within 10 s.
-        "session.timeout.ms": 10_000,
-        "heartbeat.interval.ms": 3_000,
-        "fetch.wait.max.ms": 100,
-        "queued.min.messages": 20_000,
-        "log_level": 3,
-    }
-
-
-def producer_config(settings: Settings, transactional: str | None) -> dict[str, Any]:
-    """The outputs' producer; transactional unless ``transactional`` is ``None``."""
-    config: dict[str, Any] = {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        "compression.type": "lz4",
-        "queue.buffering.max.messages": 200_000,
-        "message.timeout.ms": TRANSACTION_TIMEOUT_MS,
-        # The dead letter of any raw record fits (processors.outputs).
-        "message.max.bytes": deadletter_record_max(settings.gateway_max_body_bytes),
-        "delivery.report.only.error": True,
-        "log_level": 3,
-    }
-    if transactional is not None:
-        config["transactional.id"] = transactional
-        config["transaction.timeout.ms"] = TRANSACTION_TIMEOUT_MS
-    return config
-
-
-def restorer_config(settings: Settings) -> dict[str, Any]:
-    """A consumer that reads a changelog partition to its end, outside any group."""
-    return {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
-        "group.id": f"{settings.processor_app_id}-restore",  # never joined, never committed
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-        "isolation.level": "read_committed",
-        "enable.partition.eof": True,
-        "log_level": 3,
-    }
-
-
-def transactional_id(settings: Settings, slot: int) -> str:
-    """One per worker, the same after a restart (see the module docstring)."""
-    folder = hashlib.sha256(settings.processor_data_dir.encode()).hexdigest()[:8]
-    return f"{settings.processor_app_id}-{socket.gethostname()}-{folder}-{slot}"
-
-
-@dataclass(frozen=True)
-class Changelogs:
-    """The state's changelog topic names."""
-
-    references: str
-    dedup: str
-
-    def of(self, kind: str) -> str:
-        return self.references if kind == REFERENCES else self.dedup
-
-
-def changelog_topics(settings: Settings) -> Changelogs:
-    app = settings.processor_app_id
-    return Changelogs(f"{app}-references-changelog", f"{app}-dedup-changelog")
-
-
-def ensure_changelogs(settings: Settings, partitions: int) -> Changelogs:
-    """Create the changelogs (partitioned like raw); fail if one exists partitioned unlike it."""
-    from confluent_kafka.admin import AdminClient
-
-    topics = changelog_topics(settings)
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0})
-    existing = admin.list_topics(timeout=30).topics
-    for name in (topics.references, topics.dedup):
-        if name in existing and len(existing[name].partitions) != partitions:
-            raise ConfigError(
-                f"changelog topic {name} has {len(existing[name].partitions)} partitions but "
-                f"{settings.topic('raw')} has {partitions}; the state must be partitioned like "
-                "the raw topic (use a new PROCESSOR_APP_ID, or recreate the changelog topics)"
-            )
-    window_ms = settings.processor_dedup_window_s * 1000
-    common = {"partitions": partitions, "replication_factor": settings.topic_replication_factor}
-    ensure_topics(
-        settings.kafka_bootstrap_servers,
-        [topics.references],
-        config={"cleanup.policy": "compact"},
-        **common,
-    )
-    ensure_topics(
-        settings.kafka_bootstrap_servers,
-        [topics.dedup],
-        config={
-            "cleanup.policy": "delete",
-            "retention.ms": str(
-                window_ms + bucket_seconds(settings.processor_dedup_window_s) * 1000
-            ),
-        },
-        **common,
-    )
-    return topics
 
 
 # The loop ------------------------------------------------------------------------------
@@ -535,95 +407,6 @@ class Pipeline:
         self.metrics.seen.set(self.store.added)
 
 
-def restore(
-    make_restorer: Callable[[], Consumer],
-    store: Store,
-    changelogs: Changelogs,
-    partitions: Sequence[int],
-) -> int:
-    """Read the changelogs of ``partitions`` from the local copy's positions to their
-    ends, and apply them; how many records were read."""
-    wanted: list[TopicPartition] = []
-    restorer = make_restorer()
-    try:
-        for kind in (REFERENCES, DEDUP):
-            topic = changelogs.of(kind)
-            for p in partitions:
-                start = store.position(topic, p)
-                tp = TopicPartition(topic, p)
-                low, high = _watermarks(restorer, tp)
-                if start is not None and start >= high:
-                    continue
-                tp.offset = OFFSET_BEGINNING if start is None or start < low else start
-                wanted.append(tp)
-        if not wanted:
-            return 0
-        restorer.assign(wanted)
-        return _read_to_end(restorer, wanted, store, changelogs)
-    finally:
-        restorer.close()
-
-
-def _watermarks(consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
-    """The partition's low and high watermarks, asked again while the broker cannot say
-    (a topic just created has no leader for a moment)."""
-    delay = 0.1
-    while True:
-        try:
-            low, high = consumer.get_watermark_offsets(tp, timeout=CALL_TIMEOUT_S)
-            return low, high
-        except KafkaException as exc:
-            error: KafkaError = exc.args[0]
-            if error.fatal() or not (error.retriable() or _no_leader(error)):
-                raise
-            log.info("asking for %s[%d]'s offsets: %s; again", tp.topic, tp.partition, error)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-
-def _no_leader(error: KafkaError) -> bool:
-    return error.code() in (
-        KafkaError.NOT_LEADER_FOR_PARTITION,
-        KafkaError.LEADER_NOT_AVAILABLE,
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError._TIMED_OUT,
-        KafkaError._TRANSPORT,
-    )
-
-
-def _read_to_end(
-    restorer: Consumer, wanted: list[TopicPartition], store: Store, changelogs: Changelogs
-) -> int:
-    """Apply every committed changelog record of ``wanted`` up to the end (EOF)."""
-    pending = {(tp.topic, tp.partition) for tp in wanted}
-    count = 0
-    while pending:
-        references: dict[tuple[int, str], str] = {}
-        seen: list[tuple[float, Iterable[int]]] = []
-        positions: dict[tuple[str, int], int] = {}
-        for message in restorer.consume(10_000, 1.0):
-            error = message.error()
-            topic, partition = message.topic() or "", message.partition() or 0
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    pending.discard((topic, partition))
-                    positions[topic, partition] = message.offset() or 0  # the end
-                elif error.fatal():
-                    raise KafkaException(error)
-                continue
-            count += 1
-            positions[topic, partition] = (message.offset() or 0) + 1
-            value = message.value()
-            if value is None:
-                continue
-            if topic == changelogs.references:
-                references[partition, (message.key() or b"").decode()] = value.decode()
-            else:
-                seen.append(parse_dedup(value))
-        store.apply(references=references, seen=seen, positions=positions)
-    return count
-
-
 def incoming(message: Message) -> Incoming:
     """The splitter's record of a raw message."""
     headers: Any = message.headers()  # a list of (name, value) pairs, as produced
@@ -634,29 +417,4 @@ def incoming(message: Message) -> Incoming:
         message.key(),
         message.value() or b"",
         [(k, v) for k, v in headers if v is not None] if headers else [],
-    )
-
-
-def build(
-    settings: Settings,
-    *,
-    store: Store,
-    slot: int,
-    changelogs: Changelogs,
-    metrics: ProcessorMetrics,
-    transactional: bool = True,
-) -> Pipeline:
-    """The pipeline and its clients (the processor's composition root)."""
-
-    return Pipeline(
-        settings,
-        consumer=Consumer(consumer_config(settings)),
-        producer=Producer(
-            producer_config(settings, transactional_id(settings, slot) if transactional else None)
-        ),
-        make_restorer=lambda: Consumer(restorer_config(settings)),
-        store=store,
-        changelogs=changelogs,
-        metrics=metrics,
-        transactional=transactional,
     )

@@ -16,7 +16,8 @@ Where the customer reference sits (WEBHOOKS.md §4), per supported event:
 ``component_allocation_change`` none: ``lookup_reference(subscription id)``
 ==============================  ===============================================
 
-The fields it reads are decoded by :mod:`processors.fields` (a C scan with a Python
+The module is a little over 400 lines: the rules of all six events, which read best side
+by side. The fields it reads are decoded by :mod:`processors.fields` (a C scan with a Python
 fallback), which returns exactly what a full decode of the form would hold at each.
 """
 

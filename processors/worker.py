@@ -30,7 +30,7 @@ from confluent_kafka import KafkaException
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import check_deadletter_topic, ensure_pipeline_topics
 from chargify_stream.settings import Settings
-from processors import lifecycle, pipeline
+from processors import clients, lifecycle
 from processors.fields import NATIVE_SCAN
 from processors.metrics import ProcessorMetrics
 from processors.state import Slot, Store
@@ -62,11 +62,11 @@ def _run(settings: Settings, transactional: bool) -> int:
 
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
-    def prepare() -> tuple[int, pipeline.Changelogs]:
+    def prepare() -> tuple[int, clients.Changelogs]:
         ensure_pipeline_topics(settings)
         check_deadletter_topic(settings)
         partitions = lifecycle.partition_count(settings, settings.topic("raw"))
-        return partitions, pipeline.ensure_changelogs(settings, partitions)
+        return partitions, clients.ensure_changelogs(settings, partitions)
 
     try:
         partitions, changelogs = lifecycle.retry_at_start("preparing the topics", prepare)
@@ -76,7 +76,7 @@ def _run(settings: Settings, transactional: bool) -> int:
     slot = Slot(settings.processor_data_dir)
     store = Store(slot.path, settings.processor_dedup_window_s)
     metrics = ProcessorMetrics()
-    work = pipeline.build(
+    work = clients.build(
         settings,
         store=store,
         slot=slot.number,
@@ -90,7 +90,7 @@ def _run(settings: Settings, transactional: bool) -> int:
         settings.processor_app_id,
         settings.topic("raw"),
         partitions,
-        pipeline.transactional_id(settings, slot.number),
+        clients.transactional_id(settings, slot.number),
         settings.processor_web_port,
     )
     if not NATIVE_SCAN:

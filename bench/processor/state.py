@@ -38,7 +38,8 @@ from confluent_kafka import Consumer, Producer
 
 from chargify_stream.local.kafka import LocalKafka
 from chargify_stream.settings import load_settings
-from processors.pipeline import ensure_changelogs, restore, restorer_config
+from processors.clients import ensure_changelogs, restorer_config
+from processors.restore import restore
 from processors.state import Store, dedup_record
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"

@@ -16,16 +16,15 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from chargify_stream.settings import Settings
-from processors.metrics import ProcessorMetrics
-from processors.pipeline import (
-    Pipeline,
+from processors.clients import (
     consumer_config,
     ensure_changelogs,
-    incoming,
     producer_config,
     restorer_config,
     transactional_id,
 )
+from processors.metrics import ProcessorMetrics
+from processors.pipeline import Pipeline, incoming
 from processors.splitter import Incoming
 from processors.state import Store
 from schemas.codec import decode

@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from chargify_stream.kafka_admin import ensure_topics
 from chargify_stream.settings import Settings
-from processors.pipeline import ensure_changelogs
+from processors.clients import ensure_changelogs
 from schemas import headers as h
 from schemas.codec import decode
 from schemas.records import SubscriptionChange, Transaction
