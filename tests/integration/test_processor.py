@@ -7,6 +7,7 @@ publishes is read back from the output topics.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from schemas.codec import decode
 from schemas.records import SubscriptionChange, Transaction
 from tests.builders import build_body
 from tests.kafka_tools import consume, end_offsets, headers_of, produce
+from tests.stages import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -286,3 +288,29 @@ def test_the_changelogs_are_created_partitioned_like_raw(
         resource = ConfigResource(ConfigResource.Type.TOPIC, name)
         configs = admin.describe_configs([resource])[resource].result(timeout=10)
         assert {key: configs[key].value for key in expected} == expected, name
+
+
+def test_a_dead_letter_replayed_twice_is_emitted_once(
+    make_settings: Callable[..., Settings], stages: Any
+) -> None:
+    """An allocation change for a subscription not yet known is dead-lettered; once the
+    signup arrived, an operator replays it, then replays it again by mistake: the typed
+    topic holds it once (the second replay is a duplicate of an emitted event)."""
+    settings = make_settings(partitions=2)
+    bootstrap, raw_topic = settings.kafka_bootstrap_servers, settings.topic("raw")
+    produce(bootstrap, raw_topic, [webhook("component_allocation_change", webhook_id=1201,
+                                           subscription_id=88)])  # fmt: skip
+    stages("processor", settings)
+    [dead] = by_topic(settings, "deadletter", 1)
+    assert headers_of(dead)[h.DLQ_REASON] == b"unknown_subscription"
+    produce(bootstrap, raw_topic, [webhook("signup_success", webhook_id=1200, subscription_id=88,
+                                           reference="c-88")])  # fmt: skip
+    by_topic(settings, "subscriptions", 1)
+    for _ in range(2):
+        replay = run_cli(settings, "dlq", "replay", "--reason", "unknown_subscription", "--json")
+        assert replay.returncode == 0, replay.stderr
+        assert json.loads(replay.stdout)["replayed"] == 1
+    wait_committed(settings, partitions=2)
+    out = by_topic(settings, "subscriptions", 2, settle=2.0)
+    assert [headers_of(m)[h.WEBHOOK_ID] for m in out] == [b"1200", b"1201"]
+    assert len(by_topic(settings, "deadletter", 1, settle=1.0)) == 1  # not failed again
