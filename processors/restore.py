@@ -94,7 +94,8 @@ def _read_to_end(
         references: dict[tuple[int, str], str] = {}
         seen: list[tuple[float, Iterable[int]]] = []
         positions: dict[tuple[str, int], int] = {}
-        for message in restorer.consume(10_000, 1.0):
+        # At most 500 records (500,000 keys) applied at once: bounded memory.
+        for message in restorer.consume(500, 1.0):
             error = message.error()
             topic, partition = message.topic() or "", message.partition() or 0
             if error is not None:

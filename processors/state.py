@@ -48,6 +48,7 @@ import struct
 import sys
 import time
 from array import array
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import suppress
 from itertools import chain
@@ -146,13 +147,25 @@ class Store:
             CREATE TABLE IF NOT EXISTS positions (
                 changelog TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
                 PRIMARY KEY (changelog, partition)) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS ranges (
+                bucket INTEGER NOT NULL, kind INTEGER NOT NULL, lo INTEGER NOT NULL,
+                hi INTEGER NOT NULL, PRIMARY KEY (bucket, kind)) WITHOUT ROWID;
             """
         )
+        # Per bucket and key kind (key % 4), the lowest and highest key it may hold; a
+        # bucket file found without them (none are written so) is asked for every key.
+        self._ranges: dict[int, dict[int, tuple[int, int]]] = {}
+        for bucket, kind, lo, hi in self._main.execute("SELECT * FROM ranges"):
+            self._ranges.setdefault(bucket, {})[kind] = (lo, hi)
+        self._unranged: set[int] = set()
         self._buckets: dict[int, sqlite3.Connection] = {}
         self._added = 0  # dedup keys added since start (a count(*) of 10M rows takes long)
         for file in sorted(folder.glob("seen-*.sqlite")):
             with suppress(ValueError):
-                self._open_bucket(int(file.stem.removeprefix("seen-")))
+                bucket = int(file.stem.removeprefix("seen-"))
+                self._open_bucket(bucket)
+                if bucket not in self._ranges:
+                    self._unranged.add(bucket)
         self._references: dict[tuple[int, str], str | None] = {}
 
     # Positions --------------------------------------------------------------------------
@@ -216,33 +229,53 @@ class Store:
         return conn
 
     def seen(self, keys: Collection[int]) -> set[int]:
-        """Those of ``keys`` emitted within the window."""
+        """Those of ``keys`` emitted within the window.
+
+        Newest bucket first (a repeat is most often recent; keys found are not asked of
+        older buckets), and only the keys within a bucket's range for their kind: Chargify's
+        ids grow with time, so a new record's keys are past every older bucket's range, and
+        only the current bucket is asked.
+        """
         if not keys:
             return set()
         horizon = self._horizon()
-        # Newest bucket first: a repeat is most often recent, and found keys are not
-        # asked again of the older buckets.
-        missing = sorted(keys)
+        by_kind: dict[int, list[int]] = {}
+        for key in keys:
+            by_kind.setdefault(key & 3, []).append(key)
+        for listed in by_kind.values():
+            listed.sort()
         found: set[int] = set()
         for bucket in sorted(self._buckets, reverse=True):
-            if bucket < horizon or not missing:
+            if bucket < horizon:
                 break
+            ranges = None if bucket in self._unranged else self._ranges.get(bucket, {})
+            probe: list[int] = []
+            for kind, listed in by_kind.items():
+                if ranges is None:
+                    probe.extend(listed)
+                elif kind in ranges:
+                    lo, hi = ranges[kind]
+                    probe.extend(listed[bisect_left(listed, lo) : bisect_right(listed, hi)])
+            probe = [key for key in probe if key not in found]
             conn = self._buckets[bucket]
-            for start in range(0, len(missing), _CHUNK):
-                chunk = missing[start : start + _CHUNK]
+            for start in range(0, len(probe), _CHUNK):
+                chunk = probe[start : start + _CHUNK]
                 marks = ",".join("?" * len(chunk))
                 found.update(
                     row[0]
                     for row in conn.execute(f"SELECT key FROM seen WHERE key IN ({marks})", chunk)
                 )
-            missing = [key for key in missing if key not in found]
         return found
 
     def expire(self) -> int:
         """Delete the buckets wholly past the window; return how many were deleted."""
         horizon = self._horizon()
         old = [bucket for bucket in self._buckets if bucket < horizon]
+        if old:
+            self._main.executemany("DELETE FROM ranges WHERE bucket = ?", [(b,) for b in old])
         for bucket in old:
+            self._ranges.pop(bucket, None)
+            self._unranged.discard(bucket)
             self._buckets.pop(bucket).close()
             for suffix in ("", "-wal", "-shm"):
                 with suppress(FileNotFoundError):
@@ -266,9 +299,11 @@ class Store:
             bucket = self._bucket(at)
             if bucket >= horizon:
                 grouped.setdefault(bucket, []).append(keys)
-        for bucket, parts in grouped.items():
+        rows_of = {bucket: sorted(chain.from_iterable(parts)) for bucket, parts in grouped.items()}
+        # The ranges first: wider than a bucket's keys is harmless, narrower would hide some.
+        self._widen(rows_of)
+        for bucket, rows in rows_of.items():
             # In key order: appended to the b-tree, not scattered through it.
-            rows = sorted(chain.from_iterable(parts))
             conn = self._open_bucket(bucket)
             conn.execute("BEGIN")
             inserted = conn.executemany("INSERT OR IGNORE INTO seen VALUES (?)", zip(rows))
@@ -286,6 +321,32 @@ class Store:
                     self._references[key] = ref
         self._advance(positions)
         self._main.execute("COMMIT")
+
+    def _widen(self, rows_of: Mapping[int, list[int]]) -> None:
+        """Widen each bucket's per-kind key range to take ``rows_of[bucket]`` (sorted)."""
+        changed = []
+        for bucket, rows in rows_of.items():
+            ranges = self._ranges.setdefault(bucket, {})
+            if not rows:
+                continue
+            for kind in range(4):
+                lowest = next((k for k in rows if k & 3 == kind), None)
+                if lowest is None:
+                    continue
+                highest = next(k for k in reversed(rows) if k & 3 == kind)
+                lo, hi = ranges.get(kind, (lowest, highest))
+                wider = (min(lo, lowest), max(hi, highest))
+                if ranges.get(kind) != wider:
+                    ranges[kind] = wider
+                    changed.append((bucket, kind, *wider))
+        if changed:
+            self._main.execute("BEGIN")
+            self._main.executemany(
+                "INSERT INTO ranges VALUES (?, ?, ?, ?) ON CONFLICT (bucket, kind) "
+                "DO UPDATE SET lo = excluded.lo, hi = excluded.hi",
+                changed,
+            )
+            self._main.execute("COMMIT")
 
     @property
     def added(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
@@ -101,3 +102,27 @@ def test_each_live_worker_gets_its_own_slot(tmp_path: Path) -> None:
     again = Slot(tmp_path)
     assert again.number == 0  # free again once its holder is gone
     again.release()
+
+
+def test_each_bucket_is_asked_only_for_keys_within_its_ranges(tmp_path: Path) -> None:
+    """Ranges per key kind narrow what is asked of each bucket, never what is found."""
+    store = Store(tmp_path, 7 * DAY)
+    now = time.time()
+    old = [4 * i + 1 for i in (100, 150, 200)] + [4 * 9_000 + 3]  # webhook and transaction ids
+    new = [4 * i + 1 for i in (300, 301)] + [4 * 9_500 + 2]  # and an event id
+    store.apply(seen=[(now - 3 * DAY, old), (now, new)])
+    asked = {*old, *new, 4 * 150 + 2, 4 * 160 + 1, 4 * 9_001 + 3, 4 * 400 + 1}
+    assert store.seen(asked) == {*old, *new}
+    store.close()
+    again = Store(tmp_path, 7 * DAY)  # the ranges are kept with the state
+    assert again.seen(asked) == {*old, *new}
+    again.close()
+    # A bucket file whose ranges are missing is asked for every key.
+    conn = sqlite3.connect(tmp_path / "state.sqlite")
+    with conn:
+        conn.execute("DELETE FROM ranges")
+    conn.close()
+    unranged = Store(tmp_path, 7 * DAY)
+    assert unranged.seen(asked) == {*old, *new}
+    unranged.apply(seen=[(now, [4 * 500 + 1])])
+    assert unranged.seen({*asked, 4 * 500 + 1}) == {*old, *new, 4 * 500 + 1}
