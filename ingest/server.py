@@ -23,6 +23,7 @@ from confluent_kafka import KafkaException
 
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings
 from ingest.app import WEBHOOK_PATH, GatewayApp, Sink
 from ingest.publisher import Publisher
@@ -69,7 +70,9 @@ def build_app(settings: Settings, sink: Sink | None = None) -> GatewayApp:
     publisher: Publisher | None = None
     if sink is None:
         publisher = Publisher(
-            settings.kafka_bootstrap_servers, timeout_s=settings.gateway_publish_timeout_s
+            settings.kafka_bootstrap_servers,
+            timeout_s=settings.gateway_publish_timeout_s,
+            **librdkafka_config(settings),  # the connection: TLS, SASL
         )
         sink = publisher
     topics = _TopicKeeper(settings)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 from confluent_kafka import KafkaError, Message, Producer
 
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings
 from processors.splitter import Outgoing
 
@@ -49,7 +50,7 @@ class Outputs:
         self.on_retry = on_retry
         self._producer = Producer(
             {
-                "bootstrap.servers": settings.kafka_bootstrap_servers,
+                **librdkafka_config(settings),
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 2,

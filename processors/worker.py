@@ -68,6 +68,7 @@ from mode.utils.times import want_seconds
 
 from chargify_stream.errors import ConfigError, TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics, ensure_topics
+from chargify_stream.kafka_config import faust_credentials, librdkafka_config
 from chargify_stream.settings import Settings
 from processors.drain import Feed, deliver_in_batches, shorten_fetch_wait
 from processors.metrics import CONTENT_TYPE, ProcessorMetrics
@@ -141,11 +142,9 @@ class _KafkaPositions:
         from confluent_kafka.admin import AdminClient
 
         self._app = app
-        self._bootstrap = settings.kafka_bootstrap_servers
+        self._settings = settings
         self._group = settings.processor_app_id
-        self._admin = AdminClient(
-            {"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0}
-        )
+        self._admin = AdminClient(librdkafka_config(settings, log_level=0))
 
     async def committed(self, tps: Collection[TP]) -> dict[TP, int | None]:
         from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
@@ -194,7 +193,7 @@ class _KafkaPositions:
         def ask() -> int | None:
             consumer = Consumer(
                 {
-                    "bootstrap.servers": self._bootstrap,
+                    **librdkafka_config(self._settings),
                     "group.id": f"{self._group}-probe",  # never joined, never committed
                     "enable.auto.commit": False,
                     "isolation.level": "read_uncommitted",  # as Faust reads
@@ -244,6 +243,7 @@ def build_app(
     app = faust.App(
         settings.processor_app_id,
         broker=[f"kafka://{s}" for s in settings.kafka_bootstrap_servers.split(",")],
+        broker_credentials=faust_credentials(settings),
         store="memory://",
         datadir=settings.processor_data_dir,
         topic_partitions=partitions,
@@ -429,7 +429,7 @@ def build_app(
 def _partition_counts(settings: Settings, topics: Iterable[str]) -> dict[str, int]:
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0})
+    admin = AdminClient(librdkafka_config(settings, log_level=0))
     metadata = admin.list_topics(timeout=30).topics
     return {t: len(metadata[t].partitions) for t in topics if t in metadata}
 
@@ -466,7 +466,7 @@ def _create_changelogs(app: faust.App, settings: Settings) -> None:
         config = transport._topic_config(retention, topic.compacting, topic.deleting)
         config.update(topic.config or {})
         ensure_topics(
-            settings.kafka_bootstrap_servers,
+            settings,
             [topic.get_topic_name()],
             partitions=topic.partitions,
             replication_factor=settings.topic_replication_factor,

@@ -50,6 +50,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from chargify_stream.errors import ChargifyStreamError, RecordError, TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.codec import decode
@@ -542,7 +543,7 @@ def build_sink(settings: Settings, metrics: SinkMetrics | None = None) -> Sink:
 
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **librdkafka_config(settings),
             "group.id": settings.sink_group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
@@ -560,7 +561,7 @@ def build_sink(settings: Settings, metrics: SinkMetrics | None = None) -> Sink:
     )
     producer = Producer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **librdkafka_config(settings),
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,

@@ -45,6 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.deadletter import parse_dead_letter, replay_headers
@@ -345,7 +346,7 @@ class Redriver:
         dsn = self.settings.database_dsn()
         consumer = Consumer(
             {
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                **librdkafka_config(self.settings),
                 "group.id": self.group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
@@ -355,7 +356,7 @@ class Redriver:
         )
         producer = Producer(
             {
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                **librdkafka_config(self.settings),
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 5,
