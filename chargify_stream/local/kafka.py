@@ -25,6 +25,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -490,8 +491,15 @@ class LocalKafkaCluster:
         )
 
     def stop(self) -> None:
+        """Controlled shutdown of every node at once (one by one, the last nodes would
+        wait for a controller quorum that is already gone), SIGKILL after 20 s."""
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(LocalKafka.stop, self.nodes))
+
+    def kill(self) -> None:
+        """SIGKILL every node (the data survives for a restart)."""
         for node in self.nodes:
-            node.stop()
+            node.kill()
 
     def cleanup(self) -> None:
         self.stop()
