@@ -447,7 +447,14 @@ class LocalKafkaCluster:
     killed (:meth:`node`, then ``kill()`` and ``start()``) without losing one.
     """
 
-    def __init__(self, size: int = 3, *, data_dir: Path | None = None, heap: str = "512m"):
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        data_dir: Path | None = None,
+        heap: str = "512m",
+        extra_properties: dict[str, str] | None = None,
+    ):
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="chargify-kafka-cluster-")
@@ -461,6 +468,7 @@ class LocalKafkaCluster:
                 controller_port=controller,
                 data_dir=Path(data_dir) / f"node-{i}",
                 heap=heap,
+                extra_properties=dict(extra_properties or {}),
                 node_id=i,
                 voters=voters,
                 cluster_id=cluster_id,

@@ -10,12 +10,15 @@ reads and replays over the same connection.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Producer
 
 from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.local.kafka import LocalKafka
 from chargify_stream.settings import Settings, load_settings
 from sink.admin import add_customer, add_partner, connect
@@ -133,3 +136,17 @@ def test_the_right_password_is_not_shown_by_config(sasl_settings: Settings) -> N
     assert password not in shown.stdout
     assert "KAFKA_SASL_PASSWORD" in shown.stdout and "******" in shown.stdout
     assert "KAFKA_SECURITY_PROTOCOL" in shown.stdout and "SASL_SSL" in shown.stdout
+
+
+def test_a_transactional_producer_commits_over_sasl_ssl(sasl_settings: Settings) -> None:
+    # Transaction markers go through the broker's own SASL_SSL listener: without the
+    # broker's SCRAM user only transactional produce fails (SASL_AUTHENTICATION_FAILED).
+    producer = Producer(
+        librdkafka_config(sasl_settings, **{"transactional.id": f"t-{uuid.uuid4().hex}"})
+    )
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    producer.produce(sasl_settings.topic("transactions"), key=b"k", value=b"v")
+    producer.commit_transaction(30)
+    [record] = consume(sasl_settings, sasl_settings.topic("transactions"), count=1)
+    assert (record.key(), record.value()) == (b"k", b"v")
