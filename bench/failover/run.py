@@ -1,7 +1,7 @@
 """Failover: a three-broker cluster loses a broker while payments flow through the pipeline.
 
     .venv/bin/python bench/failover/run.py [--rate 50] [--seconds 60] [--kill-at 15]
-        [--restart-at 35]
+        [--restart-at 35] [--stop] [--session-timeout-ms 9000]
 
 Everything on this one machine: a three-node KRaft cluster (``LocalKafkaCluster``: each
 node broker and controller, ``min.insync.replicas=2``), a local Postgres, and the three
@@ -12,10 +12,11 @@ created by the pipeline itself with ``TOPIC_REPLICATION_FACTOR=3`` (checked: 3 r
 Signed ``payment_success`` webhooks (``bench/e2e/workload.py``, each its own webhook and
 transaction) are POSTed at a steady ``--rate`` for ``--seconds``. A webhook not answered
 200 is sent again one second later, as Chargify retries, up to 20 times. At ``--kill-at``
-seconds the broker leading partition 0 of the raw topic is SIGKILLed; at
-``--restart-at`` it is started again on its data. The brokers fence a silent broker after
-``--session-timeout-ms`` (Kafka's default, 9 s, unless told otherwise): until then the
-partitions it led have no leader that answers.
+seconds the broker leading partition 0 of the raw topic is SIGKILLed (``--stop``: stopped
+with SIGTERM, a controlled shutdown as in a rolling restart); at ``--restart-at`` it is
+started again on its data. The controllers fence a silent broker after
+``--session-timeout-ms`` (Kafka's default, 9 s, unless told otherwise): until then it is
+still in the in-sync replicas of its partitions, and ``acks=all`` writes to them wait.
 
 Checks, after Postgres has caught up:
 
@@ -262,6 +263,9 @@ def main() -> int:
     parser.add_argument("--kill-at", type=float, default=15.0, help="SIGKILL a broker then")
     parser.add_argument("--restart-at", type=float, default=35.0, help="restart it then")
     parser.add_argument(
+        "--stop", action="store_true", help="SIGTERM the broker (controlled shutdown), not SIGKILL"
+    )
+    parser.add_argument(
         "--session-timeout-ms",
         type=int,
         default=9000,
@@ -318,9 +322,14 @@ def main() -> int:
         victim = cluster.node(leader_of(settings, settings.topic("raw"), 0))
         killed: dict[str, float] = {}
 
+        how = "stopped (SIGTERM)" if args.stop else "SIGKILLed"
+
         def kill() -> None:
             killed["at"] = time.monotonic()
-            victim.kill()
+            if args.stop:
+                victim.stop()  # a controlled shutdown, as in a rolling restart
+            else:
+                victim.kill()
 
         def restart() -> None:
             killed["restart"] = time.monotonic()
@@ -329,11 +338,11 @@ def main() -> int:
 
         say(
             f"sending {len(hooks)} payments at {args.rate:g}/s for {args.seconds:g}s; "
-            f"broker {victim.node_id} killed at {args.kill_at:g}s, restarted at "
+            f"broker {victim.node_id} {how} at {args.kill_at:g}s, restarted at "
             f"{args.restart_at:g}s"
         )
         faults = [
-            (args.kill_at, f"SIGKILLed broker {victim.node_id}", kill),
+            (args.kill_at, f"{how} broker {victim.node_id}", kill),
             (args.restart_at, f"broker {victim.node_id} restarted and ready", restart),
         ]
         start = asyncio.run(send(base, hooks, args.rate, faults))
@@ -389,6 +398,7 @@ def main() -> int:
             "kill_at_s": args.kill_at,
             "restart_at_s": args.restart_at,
             "broker_session_timeout_ms": args.session_timeout_ms,
+            "stopped_with": "SIGTERM" if args.stop else "SIGKILL",
             "restart_ready_s": round(killed["ready"] - killed["restart"], 1),
             "webhooks": len(hooks),
             "accepted": len(accepted),
@@ -425,7 +435,7 @@ def main() -> int:
         path.write_text(json.dumps(result, indent=2) + "\n")
         say(
             f"failover: {len(hooks)} payments at {result['sent_rate']:g}/s, "
-            f"broker {victim.node_id} SIGKILLed at {args.kill_at:g}s, back at "
+            f"broker {victim.node_id} {how} at {args.kill_at:g}s, back at "
             f"{args.restart_at:g}s: "
             f"{len(accepted)} accepted, {statuses.get(503, 0)} answers 503 "
             f"({result['retried_webhooks']} webhooks retried), longest pause "
