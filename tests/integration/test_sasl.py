@@ -129,6 +129,18 @@ def test_a_wrong_password_is_refused_at_start_by_every_stage_and_command(
     assert "not-the-password" not in listed.stderr + listed.stdout
 
 
+def test_a_broker_certificate_from_an_unknown_ca_is_refused_at_start(
+    sasl_settings: Settings,
+) -> None:
+    # Without KAFKA_SSL_CA_LOCATION the system's CAs are trusted, and they did not sign
+    # the test broker's certificate.
+    untrusting = sasl_settings.model_copy(update={"kafka_ssl_ca_location": ""})
+    done = run_cli(untrusting, "dlq", "stats")
+    assert done.returncode == 2, done.stderr
+    assert "certificate verify failed" in done.stderr
+    assert "KAFKA_SSL_CA_LOCATION" in done.stderr
+
+
 def test_the_right_password_is_not_shown_by_config(sasl_settings: Settings) -> None:
     shown = run_cli(sasl_settings, "config")
     assert shown.returncode == 0, shown.stderr
