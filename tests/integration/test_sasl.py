@@ -4,7 +4,7 @@ The broker (``sasl_kafka`` in ``tests/conftest.py``) has no PLAINTEXT listener: 
 that did not take the security settings could not reach it at all. Gateway, processor,
 sink (and its re-driver) run as processes with the ``KAFKA_*`` security variables in
 their environment, as an operator would run them against a managed cluster; ``dlq``
-reads and replays over the same connection.
+reads and replays, and ``tail`` reads, over the same connection.
 """
 
 from __future__ import annotations
@@ -103,6 +103,11 @@ def test_a_signed_payment_and_a_dead_letter_go_through_a_sasl_ssl_cluster(
     )
     [record, *_] = consume(settings, settings.topic("transactions"), count=1)
     assert headers_of(record)["chargify-webhook-id"] == b"301"
+
+    # What analysts read, over the same connection.
+    tail = run_cli(settings, "tail", "transactions", "--from-beginning", "--json")
+    assert tail.returncode == 0, tail.stderr
+    assert '"transaction_id": 9301' in tail.stdout
 
 
 def test_a_wrong_password_is_refused_at_start_by_every_stage_and_command(
