@@ -191,6 +191,17 @@ def test_reconcile_leaves_the_other_endpoints_webhooks_alone(
     assert site.replays == [[mine]] and theirs not in site.replays[0]
 
 
+def test_replays_that_do_not_arrive_are_reported_still_missing(
+    site_settings: Settings, site: ChargifyStandIn
+) -> None:
+    site.add_endpoint(f"http://127.0.0.1:{free_port()}/webhooks/chargify", EVENTS)  # down
+    lost = pay(site, 1, lost=True)
+    code, report = reconcile(site_settings, "--wait", "2")
+    assert code == 3
+    assert report["replayed_ids"] == [lost] and report["still_missing"] == [lost]
+    assert report["waited_s"] >= 2
+
+
 def test_reconcile_errors_name_the_key_and_say_what_was_done(
     site_settings: Settings, site: ChargifyStandIn
 ) -> None:
