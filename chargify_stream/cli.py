@@ -116,6 +116,12 @@ def _connect(args: argparse.Namespace, settings: Settings) -> int:
     return connect.run(args, settings)
 
 
+def _tail(args: argparse.Namespace, settings: Settings) -> int:
+    from chargify_stream.tail import run
+
+    return run(args, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chargify-stream",
@@ -191,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
             "switch on the site's webhooks and create or update the Chargify endpoint for "
             "URL, subscribed to exactly the events this pipeline acts on",
         )
+    )
+
+    from chargify_stream.tail import add_arguments as add_tail_arguments
+
+    add_tail_arguments(
+        add("tail", _tail, "print a topic's decoded records as JSON lines or a table")
     )
     return parser
 

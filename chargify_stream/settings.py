@@ -14,7 +14,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chargify_stream.errors import ConfigError
@@ -40,6 +40,15 @@ class Settings(BaseSettings):
     gateway_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     gateway_publish_timeout_s: float = Field(default=5.0, gt=0, le=14)
     gateway_allow_unsigned: bool = False
+    # Request bodies held at once across all requests (bodies are read before their
+    # signature can be checked): above it, 503 with Retry-After.
+    gateway_max_inflight_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # Deadlines per connection, each under Chargify's 15 s wait for an answer: request
+    # headers from the connection (or the request's first byte), the whole body from the
+    # headers, and an idle keep-alive connection's next request.
+    gateway_header_timeout_s: float = Field(default=5.0, gt=0, le=14)
+    gateway_body_timeout_s: float = Field(default=5.0, gt=0, le=14)
+    gateway_keep_alive_s: float = Field(default=5.0, gt=0, le=300)
 
     # Kafka names. Each can be set alone; KAFKA_TOPIC_PREFIX is put before every one.
     kafka_topic_prefix: str = ""
@@ -47,6 +56,8 @@ class Settings(BaseSettings):
     topic_transactions: str = "chargify.transactions"
     topic_subscriptions: str = "chargify.subscriptions"
     topic_deadletter: str = "chargify.deadletter"
+    # Compacted mirror of the customers table, for in-stream attribution joins.
+    topic_customers: str = "chargify.customers"
     topic_partitions: int = Field(default=3, ge=1)
     topic_replication_factor: int = Field(default=1, ge=1)
     # -1: dead letters are kept until dealt with (replayed or purged by an operator).
@@ -73,6 +84,15 @@ class Settings(BaseSettings):
     reconcile_metrics_port: int = Field(default=9110, ge=0, le=65535)
 
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _inflight_holds_a_body(self) -> Settings:
+        if self.gateway_max_inflight_bytes < self.gateway_max_body_bytes:
+            raise ValueError(
+                "GATEWAY_MAX_INFLIGHT_BYTES must be at least GATEWAY_MAX_BODY_BYTES "
+                f"({self.gateway_max_body_bytes}), or no body of the limit could be taken"
+            )
+        return self
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod
@@ -125,7 +145,8 @@ class Settings(BaseSettings):
         return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
 
     def topic(self, name: str) -> str:
-        """The full name of topic ``raw``, ``transactions``, ``subscriptions`` or ``deadletter``."""
+        """The full name of topic ``raw``, ``transactions``, ``subscriptions``, ``deadletter``
+        or ``customers``."""
         return self.kafka_topic_prefix + str(getattr(self, f"topic_{name}"))
 
     @property
@@ -196,6 +217,7 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "?"
-            problems.append(f"{field.upper()}: {err['msg']}")
+            field = ".".join(str(p) for p in err["loc"])
+            # A check across fields has no location: its message names the variables.
+            problems.append(f"{field.upper()}: {err['msg']}" if field else err["msg"])
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
