@@ -72,6 +72,9 @@ log = logging.getLogger(__name__)
 
 EXIT_ATTENTION = 3
 RAW_SLACK = timedelta(hours=1)
+# Chargify's own 5 attempts span about 5 minutes (WEBHOOKS.md §3.2): a younger webhook is
+# not lost yet, and replaying it would only add a duplicate (and noise to the metrics).
+DEFAULT_UNTIL = "10m"
 _INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -256,7 +259,7 @@ def window_for(args: argparse.Namespace, now: datetime | None = None) -> Window:
     now = now or datetime.now(UTC)
     try:
         since = parse_time(args.since, now)
-        until = parse_time(args.until, now) if args.until else now
+        until = parse_time(args.until, now)
     except ValueError as exc:
         raise ConfigError(f"--since/--until: {exc}") from None
     if since >= until:
@@ -298,7 +301,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--since", default="2d",
         help="start of the window: an age (90m, 2d) or an RFC 3339 time (default 2d)",
     )  # fmt: skip
-    parser.add_argument("--until", help="end of the window (default now)")
+    parser.add_argument(
+        "--until",
+        default=DEFAULT_UNTIL,
+        help=f"end of the window (default {DEFAULT_UNTIL} ago: younger webhooks may still be "
+        "on their way, or in Chargify's own retries, which take about 5 minutes; 0s for now)",
+    )
     parser.add_argument(
         "--url",
         help="this pipeline's endpoint URL, as given to `connect`; needed only when the site "
