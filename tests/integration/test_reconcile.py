@@ -11,14 +11,17 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
+from confluent_kafka import Producer
 
 from chargify_stream.connect import EVENTS
 from chargify_stream.local.ports import free_port
+from chargify_stream.received import RawTopicReader
 from chargify_stream.settings import Settings
 from sink.admin import add_customer, add_partner, connect
 from tests.builders import build_body
@@ -278,3 +281,26 @@ def test_reconcile_every_serves_metrics(
     stage.wait_until(lambda: (metric("reconcile_replayed_total") or 0) >= 2, 60, "two passes")
     assert metric("reconcile_missing") == 1
     assert all(batch == [lost] for batch in site.replays)  # once per pass
+
+
+def test_raw_topic_reader_reads_from_since_and_follows(settings: Settings) -> None:
+    now = datetime.now(UTC)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
+
+    def raw(webhook_id: int, at: datetime) -> None:
+        producer.produce(
+            settings.topic("raw"), build_body("payment_success", webhook_id=webhook_id,
+            event_id=webhook_id + 1), timestamp=int(at.timestamp() * 1000),
+            headers=[("chargify-webhook-id", str(webhook_id).encode())],
+        )  # fmt: skip
+        producer.flush(10)
+
+    raw(11, now - timedelta(days=3))  # before the window
+    raw(12, now - timedelta(hours=1))
+    with RawTopicReader(settings) as reader:
+        assert reader.read(now - timedelta(days=2)) == {12}
+        assert reader.event_ids == {13}
+        assert not reader.truncated
+        raw(14, now)
+        assert reader.follow([14, 15], timeout=5) == {15}
+        assert reader.ids == {12, 14}
