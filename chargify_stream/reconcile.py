@@ -241,13 +241,20 @@ def request_replays(api: ChargifyApi, ids: Sequence[int], requested: set[int]) -
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     api = ChargifyApi(settings.chargify_base_url(), settings.chargify_key())
+
+    def one_pass() -> Report:
+        window = window_for(args)
+        return reconcile(
+            api, settings, window, dry_run=args.dry_run, wait=args.wait, endpoint_url=args.url
+        )
+
     if args.every is not None:
         from chargify_stream.reconcile_metrics import run_forever
 
-        return run_forever(api, settings, args, window_for)
-    report = reconcile(
-        api, settings, window_for(args), dry_run=args.dry_run, wait=args.wait, endpoint_url=args.url
-    )
+        return run_forever(
+            one_pass, every=args.every, port=settings.reconcile_metrics_port, as_json=args.json
+        )
+    report = one_pass()
     if args.json:
         print(json.dumps(report.as_json(), indent=2, sort_keys=True))
     else:
