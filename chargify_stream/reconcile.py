@@ -6,7 +6,10 @@ Chargify retries a webhook 5 times over about 5 minutes, then marks it failed an
 1. lists every webhook record of the site created in the window, whatever its status
    (``GET /webhooks.json``, paged, oldest first; API.md §2). The API filters by *date* in
    an unconfirmed time zone, so the dates asked for are widened by a day on each side and
-   the records are then cut to the window by their ``created_at``;
+   the records are then cut to the window by their ``created_at``. The window ends 10
+   minutes ago unless ``--until`` says otherwise: younger webhooks are still in Chargify's
+   own retries. Records last sent to another endpoint of the site (another system's
+   copies) are left alone; ``--url`` says which endpoint is this pipeline's;
 2. reads which webhook ids the pipeline accepted: the raw topic from the window's start
    (an hour earlier, for clocks that disagree), and ``webhook_outcomes`` when that table
    exists (:mod:`chargify_stream.received`);
