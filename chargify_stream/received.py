@@ -168,13 +168,14 @@ class RawTopicReader:
                             pending.pop(partition, None)
                         continue
                     raise TransientError(f"reading {self.topic}: {err.str()}")
-                self._take(msg)
-                if stop_when is not None:
-                    stop_when -= self.ids
+                webhook_id = self._take(msg)
+                if stop_when is not None and webhook_id is not None:
+                    stop_when.discard(webhook_id)
                 if pending is not None and offset >= pending.get(partition, 0) - 1:
                     pending.pop(partition, None)
 
-    def _take(self, msg: Message) -> None:
+    def _take(self, msg: Message) -> int | None:
+        """Note one record; return its webhook id, if it has one."""
         self.records += 1
         if self.oldest is None:
             kind, millis = msg.timestamp()
@@ -190,9 +191,12 @@ class RawTopicReader:
         for name, value in raw:
             if name == h.WEBHOOK_ID and value:
                 try:
-                    self.ids.add(int(value))
+                    webhook_id = int(value)
                 except ValueError:
-                    continue
+                    return None
+                self.ids.add(webhook_id)
+                return webhook_id
+        return None
 
     def _unreachable(self, exc: KafkaException) -> TransientError:
         detail = self.errors[-1] if self.errors else str(exc)
