@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from chargify_stream.dlq import parse_time
+from chargify_stream.dlq import message_headers, parse_time
 from chargify_stream.errors import ChargifyStreamError, TransientError
 from chargify_stream.settings import Settings, load_settings
 from schemas import form
@@ -120,13 +120,7 @@ def _text(value: bytes | None) -> str | None:
 
 def _header_list(msg: Message) -> list[tuple[str, bytes]]:
     """The record's headers as (lower-cased name, bytes) pairs, in order."""
-    raw: Any = msg.headers() or []
-    items = raw.items() if isinstance(raw, dict) else raw
-    return [
-        (name.lower(), value.encode() if isinstance(value, str) else value)
-        for name, value in items
-        if value is not None
-    ]
+    return [(name.lower(), value) for name, value in message_headers(msg)]
 
 
 def _headers(msg: Message) -> dict[str, str]:
