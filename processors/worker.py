@@ -73,6 +73,7 @@ from chargify_stream.kafka_admin import (
     ensure_topics,
 )
 from chargify_stream.kafka_config import faust_credentials, librdkafka_config
+from chargify_stream.logs import log_failure
 from chargify_stream.settings import Settings
 from processors.drain import Feed, deliver_in_batches, shorten_fetch_wait
 from processors.metrics import CONTENT_TYPE, ProcessorMetrics
@@ -396,8 +397,8 @@ def build_app(
         try:
             actives = app.assignor.assigned_actives()
             forgotten = seen.expire({tp.partition for tp in actives if tp.topic == raw_topic})
-        except Exception:
-            log.exception("expiring the dedup table failed; trying again next time")
+        except Exception as exc:
+            log_failure(log, "expiring the dedup table failed; trying again next time", exc=exc)
             return
         if forgotten:
             log.info("forgot %d batches of webhook ids older than the dedup window", forgotten)
@@ -409,8 +410,8 @@ def build_app(
             actives = [tp for tp in app.assignor.assigned_actives() if tp.topic == raw_topic]
             highwaters = {tp: consumer.highwater(tp) for tp in actives}
             await positions.unstick(highwaters, app.consumer_generation_id)
-        except Exception:
-            log.exception("checking the raw partitions' progress failed; trying again")
+        except Exception as exc:
+            log_failure(log, "checking the raw partitions' progress failed; trying again", exc=exc)
 
     @app.timer(interval=60.0)
     async def report() -> None:
