@@ -10,6 +10,7 @@ libpq's own ``PG*`` variables are left to libpq: ``DATABASE_URL`` may be as shor
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,6 +22,7 @@ from chargify_stream.errors import ConfigError
 # Local defaults: the addresses `chargify-stream up` starts Kafka and Postgres on.
 DEFAULT_KAFKA = "127.0.0.1:9092"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5433/chargify"
+_SUBDOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 
 
 class Settings(BaseSettings):
@@ -54,6 +56,8 @@ class Settings(BaseSettings):
     topic_transactions: str = "chargify.transactions"
     topic_subscriptions: str = "chargify.subscriptions"
     topic_deadletter: str = "chargify.deadletter"
+    # Compacted mirror of the customers table, for in-stream attribution joins.
+    topic_customers: str = "chargify.customers"
     topic_partitions: int = Field(default=3, ge=1)
     topic_replication_factor: int = Field(default=1, ge=1)
     # -1: dead letters are kept until dealt with (replayed or purged by an operator).
@@ -70,6 +74,14 @@ class Settings(BaseSettings):
     sink_batch_size: int = Field(default=1000, ge=1)
     sink_batch_timeout_ms: int = Field(default=50, ge=1)
     sink_metrics_port: int = Field(default=9108, ge=0, le=65535)
+
+    # Chargify's management API, for `reconcile` and `connect`. The base URL is
+    # https://<CHARGIFY_SUBDOMAIN>.chargify.com unless CHARGIFY_API_URL says otherwise
+    # (the EU host https://<subdomain>.ebilling.maxio.com, or a local stand-in).
+    chargify_subdomain: str = ""
+    chargify_api_key: SecretStr = SecretStr("")
+    chargify_api_url: str = ""
+    reconcile_metrics_port: int = Field(default=9110, ge=0, le=65535)
 
     log_level: str = "INFO"
 
@@ -98,6 +110,26 @@ class Settings(BaseSettings):
             raise ValueError("expected a postgresql:// URL")
         return value
 
+    @field_validator("chargify_subdomain")
+    @classmethod
+    def _subdomain(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value and not _SUBDOMAIN.fullmatch(value):
+            raise ValueError("expected the site's subdomain alone, e.g. acme (not a URL)")
+        return value
+
+    @field_validator("chargify_api_url")
+    @classmethod
+    def _api_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
+                raise ValueError("expected an http(s):// base URL, e.g. https://acme.chargify.com")
+            if parts.username or parts.password or parts.query:
+                raise ValueError("expected a base URL without credentials or query")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:
@@ -113,12 +145,33 @@ class Settings(BaseSettings):
         return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
 
     def topic(self, name: str) -> str:
-        """The full name of topic ``raw``, ``transactions``, ``subscriptions`` or ``deadletter``."""
+        """The full name of topic ``raw``, ``transactions``, ``subscriptions``, ``deadletter``
+        or ``customers``."""
         return self.kafka_topic_prefix + str(getattr(self, f"topic_{name}"))
 
     @property
     def all_topics(self) -> tuple[str, ...]:
         return tuple(self.topic(n) for n in ("raw", "transactions", "subscriptions", "deadletter"))
+
+    def chargify_base_url(self) -> str:
+        """The base URL of Chargify's API for this site; :class:`ConfigError` if unknown."""
+        if self.chargify_api_url:
+            return self.chargify_api_url
+        if self.chargify_subdomain:
+            return f"https://{self.chargify_subdomain}.chargify.com"
+        raise ConfigError(
+            "CHARGIFY_SUBDOMAIN is not set (nor CHARGIFY_API_URL): which Chargify site?"
+        )
+
+    def chargify_key(self) -> str:
+        """The Chargify API key; :class:`ConfigError` naming the variable if it is empty."""
+        key = self.chargify_api_key.get_secret_value().strip()
+        if not key:
+            raise ConfigError(
+                "CHARGIFY_API_KEY is not set: create an API key in Chargify "
+                "(Config > Integrations) and set it"
+            )
+        return key
 
     def database_dsn(self) -> str:
         return self.database_url.get_secret_value()
