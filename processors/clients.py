@@ -1,5 +1,9 @@
 """The processor's Kafka clients and topics: every configuration in one place.
 
+The connection part (bootstrap servers, security protocol, SASL, TLS) of every client is
+:func:`chargify_stream.kafka_config.librdkafka_config`; this module adds what each client
+of the processor needs on top.
+
 - the raw topic's consumer (group ``PROCESSOR_APP_ID``, offsets only through transactions,
   ``read_committed``);
 - the outputs' producer, transactional (see :func:`transactional_id`) or, for the
@@ -21,6 +25,7 @@ from confluent_kafka import Consumer, Producer
 
 from chargify_stream.errors import ConfigError
 from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
 from processors.metrics import ProcessorMetrics
@@ -47,7 +52,7 @@ TRANSACTION_TIMEOUT_MS = 10_000
 def consumer_config(settings: Settings) -> dict[str, Any]:
     """The raw topic's consumer: the processor's group, offsets only in transactions."""
     return {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **librdkafka_config(settings),
         "group.id": settings.processor_app_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -66,7 +71,7 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
 def producer_config(settings: Settings, transactional: str | None) -> dict[str, Any]:
     """The outputs' producer; transactional unless ``transactional`` is ``None``."""
     config: dict[str, Any] = {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **librdkafka_config(settings),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
@@ -87,7 +92,7 @@ def producer_config(settings: Settings, transactional: str | None) -> dict[str, 
 def restorer_config(settings: Settings) -> dict[str, Any]:
     """A consumer that reads a changelog partition to its end, outside any group."""
     return {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **librdkafka_config(settings),
         "group.id": f"{settings.processor_app_id}-restore",  # never joined, never committed
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -124,7 +129,7 @@ def ensure_changelogs(settings: Settings, partitions: int) -> Changelogs:
     from confluent_kafka.admin import AdminClient
 
     topics = changelog_topics(settings)
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0})
+    admin = AdminClient(librdkafka_config(settings, log_level=0))
     existing = admin.list_topics(timeout=30).topics
     for name in (topics.references, topics.dedup):
         if name in existing and len(existing[name].partitions) != partitions:
@@ -136,13 +141,13 @@ def ensure_changelogs(settings: Settings, partitions: int) -> Changelogs:
     window_ms = settings.processor_dedup_window_s * 1000
     common = {"partitions": partitions, "replication_factor": settings.topic_replication_factor}
     ensure_topics(
-        settings.kafka_bootstrap_servers,
+        settings,
         [topics.references],
         config={"cleanup.policy": "compact"},
         **common,
     )
     ensure_topics(
-        settings.kafka_bootstrap_servers,
+        settings,
         [topics.dedup],
         config={
             "cleanup.policy": "delete",

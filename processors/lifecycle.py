@@ -28,6 +28,7 @@ from typing import TypeVar
 from confluent_kafka import KafkaException
 
 from chargify_stream.errors import TransientError
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings
 
 __all__ = [
@@ -89,7 +90,7 @@ def retry_at_start(what: str, call: Callable[[], _T], *, pause: float = 1.0) -> 
 def partition_count(settings: Settings, topic: str) -> int:
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0})
+    admin = AdminClient(librdkafka_config(settings, log_level=0))
     metadata = admin.list_topics(topic, timeout=30).topics[topic]
     if metadata.error is not None:
         raise KafkaException(metadata.error)
