@@ -98,6 +98,7 @@ _LEFT = KafkaError(
 EXPIRY_INTERVAL_S = 60.0
 UNPLACEABLE_PAUSE_S = 5.0
 ATTEMPTS_IN_PLACE = 3
+STEP_ATTEMPTS = 3
 
 
 # The loop ------------------------------------------------------------------------------
@@ -304,9 +305,13 @@ class Pipeline:
         return False
 
     def _call(self, call: Callable[[], None], *, abortable: bool = True) -> None:
-        """Call a transaction step, again while it fails retriably."""
+        """Call a transaction step, again while it fails retriably: ``STEP_ATTEMPTS`` times
+        for a step of the transaction (then the error goes up, and the transaction is
+        aborted), for ever for the abort itself."""
         delay = 0.1
+        attempt = 0
         while True:
+            attempt += 1
             try:
                 call()
                 return
@@ -314,9 +319,14 @@ class Pipeline:
                 error: KafkaError = exc.args[0]
                 if error.fatal() or (abortable and error.txn_requires_abort()):
                     raise
-                if not error.retriable():
+                if not error.retriable() or (abortable and attempt >= STEP_ATTEMPTS):
                     raise
-                log.warning("transaction step failed (%s); retrying in %.1fs", error, delay)
+                log.warning(
+                    "transaction step failed (attempt %d: %s); retrying in %.1fs",
+                    attempt,
+                    error,
+                    delay,
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 

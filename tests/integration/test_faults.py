@@ -252,9 +252,12 @@ def test_exactly_once_on_the_topic_through_kills_rebalances_and_a_broker_restart
         kafka_service.start()
     sender.retry_failed()
 
-    assert_exactly_once(pipeline, len(bodies), timeout=180)
+    expected = Counter(FIRST_TXN + i for i in range(len(bodies)))
     seen = transactions_on_the_topic(settings, len(bodies))
-    assert seen == Counter(FIRST_TXN + i for i in range(len(bodies)))
+    assert seen == expected, (
+        f"missing {sorted(expected - seen)[:20]}, doubled {sorted(seen - expected)[:20]}"
+    )
+    assert_exactly_once(pipeline, len(bodies), timeout=180)
     assert all(p.running for p in pipeline.processors)
 
 
