@@ -174,7 +174,7 @@ def build(
     return Pipeline(
         settings,
         consumer=Consumer(consumer_config(settings)),
-        producer=Producer(
+        make_producer=lambda: Producer(
             producer_config(settings, transactional_id(settings, slot) if transactional else None)
         ),
         make_restorer=lambda: Consumer(restorer_config(settings)),

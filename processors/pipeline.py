@@ -20,9 +20,11 @@ Per batch (up to ``BATCH_MAX`` records, all that arrived since the last one):
 4. **apply** the committed state to the local store.
 
 A transaction that fails is aborted, the consumer is sent back to the batch's first
-offsets, and the batch is done again (from the start: nothing of it was kept). A failure
-the producer cannot recover from (fenced, or a bug) raises, and the worker exits for its
-supervisor to start it again.
+offsets, and the batch is done again (from the start: nothing of it was kept). A producer
+that failed for good (its epoch gone, say after the coordinator aborted a transaction that
+outlived its timeout during a broker restart) is replaced by a new one with the same
+transactional id, and the batch is read again. Any other failure (a bug) raises, and the
+worker exits for its supervisor to start it again.
 
 **Fencing (KIP-447).** A worker that lost its partitions in a rebalance but runs on (a
 zombie: stalled, or cut off from the group) must not commit what it did with them. The
@@ -54,6 +56,7 @@ Faust worker, and tests run it directly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -71,6 +74,7 @@ from confluent_kafka import (
 )
 
 from chargify_stream.settings import Settings
+from processors.lifecycle import exit_on_failure
 from processors.metrics import ProcessorMetrics
 from processors.outputs import Outputs, Unplaceable
 from processors.restore import restore
@@ -88,7 +92,8 @@ log = logging.getLogger(__name__)
 # halved that per record while draining a backlog (bench/processor/run.py: 0.77x of at
 # least once at 1,000, 0.87-0.88x at 2,000). A live stream's batches are far smaller.
 BATCH_MAX = 2000
-CALL_TIMEOUT_S = 30.0
+# A transaction step that takes longer than the transaction may live is not worth waiting for.
+CALL_TIMEOUT_S = 10.0
 REPORT_INTERVAL_S = 60.0
 # The consumer knows it is out of the group (max.poll.interval.ms passed, or the
 # coordinator said so): its group metadata may no longer fence (see the module docstring).
@@ -99,6 +104,9 @@ EXPIRY_INTERVAL_S = 60.0
 UNPLACEABLE_PAUSE_S = 5.0
 ATTEMPTS_IN_PLACE = 3
 STEP_ATTEMPTS = 3
+ABORT_DEADLINE_S = 2 * CALL_TIMEOUT_S
+# A batch not done after this long (its steps time out well before) is stuck in the client.
+STALL_S = 90.0
 
 
 # The loop ------------------------------------------------------------------------------
@@ -115,9 +123,9 @@ class Pipeline:
     """The loop of the module docstring. ``run`` until ``stop`` is set.
 
     ``consumer`` is not yet subscribed; ``make_restorer`` makes a group-less consumer for
-    reading a changelog; ``producer`` is transactional (``transactional=False``: an
-    at-least-once pipeline for the benchmark's comparison, committing offsets after the
-    outputs are acknowledged).
+    reading a changelog; ``make_producer`` makes the producer (again after a fatal error),
+    transactional (``transactional=False``: an at-least-once pipeline for the benchmark's
+    comparison, committing offsets after the outputs are acknowledged).
     """
 
     def __init__(
@@ -125,7 +133,7 @@ class Pipeline:
         settings: Settings,
         *,
         consumer: Consumer,
-        producer: Producer,
+        make_producer: Callable[[], Producer],
         make_restorer: Callable[[], Consumer],
         store: Store,
         changelogs: Changelogs,
@@ -137,7 +145,8 @@ class Pipeline:
             name: settings.topic(name) for name in ("transactions", "subscriptions", "deadletter")
         }
         self.consumer = consumer
-        self.producer = producer
+        self.make_producer = make_producer
+        self.producer = make_producer()
         self.make_restorer = make_restorer
         self.store = store
         self.changelogs = changelogs
@@ -145,8 +154,9 @@ class Pipeline:
         self.transactional = transactional
         self.totals = _Totals()
         self.assigned: set[int] = set()
-        self.outputs = Outputs(producer, self.topics)
+        self.outputs = Outputs(self.producer, self.topics)
         self._written: dict[tuple[str, int], int] = {}  # changelog records in the transaction
+        self._busy_since: float | None = None  # when the batch in hand was taken
         self._positions: dict[tuple[str, int], int] = {}  # where the changelogs end
         self._next_report = time.monotonic() + REPORT_INTERVAL_S
         self._next_expiry = time.monotonic() + EXPIRY_INTERVAL_S
@@ -164,7 +174,11 @@ class Pipeline:
 
     def open(self, stop: threading.Event | None = None) -> None:
         """Register the transactional id (aborting what a predecessor left open) and join
-        the group; waits while the broker is away (until ``stop``)."""
+        the group; waits while the broker is away (until ``stop``). A batch that takes more
+        than ``STALL_S`` (seen after a broker restart: a call of the client that did not
+        return, whatever its timeout) exits the process, for its supervisor to start it
+        again; nothing uncommitted counts."""
+        threading.Thread(target=self._watch, name="stall-watchdog", daemon=True).start()
         if self.transactional:
             self._retry("init_transactions", self.producer.init_transactions, stop)
         self.consumer.subscribe(
@@ -173,6 +187,13 @@ class Pipeline:
             on_revoke=self._on_revoke,
             on_lost=self._on_revoke,
         )
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(5.0)
+            since = self._busy_since
+            if since is not None and time.monotonic() - since > STALL_S:
+                exit_on_failure(RuntimeError(f"a batch has not finished in {STALL_S:.0f}s"))
 
     def close(self) -> None:
         """Leave the group (its partitions move at once) and close the store."""
@@ -199,6 +220,13 @@ class Pipeline:
 
     def process(self, batch: Sequence[Incoming]) -> bool:
         """Decide, send and commit one batch; False if it was aborted (to be read again)."""
+        self._busy_since = time.monotonic()
+        try:
+            return self._process(batch)
+        finally:
+            self._busy_since = None
+
+    def _process(self, batch: Sequence[Incoming]) -> bool:
         started = time.perf_counter()
         result = split(batch, self.store)
         ends: dict[int, int] = {}
@@ -227,6 +255,16 @@ class Pipeline:
         except Unplaceable as exc:
             log.error("%s; the batch is done again in %.0fs", exc, UNPLACEABLE_PAUSE_S)
             time.sleep(UNPLACEABLE_PAUSE_S)
+            outgoing = None
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if not (self.transactional and error.fatal()):
+                raise
+            # E.g. the coordinator aborted the transaction on its timeout while the broker
+            # restarted, and the producer's epoch is gone: a new producer with the same
+            # transactional id takes over (fencing the old one) and the batch is redone.
+            log.warning("the producer failed for good (%s); starting a new one", error)
+            self._renew_producer()
             outgoing = None
         if outgoing is None:
             self._rewind(result.first_offsets)
@@ -299,10 +337,27 @@ class Pipeline:
                 raise
             log.warning("aborting the batch's transaction: %s", error)
         except Unplaceable:
-            self._call(lambda: producer.abort_transaction(CALL_TIMEOUT_S), abortable=False)
+            self._abort()
             raise
-        self._call(lambda: producer.abort_transaction(CALL_TIMEOUT_S), abortable=False)
+        self._abort()
         return False
+
+    def _abort(self) -> None:
+        """Abort the open transaction. Seen once after a broker restart: the call did not
+        return, whatever its timeout; after ``ABORT_DEADLINE_S`` the process exits (its
+        supervisor starts it again, and its new producer's ``init_transactions`` aborts
+        the transaction on the coordinator)."""
+        done = threading.Event()
+
+        def watch() -> None:
+            if not done.wait(ABORT_DEADLINE_S):
+                exit_on_failure(RuntimeError(f"aborting a transaction took {ABORT_DEADLINE_S}s"))
+
+        threading.Thread(target=watch, name="abort-watchdog", daemon=True).start()
+        try:
+            self._call(lambda: self.producer.abort_transaction(CALL_TIMEOUT_S), abortable=False)
+        finally:
+            done.set()
 
     def _call(self, call: Callable[[], None], *, abortable: bool = True) -> None:
         """Call a transaction step, again while it fails retriably: ``STEP_ATTEMPTS`` times
@@ -339,6 +394,14 @@ class Pipeline:
             log.warning("outputs not acknowledged within %.0fs; waiting on", CALL_TIMEOUT_S)
         offsets = [TopicPartition(self.raw, p, offset) for p, offset in ends.items()]
         self.consumer.commit(offsets=offsets, asynchronous=False)
+
+    def _renew_producer(self) -> None:
+        """Replace a producer that failed fatally by a new one with the same id."""
+        with contextlib.suppress(Exception):
+            self.producer.purge()
+        self.producer = self.make_producer()
+        self.outputs = Outputs(self.producer, self.topics)
+        self._retry("init_transactions", self.producer.init_transactions, None)
 
     def _rewind(self, first_offsets: dict[int, int]) -> None:
         """Send the consumer back to the batch's first records (the batch was not committed)."""

@@ -46,7 +46,9 @@ def make_pipeline(tmp_path: Path) -> Iterator[MakePipeline]:
         pipeline = Pipeline(
             settings,
             consumer=Consumer({**consumer_config(settings), **consumer}),
-            producer=Producer(producer_config(settings, transactional_id(settings, slot))),
+            make_producer=lambda: Producer(
+                producer_config(settings, transactional_id(settings, slot))
+            ),
             make_restorer=lambda: Consumer(restorer_config(settings)),
             store=Store(folder, settings.processor_dedup_window_s),
             changelogs=ensure_changelogs(settings, partitions),
