@@ -223,7 +223,7 @@ def test_a_worker_stopped_mid_stream_loses_and_doubles_nothing(
     finished): the next worker carries on from what was committed, so a read_committed
     reader sees every transaction exactly once, in each partition's order."""
     settings = make_settings(partitions=3)
-    total = 3000
+    total = 8000
     produce(
         settings.kafka_bootstrap_servers,
         settings.topic("raw"),
