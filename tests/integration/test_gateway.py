@@ -591,21 +591,26 @@ def test_idle_and_slow_clients_are_dropped_at_their_deadlines(
         assert kept.recv(4096).startswith(b"HTTP/1.1 200")
         started = time.monotonic()
         # A byte every 0.2 s: each arrives long before any per-read timeout would fire.
-        for i in range(25):
+        conns = {"idle": idle, "headers": slow_head, "body": slow_body, "kept": kept}
+        for i in range(40):
             for sock, data in ((slow_head, head), (slow_body, body), (kept, b"\r\n")):
                 if still_open(sock):
                     with contextlib.suppress(OSError):
                         sock.sendall(data[i : i + 1])
-            if not any(still_open(s) for s in (idle, slow_head, slow_body, kept)):
+            if not any(still_open(s) for s in conns.values()):
                 break
             time.sleep(0.2)
         took = time.monotonic() - started
-        for name, sock in [("idle", idle), ("headers", slow_head), ("body", slow_body)]:
-            assert not still_open(sock), f"the {name} connection is still open after {took}s"
-        assert not still_open(kept), "the kept-alive connection trickling CRLFs is still open"
-        assert took < 3.0
-        assert gw.metric('gateway_connections_dropped_total{reason="header_timeout"}') == 2
-        assert gw.metric('gateway_connections_dropped_total{reason="body_timeout"}') == 1
+        open_ = [name for name, sock in conns.items() if still_open(sock)]
+        dropped = {
+            reason: gw.metric(f'gateway_connections_dropped_total{{reason="{reason}"}}')
+            for reason in ("header_timeout", "body_timeout")
+        }
+        # 1 s deadlines; the slack is for a gateway starved of CPU on a busy machine.
+        assert (open_, dropped) == ([], {"header_timeout": 2, "body_timeout": 1}), (
+            f"after {took:.1f}s\n{gw.stage.log()[-3000:]}"
+        )
+        assert took < 4.0
         # Nothing was lost on the way: a webhook right after is served as ever.
         assert gw.post(body).status_code == 200
 
@@ -661,8 +666,9 @@ def test_the_rest_of_a_body_answered_early_is_discarded_up_to_a_bound(gateway: G
             while sent < declared:
                 sock.sendall(piece)
                 sent += len(piece)
-    # Read and discarded up to the bound (plus what the kernels' buffers held), no further.
-    assert DRAIN_MAX_BYTES < sent < DRAIN_MAX_BYTES + 32 * 1024 * 1024
+    # Read and discarded up to the bound, no further: what was sent beyond it is what the
+    # two kernels' buffers held (loopback's receive buffer grows up to 32 MiB here).
+    assert DRAIN_MAX_BYTES < sent < 2 * DRAIN_MAX_BYTES < declared
     wait_for(lambda: gateway.metric(dropped) == before + 1, 5, "the drop counted")
 
 
