@@ -456,6 +456,34 @@ class TestSizeBudget:
         assert gateway.published() == before
 
 
+def test_a_small_body_limit_still_takes_many_webhooks_at_once(
+    kafka_service: KafkaService, tmp_path: Path
+) -> None:
+    """With a small GATEWAY_MAX_BODY_BYTES the raw topic takes small records only; the
+    producer must not batch concurrent webhooks into a request larger than that."""
+    gw = start_gateway(gateway_settings(kafka_service, gateway_max_body_bytes=8192), tmp_path)
+    bodies = [sized_body(6000) for _ in range(200)]
+
+    async def post_all() -> list[int]:
+        async with httpx.AsyncClient(base_url=gw.base, timeout=20) as client:
+
+            async def post(body: bytes) -> int:
+                headers = {"Content-Type": FORM, SIGNATURE: sign(CURRENT_KEY.encode(), body)}
+                response = await client.post("/webhooks/chargify", content=body, headers=headers)
+                return response.status_code
+
+            return list(await asyncio.gather(*(post(b) for b in bodies)))
+
+    try:
+        before = gw.published()
+        statuses = asyncio.run(post_all())
+        assert statuses == [200] * len(bodies), sorted(set(statuses))
+        assert gw.published() == before + len(bodies)
+    finally:
+        gw.client.close()
+        gw.stage.kill()
+
+
 # -- connections: idle, slow, early answers -------------------------------------------------
 
 
