@@ -26,7 +26,7 @@ import httpx
 import pytest
 from confluent_kafka import KafkaError
 
-from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_admin import ensure_pipeline_topics, ensure_topics
 from chargify_stream.local.ports import free_port
 from chargify_stream.settings import Settings, load_settings
 from ingest.connection import DRAIN_MAX_BYTES
@@ -479,6 +479,21 @@ def test_a_small_body_limit_still_takes_many_webhooks_at_once(
         statuses = asyncio.run(post_all())
         assert statuses == [200] * len(bodies), sorted(set(statuses))
         assert gw.published() == before + len(bodies)
+    finally:
+        gw.client.close()
+        gw.stage.kill()
+
+
+def test_a_raw_topic_with_too_small_records_is_named_at_start(
+    kafka_service: KafkaService, tmp_path: Path
+) -> None:
+    # Created by hand (or by an older release) with the broker's default limit.
+    raw = f"t{time.monotonic_ns()}.handmade.raw"
+    ensure_topics(kafka_service.bootstrap_servers, [raw], config={"max.message.bytes": "1048588"})
+    settings = gateway_settings(kafka_service, kafka_topic_prefix="", topic_raw=raw)
+    gw = start_gateway(settings, tmp_path)
+    try:
+        gw.stage.wait_for_log("max.message.bytes=1114112 on the topic", timeout=20)
     finally:
         gw.client.close()
         gw.stage.kill()
