@@ -715,6 +715,27 @@ def test_the_rest_of_a_body_answered_early_is_discarded_up_to_a_bound(gateway: G
     wait_for(lambda: gateway.metric(dropped) == before + 1, 5, "the drop counted")
 
 
+@pytest.mark.usefixtures("gateway_log")
+def test_an_early_answer_to_expect_100_continue_closes_at_once(gateway: Gateway) -> None:
+    """A client that asked for ``100 Continue`` and got a final answer sends no body:
+    nothing to discard, so the connection is closed at once, not after the drain time."""
+    head = signed_head(b"", length=2 * LIMIT).replace(
+        b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"
+    )
+    dropped = 'gateway_connections_dropped_total{reason="drain_limit"}'
+    before = gateway.metric(dropped)
+    with socket.create_connection(("127.0.0.1", gateway.settings.gateway_port), 10) as sock:
+        sock.sendall(head)
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+        assert b"100 Continue" not in answer
+        started = time.monotonic()
+        while still_open(sock) and time.monotonic() - started < 10:
+            time.sleep(0.05)
+        assert time.monotonic() - started < 1.0
+    assert gateway.metric(dropped) == before
+
+
 def test_a_full_in_flight_budget_is_503_before_the_body_is_read(
     kafka_service: KafkaService, tmp_path: Path
 ) -> None:
