@@ -175,6 +175,38 @@ def check_deadletter_topic(settings: Settings, *, timeout: float = 10.0) -> list
     return problems
 
 
+def check_raw_topic(settings: Settings, *, timeout: float = 10.0) -> list[str]:
+    """Warn if the existing raw topic takes smaller records than the gateway accepts.
+
+    A raw topic created by hand or by an older release may keep the broker's default
+    ``max.message.bytes`` (1 MiB + 12 bytes): a body near ``GATEWAY_MAX_BODY_BYTES`` is
+    then refused by the broker on every retry (503 for ever). The problem is logged as a
+    warning and returned; a broker that does not answer is logged and skipped.
+    """
+    name = settings.topic("raw")
+    admin = AdminClient(librdkafka_config(settings, log_level=0))
+    resource = ConfigResource(ResourceType.TOPIC, name)
+    try:
+        config = admin.describe_configs([resource], request_timeout=timeout)[resource].result(
+            timeout=timeout
+        )
+        limit = int(config["max.message.bytes"].value)
+    except (KafkaException, TimeoutError, KeyError, ValueError, TypeError) as exc:
+        log.warning("could not read the configuration of topic %s: %s", name, exc)
+        return []
+    planned = raw_record_max(settings.gateway_max_body_bytes)
+    if limit >= planned:
+        return []
+    problem = (
+        f"raw topic {name} takes records up to {limit:,} bytes (max.message.bytes), less "
+        f"than the {planned:,} the gateway's body limit needs (GATEWAY_MAX_BODY_BYTES="
+        f"{settings.gateway_max_body_bytes}): larger webhooks get 503 on every retry; set "
+        f"max.message.bytes={planned} on the topic"
+    )
+    log.warning("%s", problem)
+    return [problem]
+
+
 def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> None:
     """Wait until the broker's metadata shows a leader for every partition of ``names``."""
     deadline = time.monotonic() + timeout

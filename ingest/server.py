@@ -26,7 +26,7 @@ import uvicorn
 from confluent_kafka import KafkaException
 
 from chargify_stream.errors import TransientError
-from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_admin import check_raw_topic, ensure_pipeline_topics
 from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.limits import raw_record_max
 from chargify_stream.settings import Settings
@@ -48,7 +48,8 @@ _SHUTDOWN_GRACE_S = 5.0
 
 
 class _TopicKeeper:
-    """Creates the raw topic, retrying in a daemon thread while the broker is away."""
+    """Creates the raw topic (or warns if an existing one takes too small records),
+    retrying in a daemon thread while the broker is away."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -66,6 +67,7 @@ class _TopicKeeper:
         while not self._stop.is_set():
             try:
                 ensure_pipeline_topics(s, [s.topic("raw")], timeout=10.0)
+                check_raw_topic(s)
                 return
             except (TransientError, KafkaException) as exc:
                 log.warning("cannot reach Kafka to check topic %s yet: %s", s.topic("raw"), exc)
