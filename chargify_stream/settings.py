@@ -22,6 +22,9 @@ from chargify_stream.errors import ConfigError
 DEFAULT_KAFKA = "127.0.0.1:9092"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5433/chargify"
 
+# The pipeline's topics, by the short name :meth:`Settings.topic` takes.
+TOPICS = ("raw", "transactions", "subscriptions", "deadletter", "sink_retry", "customers")
+
 
 class Settings(BaseSettings):
     """Effective configuration. Field names map to upper-case environment variables."""
@@ -45,6 +48,8 @@ class Settings(BaseSettings):
     topic_transactions: str = "chargify.transactions"
     topic_subscriptions: str = "chargify.subscriptions"
     topic_deadletter: str = "chargify.deadletter"
+    topic_sink_retry: str = "chargify.sink.retry"
+    topic_customers: str = "chargify.customers"
     topic_partitions: int = Field(default=3, ge=1)
     topic_replication_factor: int = Field(default=1, ge=1)
     # -1: dead letters are kept until dealt with (replayed or purged by an operator).
@@ -95,12 +100,13 @@ class Settings(BaseSettings):
         return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
 
     def topic(self, name: str) -> str:
-        """The full name of topic ``raw``, ``transactions``, ``subscriptions`` or ``deadletter``."""
+        """The full name of topic ``raw``, ``transactions``, ``subscriptions``, ``deadletter``,
+        ``sink_retry`` or ``customers``."""
         return self.kafka_topic_prefix + str(getattr(self, f"topic_{name}"))
 
     @property
     def all_topics(self) -> tuple[str, ...]:
-        return tuple(self.topic(n) for n in ("raw", "transactions", "subscriptions", "deadletter"))
+        return tuple(self.topic(n) for n in TOPICS)
 
     def database_dsn(self) -> str:
         return self.database_url.get_secret_value()
