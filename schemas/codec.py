@@ -1,4 +1,4 @@
-"""Avro single-object encoding of ``Transaction`` and ``SubscriptionChange`` values.
+"""Avro single-object encoding of ``Transaction``, ``SubscriptionChange`` and ``Customer`` values.
 
 Wire format (Avro specification, "Single-object encoding")::
 
@@ -40,16 +40,19 @@ from fastavro.schema import fingerprint as _crc64_hex
 from fastavro.schema import to_parsing_canonical_form
 
 from chargify_stream.errors import UnsupportedSchema
-from schemas.records import SubscriptionChange, Transaction
+from schemas.records import Customer, SubscriptionChange, Transaction
 
-__all__ = ["MARKER", "decode", "encode", "fingerprint"]
+__all__ = ["MARKER", "AvroRecord", "decode", "encode", "fingerprint"]
+
+AvroRecord = Transaction | SubscriptionChange | Customer
 
 MARKER = b"\xc3\x01"
 _HEADER_LENGTH = len(MARKER) + 8
 
-_RECORD_TYPES: dict[str, Callable[[dict[str, Any]], Transaction | SubscriptionChange]] = {
+_RECORD_TYPES: dict[str, Callable[[dict[str, Any]], AvroRecord]] = {
     "io.chargifystream.Transaction": Transaction.from_avro,
     "io.chargifystream.SubscriptionChange": SubscriptionChange.from_avro,
+    "io.chargifystream.Customer": Customer.from_avro,
 }
 
 
@@ -163,7 +166,7 @@ class _Schema:
 class _Reader:
     writer: Any
     reader: Any  # None when the writer schema is the current one: nothing to resolve
-    build: Callable[[dict[str, Any]], Transaction | SubscriptionChange]
+    build: Callable[[dict[str, Any]], AvroRecord]
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +226,7 @@ def fingerprint(name: str) -> bytes:
         raise KeyError(f"no current Avro schema named {name!r}") from None
 
 
-def encode(record: Transaction | SubscriptionChange) -> bytes:
+def encode(record: AvroRecord) -> bytes:
     """Single-object encode ``record`` with its current schema."""
     schema = _registry().current[f"io.chargifystream.{type(record).__name__}"]
     if schema.write is not None:
@@ -234,7 +237,7 @@ def encode(record: Transaction | SubscriptionChange) -> bytes:
     return _encode_with_fastavro(schema, record)
 
 
-def _encode_with_fastavro(schema: _Schema, record: Transaction | SubscriptionChange) -> bytes:
+def _encode_with_fastavro(schema: _Schema, record: AvroRecord) -> bytes:
     out = io.BytesIO()
     out.write(MARKER)
     out.write(schema.fingerprint)
@@ -242,7 +245,7 @@ def _encode_with_fastavro(schema: _Schema, record: Transaction | SubscriptionCha
     return out.getvalue()
 
 
-def decode(data: bytes) -> Transaction | SubscriptionChange:
+def decode(data: bytes) -> AvroRecord:
     """Decode a single-object encoded value written with a current or historical schema.
 
     Raises ``UnsupportedSchema`` when the marker or fingerprint is unknown, or the body is

@@ -53,12 +53,18 @@ import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from chargify_stream.errors import ChargifyStreamError, RecordError, TransientError
+from chargify_stream.errors import (
+    ChargifyStreamError,
+    RecordError,
+    TransientError,
+    UnsupportedSchema,
+)
 from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.codec import decode
 from schemas.deadletter import dead_letter_headers
+from schemas.records import Customer
 from sink.migrate import pending
 from sink.upsert import BatchResult, Record, RejectedRecord, classify, write_batch
 
@@ -400,7 +406,10 @@ class Sink:
             topic = msg.topic() or ""
             per_topic[topic] = per_topic.get(topic, 0) + 1
             try:
-                prepared.items.append((msg, decode(msg.value() or b"")))
+                record = decode(msg.value() or b"")
+                if isinstance(record, Customer):
+                    raise UnsupportedSchema("a Customer record is not an input of the sink")
+                prepared.items.append((msg, record))
             except RecordError as exc:
                 prepared.letters.append(DeadLetter(msg, exc.reason, str(exc)))
         for topic, count in per_topic.items():
@@ -612,11 +621,14 @@ def run(settings: Settings) -> int:
         start_http_server(settings.sink_metrics_port, "127.0.0.1", registry=sink.metrics.registry)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sink.stop())
+    from sink.customer_relay import start_customer_relay
     from sink.redrive import start_redriver
 
     redriver = start_redriver(settings, sink.metrics.registry)
+    relay = start_customer_relay(settings, sink.metrics.registry)
     try:
         sink.run()
     finally:
         redriver.stop()
+        relay.stop()
     return 0

@@ -33,9 +33,11 @@ pytestmark = pytest.mark.integration
 CUSTOMER = "cust-retry"
 
 
-def webhook(event: str, webhook_id: int, **fields: Any) -> tuple[bytes, bytes, list[Any]]:
+def webhook(
+    event: str, webhook_id: int, *, reference: str = CUSTOMER, **fields: Any
+) -> tuple[bytes, bytes, list[Any]]:
     """A raw-topic record, as the gateway writes it."""
-    body = build_body(event, webhook_id=webhook_id, reference=CUSTOMER, **fields)
+    body = build_body(event, webhook_id=webhook_id, reference=reference, **fields)
     return (
         str(fields["subscription_id"]).encode(),
         body,

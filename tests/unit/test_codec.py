@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from chargify_stream.errors import UnsupportedSchema
 from schemas import codec
-from schemas.records import ComponentAllocation, SubscriptionChange, Transaction
+from schemas.records import ComponentAllocation, Customer, SubscriptionChange, Transaction
 
 AVRO = Path(str(resources.files("schemas").joinpath("avro")))
 
@@ -60,6 +60,13 @@ CHANGE = SubscriptionChange(
     event="component_allocation_change",
 )
 RECORDS = [TRANSACTION, REFUND, CHANGE]
+CUSTOMER = Customer(
+    customer_key="cust-1",
+    partner_key="partner-a",
+    email="ada@example.com",
+    name="Ada",
+    updated_at=datetime(2026, 11, 27, 15, 0, 0, 123456, tzinfo=UTC),
+)
 
 
 def _crc64_avro(data: bytes) -> int:
@@ -178,7 +185,9 @@ def _single_object(schema_json: dict[str, object], datum: dict[str, object]) -> 
 @pytest.mark.parametrize("path", sorted((AVRO / "history").glob("*.avsc")), ids=lambda p: p.name)
 def test_values_written_with_each_history_schema_decode(path: Path) -> None:
     schema = json.loads(path.read_text())
-    record = TRANSACTION if schema["name"] == "Transaction" else CHANGE
+    record = {"Transaction": TRANSACTION, "SubscriptionChange": CHANGE, "Customer": CUSTOMER}[
+        schema["name"]
+    ]
     fields = {field["name"] for field in schema["fields"]}
     datum = {k: v for k, v in record.to_avro().items() if k in fields}
     decoded = codec.decode(_single_object(schema, datum))
