@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from confluent_kafka.admin import AdminClient, ConfigResource
 
 from chargify_stream.settings import Settings
 from schemas.codec import decode
@@ -155,3 +156,14 @@ def test_a_retry_that_fails_again_is_listed_and_replayed_from_the_retry_topic(
     assert [headers_of(m)["dlq-replay-count"] for m in retries] == [b"1", b"2"]
     assert ends(settings)["transactions"] == 1
     assert query(settings, "select count(*), sum(amount_cents) from transactions") == [(1, 300)]
+
+    # The retry topic keeps what it carries like the dead-letter topic does.
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    wanted = ("retention.ms", "retention.bytes", "max.message.bytes")
+    configs = []
+    for topic in (retry, settings.topic("deadletter")):
+        resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+        found = admin.describe_configs([resource])[resource].result(timeout=10)
+        configs.append({key: found[key].value for key in wanted})
+    assert configs[0] == configs[1]
+    assert configs[0]["retention.ms"] == "-1"
