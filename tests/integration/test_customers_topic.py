@@ -21,7 +21,7 @@ from schemas.codec import decode
 from schemas.records import Customer, Transaction
 from tests.integration.test_dlq import cli, query, wait_for
 from tests.integration.test_sink_retry import webhook
-from tests.kafka_tools import consume, end_offsets, produce
+from tests.kafka_tools import consume, end_offsets, headers_of, produce
 
 pytestmark = pytest.mark.integration
 
@@ -78,6 +78,16 @@ def test_insert_update_and_delete_by_plain_sql_reach_the_topic(
     assert before <= created.updated_at < moved.updated_at <= datetime.now(UTC)
     assert deleted is None  # a tombstone
     assert query(settings, "select count(*) from customer_changes") == [(0,)]
+
+    # A Customer record is no input of the sink: one that strays onto its topics is
+    # dead-lettered, not written.
+    produce(
+        settings.kafka_bootstrap_servers,
+        settings.topic("sink_retry"),
+        [(b"c-1", records[0].value() or b"", [])],
+    )
+    [letter] = consume(settings.kafka_bootstrap_servers, settings.topic("deadletter"), count=1)
+    assert headers_of(letter)["dlq-reason"] == b"unsupported_schema"
 
     # Compacted: the latest record of each key is kept for good.
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from schemas import codec
 from schemas.records import Customer
+from sink.customer_relay import record_of
 from tests.unit.test_codec import CUSTOMER, _crc64_avro
 
 AVRO = Path(str(resources.files("schemas").joinpath("avro")))
@@ -92,3 +93,11 @@ def test_the_built_writer_writes_exactly_what_fastavro_writes(record: Customer) 
     data = codec.encode(record)
     assert data == codec._encode_with_fastavro(schema, record)
     assert codec.decode(data) == record
+
+
+def test_an_outbox_row_is_a_keyed_customer_or_a_tombstone() -> None:
+    changed = CUSTOMER.updated_at
+    key, value = record_of((7, "cust-1", False, "partner-a", "ada@example.com", "Ada", changed))
+    assert key == b"cust-1" and value is not None
+    assert codec.decode(value) == CUSTOMER
+    assert record_of((8, "cust-1", True, None, None, None, changed)) == (b"cust-1", None)
