@@ -8,6 +8,7 @@ topic is read back as an analyst would, and joined with ``chargify.transactions`
 from __future__ import annotations
 
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +20,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 from chargify_stream.settings import Settings
 from schemas.codec import decode
 from schemas.records import Customer, Transaction
+from sink.customer_relay import CustomerRelay
 from tests.integration.test_dlq import cli, query, wait_for
 from tests.integration.test_sink_retry import webhook
 from tests.kafka_tools import consume, end_offsets, headers_of, produce
@@ -272,3 +274,80 @@ def test_joining_the_topics_gives_the_attribution_postgres_has(
     ]
     in_postgres = {t: p for t, _, p in rows}
     assert attribute_from_topics(settings) == in_postgres
+
+
+def test_the_outbox_records_every_kind_of_change_and_the_customers_already_there(
+    postgres_service: Any,
+) -> None:
+    from sink.migrate import available, migrate
+
+    dsn = postgres_service.create_database(f"t_outbox_{uuid.uuid4().hex[:12]}")
+    # A database from before the customers topic: its customers must reach the topic too.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "create table schema_migrations (version integer primary key, name text not null,"
+            " applied_at timestamptz not null default now())"
+        )
+        for m in available():
+            if m.version < 4:
+                conn.execute(m.sql.encode())
+                conn.execute(
+                    "insert into schema_migrations (version, name) values (%s, %s)",
+                    (m.version, m.name),
+                )
+        conn.execute("insert into partners (partner_key) values ('p-1')")
+        conn.execute(
+            "insert into customers (customer_key, partner_key, email) values"
+            " ('old-1', 'p-1', 'a@example.com'), ('old-2', null, null)"
+        )
+    assert "0004_customer_changes.sql" in migrate(dsn)
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("update customers set customer_key = 'new-2' where customer_key = 'old-2'")
+        conn.execute("truncate customers cascade")
+        rows = conn.execute(
+            "select customer_key, deleted, partner_key, email from customer_changes"
+            " order by change_id"
+        ).fetchall()
+    assert rows == [
+        ("old-1", False, "p-1", "a@example.com"),  # already there: copied by the migration
+        ("old-2", False, None, None),
+        ("old-2", True, None, None),  # re-keyed: the old key is deleted ...
+        ("new-2", False, None, None),  # ... and the new one written
+        ("new-2", True, None, None),  # truncated: every customer deleted
+        ("old-1", True, None, None),
+    ]
+
+
+def test_two_relays_at_once_keep_each_customers_changes_in_order(settings: Settings) -> None:
+    relays = [CustomerRelay(settings, poll_interval=0.2, batch_limit=50).start() for _ in range(2)]
+    try:
+        query(settings, "insert into partners (partner_key) values ('p-1'), ('p-2') returning 1")
+        # Changes keep coming while both relays drain: 200 customers, 10 moves each.
+        query(
+            settings,
+            "insert into customers (customer_key, partner_key)"
+            " select 'c-' || i, 'p-1' from generate_series(1, 200) i returning 1",
+        )
+        for step in range(10):
+            partner = "p-2" if step % 2 == 0 else "p-1"
+            query(settings, "update customers set partner_key = %s returning 1", partner)
+        wait_for(
+            lambda: query(settings, "select count(*) from customer_changes") == [(0,)],
+            "the outbox drained",
+            timeout=60,
+        )
+    finally:
+        for relay in relays:
+            relay.stop()
+    records = customer_records(settings, count=200 * 11, settle=1.0)
+    history: dict[str, list[str | None]] = {}
+    for msg in records:
+        customer = state(msg)
+        seen = history.setdefault((msg.key() or b"").decode(), [])
+        partner = customer.partner_key if customer else None
+        if not seen or seen[-1] != partner:
+            seen.append(partner)
+    assert history == {f"c-{i}": ["p-1", "p-2"] * 5 + ["p-1"] for i in range(1, 201)}
+    # At least once, and here each change exactly once: the lock keeps the relays apart.
+    assert len(records) == 200 * 11
