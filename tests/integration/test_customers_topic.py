@@ -140,12 +140,14 @@ def test_a_relay_killed_mid_way_loses_nothing(settings: Settings, stages: Any) -
     print(f"killed with {at_kill} records published and {waiting} changes waiting")
     assert at_kill > 0 and waiting > 0, "the relay was not killed mid-way"
 
+    restarted = time.monotonic()
     stages("sink", settings)
     wait_for(
         lambda: query(settings, "select count(*) from customer_changes") == [(0,)],
         "the outbox drained after the restart",
         timeout=120,
     )
+    print(f"{waiting} changes drained {time.monotonic() - restarted:.1f}s after the restart")
     records = customer_records(settings, count=changes, settle=1.0)
     assert len(records) >= changes  # at least once: a batch may be published twice
 
