@@ -1,9 +1,9 @@
-"""The records on ``chargify.transactions``, ``chargify.subscriptions`` and ``chargify.customers``.
+"""The records on ``chargify.transactions``, ``chargify.subscriptions``, ``chargify.customers``.
 
 Each dataclass mirrors its ``.avsc`` file in ``schemas/avro/`` field for field, in the same
 order and with the same defaults (a unit test checks this). Construction is keyword-only.
-``occurred_at`` and ``updated_at`` are timezone-aware UTC ``datetime``s; on the wire they
-are Avro ``timestamp-micros``.
+``occurred_at`` and ``updated_at`` are timezone-aware UTC datetimes; on the wire they are
+Avro ``timestamp-micros``.
 """
 
 from __future__ import annotations
@@ -184,9 +184,10 @@ class SubscriptionChange:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Customer:
-    """One customer as the ``customers`` table holds it (Avro ``io.chargifystream.Customer``).
+    """A customer as it is after a change (Avro ``io.chargifystream.Customer``).
 
-    A deleted customer has no record: its key gets a tombstone (a null value).
+    The value on ``chargify.customers`` under the key ``customer_key``; a deleted customer
+    is a tombstone (a null value), not a record.
     """
 
     customer_key: str

@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from chargify_stream.settings import Settings
-from schemas.codec import decode
+from schemas.codec import decode, decode_record
 from schemas.records import Customer, Transaction
 from sink.customer_relay import CustomerRelay
 from tests.integration.test_dlq import cli, query, wait_for
@@ -39,7 +39,7 @@ def state(msg: Message) -> Customer | None:
     value = msg.value()
     if value is None:
         return None
-    record = decode(value)
+    record = decode_record(value)
     assert isinstance(record, Customer)
     return record
 

@@ -87,8 +87,8 @@ def test_current_schema_reads_history_version(history: Path) -> None:
     read: Any = fastavro.schemaless_reader(
         out, fastavro.parse_schema(writer), fastavro.parse_schema(json.loads(reader_text))
     )
-    first = writer["fields"][0]["name"]  # an identity field, kept by every version
-    assert read[first] == datum[first]
+    key = writer["fields"][0]["name"]  # every record's identity comes first
+    assert read[key] == datum[key]
 
 
 def test_the_checker_catches_an_incompatible_change() -> None:
