@@ -23,10 +23,15 @@ dead letter; processor dead letters are keyed by subscription id and carry no re
 customer), ``--since``/``--until`` (on the latest ``dlq-failed-at``; inclusive/exclusive).
 
 ``replay`` re-publishes each selected event's latest record (value, key and original
-headers, with ``dlq-replay-count`` + 1) to its ``dlq-source-topic`` and source partition,
-and reports what the broker acknowledged. It refuses records without ``dlq-*`` headers,
-records whose source is not an input topic of this pipeline, and events that already failed
-``--max-attempts`` times. Every stage is idempotent, so replaying twice never double-counts.
+headers, with ``dlq-replay-count`` + 1) and reports what the broker acknowledged. Where to:
+a ``dlq-stage=processor`` record back to its ``dlq-source-topic`` and source partition (the
+raw topic); a ``dlq-stage=sink`` record to the sink's retry topic (``chargify.sink.retry``),
+partitioned by key, never to the typed topics again (their readers see each record once).
+A sink dead letter whose source is the retry topic (a retry that failed again) is the same
+event as its first failure and goes back there too. It refuses records without ``dlq-*``
+headers, records whose source is not an input topic of this pipeline, and events that
+already failed ``--max-attempts`` times. Every stage is idempotent, so replaying twice never
+double-counts.
 
 A **pointer** (a dead letter Kafka could not take whole: ``schemas.deadletter``) has no
 value; ``list`` marks it, and ``replay`` reads its original back from its source topic,
@@ -51,6 +56,7 @@ from typing import Any, Protocol, TextIO, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from chargify_stream.errors import ChargifyStreamError, ConfigError, TransientError
+from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.kafka_config import describe, librdkafka_config
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
@@ -67,6 +73,7 @@ __all__ = [
     "group_events",
     "parse_time",
     "plan_replay",
+    "replay_destination",
     "run",
     "send_replays",
 ]
@@ -469,6 +476,17 @@ class Scan:
 # -- replay ----------------------------------------------------------------------------
 
 
+def replay_destination(info: DeadLetterInfo, sink_retry_topic: str) -> tuple[str, int | None]:
+    """The topic and partition a replay of this dead letter goes to (``None``: by key).
+
+    A sink dead letter goes to the sink's retry topic, whatever topic it was read from; a
+    processor dead letter back where it was read (the raw topic), on the same partition.
+    """
+    if info.stage == h.STAGE_SINK:
+        return sink_retry_topic, None
+    return info.source_topic, info.source_partition
+
+
 @dataclass(frozen=True, slots=True)
 class ReplayPlan:
     """The selected events, split into those to replay and those refused (with why)."""
@@ -482,9 +500,14 @@ def plan_replay(
     *,
     max_attempts: int,
     input_topics: Iterable[str],
+    sink_retry_topic: str,
     existing_topics: Iterable[str] | None = None,
 ) -> ReplayPlan:
-    """Decide, for each selected event, whether it may be replayed (pure)."""
+    """Decide, for each selected event, whether it may be replayed (pure).
+
+    ``input_topics`` are the topics a dead letter may have been read from;
+    ``existing_topics`` (when given) those a replay may go to.
+    """
     inputs = set(input_topics)
     existing = None if existing_topics is None else set(existing_topics)
     replay: list[DeadLetterEvent] = []
@@ -513,8 +536,11 @@ def plan_replay(
             refused.append(
                 (event, f"source topic {info.source_topic} is not an input of this pipeline")
             )
-        elif existing is not None and info.source_topic not in existing:
-            refused.append((event, f"source topic {info.source_topic} does not exist"))
+        elif (
+            existing is not None
+            and (target := replay_destination(info, sink_retry_topic)[0]) not in existing
+        ):
+            refused.append((event, f"topic {target} does not exist"))
         else:
             replay.append(event)
     return ReplayPlan(replay, refused)
@@ -616,11 +642,13 @@ def send_replays(
     events: Sequence[DeadLetterEvent],
     producer: ProducerLike,
     *,
+    sink_retry_topic: str,
     rate: float | None = None,
     flush_timeout: float = 45.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> ReplayOutcome:
-    """Re-publish each event's latest dead letter to its source; wait for the broker.
+    """Re-publish each event's latest dead letter (to :func:`replay_destination`); wait for
+    the broker.
 
     At most ``rate`` records per second. Ctrl-C stops sending; what was already handed to
     the producer is still flushed, and the outcome says which records were never sent.
@@ -643,14 +671,17 @@ def send_replays(
                 slot = started + index / rate
                 while (wait := slot - clock()) > 0:
                     producer.poll(wait)
-            info = cast(DeadLetterInfo, event.info)
+            topic, partition = replay_destination(
+                cast(DeadLetterInfo, event.info), sink_retry_topic
+            )
+            placement = {} if partition is None else {"partition": partition}
             producer.produce(
-                info.source_topic,
+                topic,
                 value=event.latest.value,
                 key=event.latest.key,
-                partition=info.source_partition,
                 headers=replay_headers(event.latest.headers),
                 on_delivery=report_for(index),
+                **placement,
             )
             sent = index + 1
             producer.poll(0)
@@ -803,15 +834,22 @@ def run(action: str, args: argparse.Namespace, settings: Settings) -> int:
 def _replay(
     settings: Settings, args: argparse.Namespace, found: Scan, chosen: list[DeadLetterEvent]
 ) -> int:
+    retry_topic = settings.topic("sink_retry")
     plan = plan_replay(
         read_originals(settings, chosen, timeout=args.timeout),
         max_attempts=args.max_attempts,
-        input_topics=[settings.topic(n) for n in ("raw", "transactions", "subscriptions")],
-        existing_topics=found.existing_topics,
+        input_topics=[
+            settings.topic(n) for n in ("raw", "transactions", "subscriptions", "sink_retry")
+        ],
+        sink_retry_topic=retry_topic,
+        # The retry topic is created below when missing (no sink has run since it exists).
+        existing_topics=found.existing_topics | {retry_topic},
     )
     if args.dry_run or not plan.replay:
         outcome = ReplayOutcome(acked=list(plan.replay))
     else:
+        if retry_topic not in found.existing_topics:
+            ensure_pipeline_topics(settings, [retry_topic], timeout=args.timeout)
         errors: list[str] = []
         producer = Producer(
             {
@@ -826,9 +864,13 @@ def _replay(
             }
         )
         outcome = send_replays(
-            plan.replay, producer, rate=args.rate, flush_timeout=max(args.timeout, 5) * 3 + 15
+            plan.replay,
+            producer,
+            sink_retry_topic=retry_topic,
+            rate=args.rate,
+            flush_timeout=max(args.timeout, 5) * 3 + 15,
         )
-    summary = _replay_summary(plan, outcome, dry_run=args.dry_run)
+    summary = _replay_summary(plan, outcome, retry_topic, dry_run=args.dry_run)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -1024,7 +1066,9 @@ def _print_stats(
             print(_table([title, "EVENTS", "RECORDS"], rows, right=[1, 2]))
 
 
-def _replay_summary(plan: ReplayPlan, outcome: ReplayOutcome, *, dry_run: bool) -> dict[str, Any]:
+def _replay_summary(
+    plan: ReplayPlan, outcome: ReplayOutcome, retry_topic: str, *, dry_run: bool
+) -> dict[str, Any]:
     lines: list[dict[str, Any]] = []
     failed = dict((id(e), why) for e, why in outcome.failed)
     not_sent = {id(e) for e in outcome.not_sent}
@@ -1035,8 +1079,8 @@ def _replay_summary(plan: ReplayPlan, outcome: ReplayOutcome, *, dry_run: bool) 
             action, why = "not_sent", "interrupted before sending"
         else:
             action, why = ("would_replay" if dry_run else "replayed"), None
-        lines.append(_replay_line(e, action, why))
-    lines.extend(_replay_line(e, "refused", why) for e, why in plan.refused)
+        lines.append(_replay_line(e, action, why, retry_topic))
+    lines.extend(_replay_line(e, "refused", why, retry_topic) for e, why in plan.refused)
     per_reason: dict[str, Counter[str]] = {}
     for line in lines:
         per_reason.setdefault(line["reason"] or NO_HEADERS, Counter())[line["action"]] += 1
@@ -1061,8 +1105,11 @@ def _replay_summary(plan: ReplayPlan, outcome: ReplayOutcome, *, dry_run: bool) 
     }
 
 
-def _replay_line(event: DeadLetterEvent, action: str, why: str | None) -> dict[str, Any]:
+def _replay_line(
+    event: DeadLetterEvent, action: str, why: str | None, retry_topic: str
+) -> dict[str, Any]:
     info = event.info
+    to_topic, to_partition = replay_destination(info, retry_topic) if info else (None, None)
     return {
         "action": action,
         "why": why,
@@ -1073,8 +1120,8 @@ def _replay_line(event: DeadLetterEvent, action: str, why: str | None) -> dict[s
         "webhook_id": event.webhook_id,
         "key": _text(event.latest.key),
         "dead_letter": event.latest.position,
-        "to_topic": info.source_topic if info else None,
-        "to_partition": info.source_partition if info else None,
+        "to_topic": to_topic,
+        "to_partition": to_partition,
         "replay_count": info.replay_count if info else None,
         "new_replay_count": info.replay_count + 1 if info else None,
     }
@@ -1094,8 +1141,9 @@ def _print_replay(summary: dict[str, Any]) -> None:
             f"customer {line['customer'] or '-'}) from {line['dead_letter']}"
         )
         if line["action"] in ("would_replay", "replayed"):
+            partition = "" if line["to_partition"] is None else f"[{line['to_partition']}]"
             what += (
-                f" -> {line['to_topic']}[{line['to_partition']}] key {line['key']!r}"
+                f" -> {line['to_topic']}{partition} key {line['key']!r}"
                 f" dlq-replay-count {line['new_replay_count']}"
             )
         if line["why"]:

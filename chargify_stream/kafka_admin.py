@@ -72,12 +72,16 @@ def pipeline_topic_config(settings: Settings, name: str) -> dict[str, str]:
 
     The raw and dead-letter topics take records up to the size budget of
     :mod:`chargify_stream.limits`; dead letters are kept until dealt with
-    (``DEADLETTER_RETENTION_MS``, unlimited by default) instead of the broker's 7 days.
+    (``DEADLETTER_RETENTION_MS``, unlimited by default) instead of the broker's 7 days. The
+    sink's retry topic carries dead letters back to the sink, so it is configured alike.
+    The customers topic is compacted: the latest record of each customer is kept for good.
     """
     body_max = settings.gateway_max_body_bytes
     if name == settings.topic("raw"):
         return {"max.message.bytes": str(raw_record_max(body_max))}
-    if name == settings.topic("deadletter"):
+    if name == settings.topic("customers"):
+        return {"cleanup.policy": "compact"}
+    if name in (settings.topic("deadletter"), settings.topic("sink_retry")):
         return {
             "max.message.bytes": str(deadletter_record_max(body_max)),
             "retention.ms": str(settings.deadletter_retention_ms),

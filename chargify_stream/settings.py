@@ -26,6 +26,9 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5433/chargify"
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 _SUBDOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 
+# The pipeline's topics, by the short name :meth:`Settings.topic` takes.
+TOPICS = ("raw", "transactions", "subscriptions", "deadletter", "sink_retry", "customers")
+
 
 class Settings(BaseSettings):
     """Effective configuration. Field names map to upper-case environment variables."""
@@ -67,6 +70,7 @@ class Settings(BaseSettings):
     topic_transactions: str = "chargify.transactions"
     topic_subscriptions: str = "chargify.subscriptions"
     topic_deadletter: str = "chargify.deadletter"
+    topic_sink_retry: str = "chargify.sink.retry"
     # Compacted mirror of the customers table, for in-stream attribution joins.
     topic_customers: str = "chargify.customers"
     topic_partitions: int = Field(default=3, ge=1)
@@ -195,13 +199,13 @@ class Settings(BaseSettings):
         return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
 
     def topic(self, name: str) -> str:
-        """The full name of topic ``raw``, ``transactions``, ``subscriptions``, ``deadletter``
-        or ``customers``."""
+        """The full name of topic ``raw``, ``transactions``, ``subscriptions``, ``deadletter``,
+        ``sink_retry`` or ``customers``."""
         return self.kafka_topic_prefix + str(getattr(self, f"topic_{name}"))
 
     @property
     def all_topics(self) -> tuple[str, ...]:
-        return tuple(self.topic(n) for n in ("raw", "transactions", "subscriptions", "deadletter"))
+        return tuple(self.topic(n) for n in TOPICS)
 
     def chargify_base_url(self) -> str:
         """The base URL of Chargify's API for this site; :class:`ConfigError` if unknown."""

@@ -1,5 +1,10 @@
 """``chargify-stream sink``: consume the two output topics and write Postgres.
 
+It also consumes ``chargify.sink.retry``, its own retries: dead letters of this stage that
+were re-driven (:mod:`sink.redrive`) or replayed (``dlq replay``). They hold the same
+records, told apart by their Avro fingerprint, and take the same idempotent writes; they
+never pass through the typed topics again, whose readers see each record once.
+
 The loop, per batch (up to ``SINK_BATCH_SIZE`` records, or what arrived within
 ``SINK_BATCH_TIMEOUT_MS``):
 
@@ -182,7 +187,11 @@ class Sink:
         self.consumer = consumer
         self.producer = producer
         self.metrics = metrics
-        self.topics = [settings.topic("transactions"), settings.topic("subscriptions")]
+        self.topics = [
+            settings.topic("transactions"),
+            settings.topic("subscriptions"),
+            settings.topic("sink_retry"),
+        ]
         self._connect = connect
         self._local = threading.local()  # each writer thread has its own connection
         self._conns: list[psycopg.Connection[Any]] = []
@@ -660,11 +669,14 @@ def run(settings: Settings) -> int:
         start_http_server(settings.sink_metrics_port, "127.0.0.1", registry=sink.metrics.registry)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sink.stop())
+    from sink.customer_relay import start_customer_relay
     from sink.redrive import start_redriver
 
     redriver = start_redriver(settings, sink.metrics.registry)
+    relay = start_customer_relay(settings, sink.metrics.registry)
     try:
         sink.run()
     finally:
         redriver.stop()
+        relay.stop()
     return 0

@@ -15,10 +15,11 @@ customer reference). Every sink process runs one :class:`Redriver` thread that:
    their customer already existed;
 3. **re-drives**: in one database transaction it claims waiting rows whose customer now
    exists (``FOR UPDATE SKIP LOCKED``, so several sinks never claim the same row),
-   re-publishes one record per event to its ``dlq-source-topic`` (same partition) with
+   re-publishes one record per event to the sink's retry topic (``chargify.sink.retry``,
+   never the typed topics again: their readers see each record once) with
    ``dlq-replay-count`` + 1, waits for the broker's acknowledgement, and only then marks
    the rows re-driven and commits. A crash between the ack and the commit re-publishes
-   once more on restart: harmless, since every stage is idempotent.
+   once more on restart: harmless, since the sink's writes are idempotent.
 
 All state lives in Kafka (the dead letters, the group's offsets) and Postgres (the index and
 what was re-driven), so the re-drive survives restarts and is shared by any number of sink
@@ -137,7 +138,8 @@ def parkable(
     """The parked event for one dead-letter record, or ``None`` when it is not one to re-drive.
 
     Only ``customer_not_found`` dead letters written by the sink qualify: their key is the
-    customer reference and their source is one of the sink's input topics. A record without
+    customer reference and their source is one of the sink's input topics (the typed topics,
+    or the retry topic for a retry that failed again). A record without
     readable ``dlq-*`` headers (written by hand, by another tool) is never replayed blindly.
     """
     info = parse_dead_letter(headers)
@@ -233,7 +235,7 @@ class RedriveMetrics:
         )
         self.redriven = Counter(
             "parked_events_redriven",
-            "Parked events re-published to their source topic",
+            "Parked events re-published to the sink's retry topic",
             registry=self.registry,
         )
         self.faults = Counter(
@@ -304,7 +306,12 @@ class Redriver:
         self.max_attempts = max_attempts
         self.group_id = f"{settings.sink_group_id}-redrive"
         self.deadletter_topic = settings.topic("deadletter")
-        self.sink_topics = (settings.topic("transactions"), settings.topic("subscriptions"))
+        self.retry_topic = settings.topic("sink_retry")
+        self.sink_topics = (
+            settings.topic("transactions"),
+            settings.topic("subscriptions"),
+            self.retry_topic,
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redriver", daemon=True)
 
@@ -344,7 +351,7 @@ class Redriver:
             delay = min(delay * 2, _BACKOFF_MAX_S)
 
     def _session(self) -> None:
-        ensure_pipeline_topics(self.settings, [self.deadletter_topic])
+        ensure_pipeline_topics(self.settings, [self.deadletter_topic, self.retry_topic])
         dsn = self.settings.database_dsn()
         consumer = Consumer(
             {
@@ -483,13 +490,12 @@ class Redriver:
                     errors.append(err.str())
 
             try:
+                # Partitioned by key, as `dlq replay` does: one customer's retries stay in
+                # order.
                 producer.produce(
-                    row.source_topic,
+                    self.retry_topic,
                     value=row.value,
                     key=row.record_key,
-                    # Back to the partition it failed on: keeps the order of its key's
-                    # records whatever partitioner the original producer used.
-                    partition=row.source_partition,
                     headers=cast(list[tuple[str, str | bytes | None]], replay_headers(row.headers)),
                     on_delivery=report,
                 )

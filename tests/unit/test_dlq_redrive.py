@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from sink.redrive import _Claimed, choose_redrives, parkable
-from tests.unit.test_dlq_events import DLQ, RAW, TXNS, dead_letter
+from tests.unit.test_dlq_events import DLQ, RAW, RETRY, TXNS, dead_letter
 
-SINK_TOPICS = (TXNS, "chargify.subscriptions")
+SINK_TOPICS = (TXNS, "chargify.subscriptions", RETRY)
 
 
 def park(**kw: object) -> object:
@@ -44,6 +44,12 @@ def test_only_sink_customer_not_found_records_are_parked() -> None:
     assert park(reason="unsupported_schema") is None
     assert park(source=DLQ) is None  # never re-publish onto a topic the sink does not read
     assert park(key=None) is None
+
+
+def test_a_retry_that_failed_again_is_parked_too() -> None:
+    parked = park(source=RETRY, replay_count=1)
+    assert parked is not None
+    assert (parked.source_topic, parked.replay_count) == (RETRY, 1)
 
 
 def test_a_record_without_dlq_headers_is_never_parked() -> None:
