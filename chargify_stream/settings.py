@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     topic_transactions: str = "chargify.transactions"
     topic_subscriptions: str = "chargify.subscriptions"
     topic_deadletter: str = "chargify.deadletter"
+    # The processor's decisions that leave no other record (ignored, duplicate): read by
+    # the sink's outcome recorder into webhook_outcomes.
+    topic_decisions: str = "chargify.processor.decisions"
     topic_partitions: int = Field(default=3, ge=1)
     topic_replication_factor: int = Field(default=1, ge=1)
     # -1: dead letters are kept until dealt with (replayed or purged by an operator).
@@ -61,6 +64,9 @@ class Settings(BaseSettings):
     sink_batch_size: int = Field(default=1000, ge=1)
     sink_batch_timeout_ms: int = Field(default=50, ge=1)
     sink_metrics_port: int = Field(default=9108, ge=0, le=65535)
+    # Whether the sink keeps webhook_outcomes (what happened to every webhook); off only
+    # to measure what it costs.
+    outcome_log: bool = True
 
     log_level: str = "INFO"
 
@@ -95,12 +101,16 @@ class Settings(BaseSettings):
         return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
 
     def topic(self, name: str) -> str:
-        """The full name of topic ``raw``, ``transactions``, ``subscriptions`` or ``deadletter``."""
+        """The full name of topic ``raw``, ``transactions``, ``subscriptions``, ``deadletter``
+        or ``decisions``."""
         return self.kafka_topic_prefix + str(getattr(self, f"topic_{name}"))
 
     @property
     def all_topics(self) -> tuple[str, ...]:
-        return tuple(self.topic(n) for n in ("raw", "transactions", "subscriptions", "deadletter"))
+        return tuple(
+            self.topic(n)
+            for n in ("raw", "transactions", "subscriptions", "deadletter", "decisions")
+        )
 
     def database_dsn(self) -> str:
         return self.database_url.get_secret_value()

@@ -17,6 +17,10 @@ Per record, in order:
    ``chargify-event`` and ``received-at`` headers, or a dead letter carrying the raw key,
    bytes and headers plus the ``dlq-*`` headers, or nothing (ignored: counted and logged).
 
+A webhook ignored or dropped as a duplicate also gets a decision record
+(:mod:`schemas.decisions`) in ``Split.decisions``, published with the outputs, so that
+``webhook_outcomes`` learns what became of it.
+
 Only emitted webhooks are remembered as seen: a webhook that was dead-lettered, say for an
 unknown subscription, gets a fresh chance if Chargify sends it again.
 """
@@ -33,13 +37,14 @@ from processors.routing import SUPPORTED_EVENTS, DeadLetter, Emit, Ignore, route
 from schemas import headers as h
 from schemas.codec import encode
 from schemas.deadletter import dead_letter_headers
+from schemas.decisions import Decision, encode_decision, now
 
 __all__ = ["Incoming", "Outgoing", "Pending", "Split", "State", "Tally", "split"]
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
-OutputTopic = Literal["transactions", "subscriptions", "deadletter"]
+OutputTopic = Literal["transactions", "subscriptions", "deadletter", "decisions"]
 
 # Event labels for metrics: the events we act on and the test event; anything else is
 # "other", so a body cannot grow the label set.
@@ -140,18 +145,49 @@ class Split:
     # raw partition -> offset of the batch's first record from it (names a seen-table entry).
     first_offsets: dict[int, int] = field(default_factory=dict)
     tally: Tally = field(default_factory=Tally)
+    # Records for the decisions topic (ignored, duplicate), to publish with ``outgoing``.
+    decisions: list[Outgoing] = field(default_factory=list)
+
+    def note(
+        self,
+        record: Incoming,
+        webhook_id: str | None,
+        decision: str,
+        reason: str | None,
+        event: str | None,
+        received_at: str | None,
+        replay_count: int,
+    ) -> None:
+        """Add a decision record for ``record`` (none without a webhook id to key it)."""
+        if not webhook_id:
+            return
+        value = encode_decision(
+            Decision(
+                webhook_id,
+                decision,
+                reason,
+                event,
+                received_at,
+                now(),
+                record.topic,
+                record.partition,
+                record.offset,
+                replay_count,
+            )
+        )
+        self.decisions.append(Outgoing("decisions", webhook_id.encode(), value, []))
 
 
 def _event_label(event: str | None) -> str:
     return event if event in _EVENT_LABELS else "other"
 
 
-def _replayed(replay_count: bytes) -> bool:
-    """Whether a ``dlq-replay-count`` header says the record is a dead-letter replay."""
+def _replay_count(value: bytes) -> int:
+    """A ``dlq-replay-count`` header's count (above 0: a dead-letter replay)."""
     try:
-        return int(replay_count) > 0
+        return max(int(value), 0)
     except ValueError:
-        return False
+        return 0
 
 
 def split(batch: Sequence[Incoming], state: State) -> Split:
@@ -167,15 +203,18 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
 
     for record in batch:
         result.first_offsets.setdefault(record.partition, record.offset)
-        header_id = event_header = None
-        replayed = False
+        header_id = event_header = received_at = None
+        replays = 0
         for name, value in record.headers:
             if name == h.WEBHOOK_ID:
                 header_id = value.decode(errors="replace")
             elif name == h.EVENT:
                 event_header = value.decode(errors="replace")
+            elif name == h.RECEIVED_AT:
+                received_at = value.decode(errors="replace")
             elif name == h.DLQ_REPLAY_COUNT:
-                replayed = _replayed(value)
+                replays = _replay_count(value)
+        replayed = replays > 0
         if (
             header_id
             and not replayed
@@ -183,6 +222,7 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
         ):
             tally.events[_event_label(event_header), DUPLICATE] += 1
             log.info("dropped duplicate webhook %s (%s)", header_id, event_header)
+            result.note(record, header_id, DUPLICATE, None, event_header, received_at, replays)
             continue
         try:
             decision = route(record.value, lookup)
@@ -223,6 +263,7 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
             ):
                 tally.events[_event_label(event), DUPLICATE] += 1
                 log.info("dropped duplicate webhook %s (%s)", webhook_id, event)
+                result.note(record, webhook_id, DUPLICATE, None, event, received_at, replays)
                 continue
             result.outgoing.append(outgoing)
             if webhook_id:
@@ -234,6 +275,7 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
             tally.events[_event_label(event), IGNORED] += 1
             tally.ignored[action.reason] += 1
             log.info("ignored webhook %s (%s): %s", webhook_id, event, action.reason)
+            result.note(record, webhook_id, IGNORED, action.reason, event, received_at, replays)
         else:
             assert isinstance(action, DeadLetter)
             tally.events[_event_label(event), DEAD_LETTERED] += 1

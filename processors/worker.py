@@ -349,7 +349,7 @@ def build_app(
         except Exception as exc:
             _failed(exc)
             return None
-        sending = asyncio.ensure_future(outputs.send(result.outgoing))
+        sending = asyncio.ensure_future(outputs.send([*result.outgoing, *result.decisions]))
         return _Sent(admission, result, sending, started, positions.rereads - rereads)
 
     async def _finish(sent: _Sent) -> bool:

@@ -55,6 +55,7 @@ from schemas import headers as h
 from schemas.codec import decode
 from schemas.deadletter import dead_letter_headers
 from sink.migrate import pending
+from sink.outcomes import source_of
 from sink.upsert import BatchResult, Record, RejectedRecord, classify, write_batch
 
 log = logging.getLogger(__name__)
@@ -253,10 +254,23 @@ class Sink:
     def _write(self, items: Sequence[tuple[Message, Record]]) -> list[DeadLetter]:
         """Write ``items``; return the dead letters (unknown customer, poison)."""
         records = [rec for _, rec in items]
+        sources = (
+            [
+                source_of(m.topic() or "", m.partition() or 0, m.offset() or 0, _headers(m))
+                for m, _ in items
+            ]
+            if self.settings.outcome_log
+            else None
+        )
 
         def attempt() -> BatchResult:
             started = time.perf_counter()
-            result = write_batch(self._connection(), records)
+            conn = self._connection()
+            result = (
+                write_batch(conn, records)
+                if sources is None
+                else write_batch(conn, records, sources)
+            )
             self.metrics.write_seconds.observe(time.perf_counter() - started)
             return result
 
@@ -603,11 +617,15 @@ def run(settings: Settings) -> int:
         start_http_server(settings.sink_metrics_port, "127.0.0.1", registry=sink.metrics.registry)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sink.stop())
+    from sink.recorder import start_recorder
     from sink.redrive import start_redriver
 
     redriver = start_redriver(settings, sink.metrics.registry)
+    recorder = start_recorder(settings, sink.metrics.registry) if settings.outcome_log else None
     try:
         sink.run()
     finally:
         redriver.stop()
+        if recorder is not None:
+            recorder.stop()
     return 0

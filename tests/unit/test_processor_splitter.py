@@ -196,3 +196,32 @@ def test_the_next_batch_sees_what_the_batch_on_its_way_will_write() -> None:
     # Without the batch ahead, the allocation change cannot be resolved.
     alone = split([incoming("component_allocation_change", 4, subscription_id=77)], tables)
     assert alone.outgoing[0].topic == "deadletter"
+
+
+def test_ignored_and_duplicate_webhooks_leave_a_decision_record() -> None:
+    from schemas.decisions import decode_decision
+
+    test_event = Incoming(
+        "raw", 0, 4, b"9", b"id=9&event=test&payload[chargify]=testing",
+        [(h.WEBHOOK_ID, b"9"), (h.EVENT, b"test"), (h.RECEIVED_AT, b"2026-12-01T09:00:00Z")],
+    )  # fmt: skip
+    again = incoming("payment_success", 5, offset=5, reference="c", transaction_id=71)
+    replayed = incoming(
+        "payment_success", 5, offset=6, reference="c", transaction_id=71,
+        extra_headers=[(h.DLQ_REPLAY_COUNT, b"1")],
+    )  # fmt: skip
+    result = split([test_event, again, replayed], FakeState(seen={"5"}))
+    # The replay is emitted (an operator sent it on purpose); the others are decisions.
+    assert [o.topic for o in result.outgoing] == ["transactions"]
+    assert [(d.topic, d.key, d.headers) for d in result.decisions] == [
+        ("decisions", b"9", []),
+        ("decisions", b"5", []),
+    ]
+    ignored, duplicate = (decode_decision(d.value) for d in result.decisions)
+    assert ignored is not None and duplicate is not None
+    assert (ignored.webhook_id, ignored.decision, ignored.reason, ignored.event) == (
+        "9", "ignored", "test_event", "test",
+    )  # fmt: skip
+    assert (ignored.topic, ignored.partition, ignored.offset) == ("raw", 0, 4)
+    assert ignored.received_at == "2026-12-01T09:00:00Z"
+    assert (duplicate.decision, duplicate.reason, duplicate.offset) == ("duplicate", None, 5)

@@ -151,7 +151,9 @@ def payment(i: int) -> Transaction:
 def make_sink() -> tuple[Sink, FakeConsumer, FakeProducer]:
     fake_consumer, fake_producer = FakeConsumer(), FakeProducer()
     sink = Sink(
-        load_settings(kafka_topic_prefix="t."),
+        # These fakes of write_batch take no sources: the outcome log is tested on a
+        # real database (tests/integration/test_outcomes.py).
+        load_settings(kafka_topic_prefix="t.", outcome_log=False),
         consumer=cast(Any, fake_consumer),
         producer=cast(Any, fake_producer),
         connect=lambda: cast(Any, object()),

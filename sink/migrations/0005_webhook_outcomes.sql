@@ -1,0 +1,51 @@
+-- What happened to every webhook (DESIGN.md, webhook_outcomes): one row per Chargify
+-- webhook id with its latest outcome, and one row per decision a stage took on one of its
+-- deliveries (webhook_deliveries), which `trace` shows. Both are written by
+-- sink/outcomes.py only: by the sink in the transaction of its upserts, and by the
+-- sink's outcome recorder (raw topic, dead-letter topic, processor decisions).
+
+create table webhook_deliveries (
+    webhook_id      bigint      not null,
+    -- Who decided: gateway (received), processor, sink.
+    stage           text        not null,
+    -- received, duplicate, ignored, dead_lettered, parked, recorded, unchanged.
+    decision        text        not null,
+    reason          text,
+    -- The record the decision is about: the raw record for the gateway and the
+    -- processor's decisions, the typed or retry record for the sink, the dead letter.
+    topic           text        not null,
+    "partition"     integer     not null,
+    "offset"        bigint      not null,
+    replay_count    integer     not null default 0,  -- dlq-replay-count: a replay or re-drive
+    at              timestamptz not null,            -- when the stage decided
+    event           text,
+    received_at     timestamptz,
+    transaction_id  bigint,
+    subscription_id bigint,
+    customer_key    text,
+    -- A delivery into the pipeline (a raw record, a re-drive or sink-stage replay):
+    -- counted in webhook_outcomes.attempts.
+    attempt         boolean     not null default false,
+    -- One row per record and stage: a stage that reads its input again after a crash
+    -- adds nothing (and does not count the attempt twice).
+    primary key (webhook_id, stage, topic, "partition", "offset")
+);
+
+create table webhook_outcomes (
+    webhook_id      bigint      primary key,
+    event           text,
+    -- received (no decision yet), recorded, unchanged, ignored, dead_lettered, parked.
+    outcome         text        not null,
+    reason          text,
+    stage           text        not null,
+    transaction_id  bigint,
+    subscription_id bigint,
+    customer_key    text,
+    received_at     timestamptz,
+    decided_at      timestamptz not null,
+    -- Deliveries into the pipeline: Chargify's retries, replays, re-drives.
+    attempts        integer     not null default 0,
+    constraint webhook_outcomes_outcome_check check (outcome in
+        ('received', 'recorded', 'unchanged', 'ignored', 'dead_lettered', 'parked'))
+);
+create index webhook_outcomes_outcome_idx on webhook_outcomes (outcome, decided_at);

@@ -1,0 +1,142 @@
+"""What happened to every webhook, through the real stages: outcomes and ``trace``.
+
+A mixed batch through gateway, processor and sink processes: recorded, a Chargify retry
+(a duplicate), the same transaction under another webhook id (unchanged), the test event
+(ignored), each dead-letter reason, a parked payment re-driven once its customer exists,
+and a dead letter replayed by ``dlq replay``. Each webhook's ``webhook_outcomes`` row and
+its ``trace --json`` are checked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from chargify_stream.settings import Settings
+from schemas.deadletter import format_timestamp
+from sink.admin import add_customer, add_partner, connect
+from tests.builders import build_body
+from tests.integration.test_dlq import query, wait_for
+from tests.kafka_tools import produce
+from tests.pipeline import Pipeline
+from tests.stages import run_cli
+
+pytestmark = pytest.mark.integration
+
+SUB = 7_100_000_001
+# webhook id -> (outcome, reason, attempts) once the scenario is done.
+EXPECTED: dict[int, tuple[str, str | None, int]] = {
+    9001: ("recorded", None, 2),  # and its retry, dropped as a duplicate
+    9002: ("unchanged", None, 1),  # transaction 7001 again, under another webhook id
+    9003: ("ignored", "test_event", 1),
+    9004: ("recorded", None, 2),  # parked, then re-driven
+    9005: ("recorded", None, 2),  # unknown_subscription, then replayed
+    9006: ("recorded", None, 1),  # the signup that made 9005's subscription known
+    9007: ("dead_lettered", "missing_customer_reference", 1),
+    9008: ("dead_lettered", "malformed_payload", 1),
+    9009: ("dead_lettered", "unsupported_schema", 0),  # never on the raw topic
+}
+
+
+@pytest.fixture
+def pipeline(settings: Settings, stages: Callable[..., Any]) -> Iterator[Pipeline]:
+    with connect(settings) as conn:
+        add_partner(conn, "p1", "Partner One")
+        add_customer(conn, "c1", partner="p1", email="c1@example.com")
+    p = Pipeline(settings, stages)
+    yield p
+    p.close()
+
+
+def outcomes(settings: Settings) -> dict[int, tuple[str, str | None, int]]:
+    rows = query(settings, "select webhook_id, outcome, reason, attempts from webhook_outcomes")
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def run_scenario(settings: Settings, pipeline: Pipeline) -> None:
+    """Drive every outcome of :data:`EXPECTED` through the real pipeline."""
+    c1 = {"subscription_id": SUB, "reference": "c1"}
+    payment = build_body("payment_success", webhook_id=9001, transaction_id=7001, **c1)
+    stream = [
+        payment,
+        build_body("payment_success", webhook_id=9002, transaction_id=7001, **c1),
+        b"id=9003&event=test&payload[chargify]=testing",
+        build_body(
+            "payment_success", webhook_id=9004, transaction_id=7004, reference="late",
+            subscription_id=SUB + 4,
+        ),
+        build_body("component_allocation_change", webhook_id=9005, subscription_id=SUB + 5),
+        build_body("payment_success", webhook_id=9007, subscription_id=SUB + 7, reference=""),
+        build_body(
+            "payment_success", webhook_id=9008, subscription_id=SUB + 8, reference="c1",
+            drop=["payload[transaction][amount_in_cents]"],
+        ),
+    ]  # fmt: skip
+    assert [pipeline.post(body) for body in stream] == [200] * len(stream)
+    wait_for(lambda: outcomes(settings).get(9001, ("",))[0] == "recorded", "9001 recorded")
+    assert pipeline.post(payment) == 200  # Chargify's retry
+    # A record the sink cannot decode: dead-lettered by the sink as unsupported_schema.
+    produce(
+        settings.kafka_bootstrap_servers,
+        settings.topic("transactions"),
+        [(b"c1", b"not avro", [("chargify-webhook-id", b"9009"),
+                               ("chargify-event", b"payment_success"),
+                               ("received-at", format_timestamp(datetime.now(UTC)).encode())])],
+    )  # fmt: skip
+    wait_for(
+        lambda: (
+            outcomes(settings).get(9004, ("",))[0] == "parked"
+            and outcomes(settings).get(9005, ("",))[0] == "dead_lettered"
+        ),
+        "9004 parked and 9005 dead-lettered",
+    )
+    # The customer arrives: the parked payment re-drives itself.
+    assert run_cli(settings, "customers", "add", "late").returncode == 0
+    # The subscription becomes known; then the operator replays the dead letter.
+    assert pipeline.post(build_body("signup_success", webhook_id=9006, **{
+        **c1, "subscription_id": SUB + 5})) == 200  # fmt: skip
+    wait_for(lambda: outcomes(settings).get(9006, ("",))[0] == "recorded", "9006 recorded")
+    replay = run_cli(settings, "dlq", "replay", "--reason", "unknown_subscription")
+    assert replay.returncode == 0, replay.stderr
+    wait_for(lambda: outcomes(settings) == EXPECTED, "every outcome", timeout=60)
+
+
+def trace(settings: Settings, webhook_id: int) -> Any:
+    done = run_cli(settings, "trace", str(webhook_id), "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_every_webhook_outcome_through_the_pipeline(settings: Settings, pipeline: Pipeline) -> None:
+    try:
+        run_scenario(settings, pipeline)
+    finally:
+        print(outcomes(settings))
+    [(received_at, decided_at)] = query(
+        settings, "select received_at, decided_at from webhook_outcomes where webhook_id = 9001"
+    )
+    assert received_at is not None and decided_at >= received_at
+    decisions = query(
+        settings,
+        "select webhook_id, stage, decision, reason, replay_count from webhook_deliveries"
+        " where stage <> 'gateway' order by webhook_id, at",
+    )
+    assert decisions == [
+        (9001, "sink", "recorded", None, 0),
+        (9001, "processor", "duplicate", None, 0),
+        (9002, "sink", "unchanged", None, 0),
+        (9003, "processor", "ignored", "test_event", 0),
+        (9004, "sink", "parked", "customer_not_found", 0),
+        (9004, "sink", "parked", "customer_not_found", 0),  # the dead letter itself
+        (9004, "sink", "recorded", None, 1),  # the re-drive
+        (9005, "processor", "dead_lettered", "unknown_subscription", 0),
+        (9005, "sink", "recorded", None, 0),  # the replay, through the processor
+        (9006, "sink", "recorded", None, 0),
+        (9007, "processor", "dead_lettered", "missing_customer_reference", 0),
+        (9008, "processor", "dead_lettered", "malformed_payload", 0),
+        (9009, "sink", "dead_lettered", "unsupported_schema", 0),
+    ]
