@@ -104,6 +104,12 @@ def _dlq(action: str) -> Handler:
     return run
 
 
+def _trace(args: argparse.Namespace, settings: Settings) -> int:
+    from chargify_stream.trace import run
+
+    return run(args.webhook_id, settings, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chargify-stream",
@@ -134,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument(
         "--data-dir", default=".local/up", help="where `up` keeps its local shared key"
     )
+
+    trace = add("trace", _trace, "show what happened to one webhook, stage by stage")
+    trace.add_argument("webhook_id", metavar="WEBHOOK_ID", help="Chargify's webhook id")
+    trace.add_argument("--json", action="store_true", help="print JSON")
 
     from sink.admin import add_arguments
 

@@ -140,3 +140,48 @@ def test_every_webhook_outcome_through_the_pipeline(settings: Settings, pipeline
         (9008, "processor", "dead_lettered", "malformed_payload", 0),
         (9009, "sink", "dead_lettered", "unsupported_schema", 0),
     ]
+
+    # trace: the same outcome for every webhook, and the journey behind it.
+    traces = {wid: trace(settings, wid) for wid in EXPECTED}
+    assert {
+        wid: (t["outcome"]["outcome"], t["outcome"]["reason"], t["outcome"]["attempts"])
+        for wid, t in traces.items()
+    } == EXPECTED
+    first = traces[9001]
+    assert [r["topic"] for r in first["received"]] == [settings.topic("raw")] * 2
+    assert [d["decision"] for d in first["decisions"]] == ["recorded", "duplicate"]
+    recorded = first["decisions"][0]
+    assert recorded["topic"] == settings.topic("transactions")
+    assert recorded["record"]["value"]["transaction_id"] == 7001
+    assert recorded["record"]["headers"]["chargify-webhook-id"] == "9001"
+    [row] = first["postgres"]["transactions"]
+    assert (row["transaction_id"], row["partner_key"], row["webhook_id"]) == (7001, "p1", 9001)
+    # The other webhook for the same transaction shows the row it found there.
+    assert traces[9002]["postgres"]["transactions"][0]["webhook_id"] == 9001
+
+    parked = traces[9004]
+    [letter] = parked["dead_letters"]
+    assert letter["record"]["dead_letter"]["reason"] == "customer_not_found"
+    [redrive] = parked["redrives"]
+    assert redrive["redriven_at"] is not None
+    assert [d["decision"] for d in parked["replays"]] == ["recorded"]
+
+    replayed = traces[9005]
+    assert [r["replay_count"] for r in replayed["received"]] == [0, 1]
+    assert replayed["dead_letters"][0]["record"]["dead_letter"]["stage"] == "processor"
+    assert replayed["postgres"]["subscriptions"][0]["subscription_id"] == SUB + 5
+
+    for wid in (9007, 9008):
+        [letter] = traces[wid]["dead_letters"]
+        assert letter["record"]["dead_letter"]["reason"] == EXPECTED[wid][1]
+    assert traces[9009]["received"] == []
+    assert traces[9003]["postgres"] == {"transactions": [], "subscriptions": []}
+
+    text = run_cli(settings, "trace", "9004")
+    assert text.returncode == 0, text.stderr
+    assert "outcome   recorded by sink" in text.stdout
+    assert "parked (customer_not_found)" in text.stdout and "re-driven" in text.stdout
+
+    unknown = run_cli(settings, "trace", "123")
+    assert unknown.returncode == 1
+    assert "webhook 123 is unknown" in unknown.stderr and unknown.stdout == ""
