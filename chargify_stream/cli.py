@@ -110,6 +110,12 @@ def _trace(args: argparse.Namespace, settings: Settings) -> int:
     return run(args.webhook_id, settings, as_json=args.json)
 
 
+def _console(args: argparse.Namespace, settings: Settings) -> int:
+    from chargify_stream.console.app import run
+
+    return run(settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chargify-stream",
@@ -144,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     trace = add("trace", _trace, "show what happened to one webhook, stage by stage")
     trace.add_argument("webhook_id", metavar="WEBHOOK_ID", help="Chargify's webhook id")
     trace.add_argument("--json", action="store_true", help="print JSON")
+
+    add("console", _console, "serve the operators' web page (CONSOLE_HOST:CONSOLE_PORT)")
 
     from sink.admin import add_arguments
 

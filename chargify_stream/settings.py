@@ -10,7 +10,7 @@ libpq's own ``PG*`` variables are left to libpq: ``DATABASE_URL`` may be as shor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -68,7 +68,16 @@ class Settings(BaseSettings):
     # to measure what it costs.
     outcome_log: bool = True
 
+    # Where the processor's and the sink's metrics and health endpoints listen (0.0.0.0
+    # for Prometheus in another container); the gateway's are on GATEWAY_HOST.
+    metrics_host: str = "127.0.0.1"
+
+    # The operators' web page (`chargify-stream console`).
+    console_host: str = "127.0.0.1"
+    console_port: int = Field(default=8090, ge=1, le=65535)
+
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod

@@ -254,8 +254,8 @@ def build_app(
         # before the group moves them; 10 s is Kafka's long-time default.
         broker_session_timeout=10.0,
         broker_heartbeat_interval=3.0,
-        web_host="127.0.0.1",
-        web_bind="127.0.0.1",
+        web_host=settings.metrics_host,
+        web_bind=settings.metrics_host,
         web_port=settings.processor_web_port,
         # The table pages would show customer references; the graph is for debugging.
         web_tables_enabled=False,
@@ -575,10 +575,11 @@ def run(settings: Settings) -> int:
         outputs.close()
         return _broker_away_at_start(exc)
     log.info(
-        "processor %s reading %s (%d partitions); metrics on http://127.0.0.1:%d/metrics",
+        "processor %s reading %s (%d partitions); metrics on http://%s:%d/metrics",
         settings.processor_app_id,
         settings.topic("raw"),
         partitions,
+        settings.metrics_host,
         settings.processor_web_port,
     )
     if not NATIVE_SCAN:

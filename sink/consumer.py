@@ -46,7 +46,7 @@ from typing import Any, TypeVar, cast
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from chargify_stream.errors import ChargifyStreamError, RecordError, TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
@@ -54,6 +54,7 @@ from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.codec import decode
 from schemas.deadletter import dead_letter_headers
+from sink.health import serve_health
 from sink.migrate import pending
 from sink.outcomes import source_of
 from sink.upsert import BatchResult, Record, RejectedRecord, classify, write_batch
@@ -185,6 +186,14 @@ class Sink:
         # committed (in the consuming thread: the consumer serves one thread at a time).
         self._in_flight: deque[tuple[Future[None], Prepared]] = deque()
         self._failure: BaseException | None = None  # the first write that failed (a bug)
+        self._consuming = False
+        self._waiting_on: str | None = None  # what a step is retrying, for /readyz
+
+    def readiness(self) -> str | None:
+        """``None`` when consuming and no step waits on a fault; else why not (/readyz)."""
+        if self._waiting_on is not None:
+            return f"waiting for the {self._waiting_on}"
+        return None if self._consuming else "not consuming yet"
 
     def stop(self) -> None:
         """Ask the loop to end after the current step (safe from a signal handler)."""
@@ -201,8 +210,11 @@ class Sink:
         delay = BACKOFF_FIRST_S
         while True:
             try:
-                return step()
+                result = step()
+                self._waiting_on = None
+                return result
             except TransientError as exc:
+                self._waiting_on = target
                 self.metrics.retries.labels(target).inc()
                 wait = delay * random.uniform(0.5, 1.0)
                 log.warning("%s unavailable (%s); retrying in %.1fs", target, exc, wait)
@@ -460,6 +472,7 @@ class Sink:
             self._retrying("database", self._connection)
             self._drop_connection()  # the writer threads open their own
             self.consumer.subscribe(self.topics, on_revoke=self._on_revoke)
+            self._consuming = True
             log.info(
                 "sink consuming %s as group %s",
                 ", ".join(self.topics),
@@ -483,6 +496,7 @@ class Sink:
             log.info("stopped while waiting on a fault; the batch was not committed")
         finally:
             log.info("sink stopping")
+            self._consuming = False
             # A writer waiting on a fault stops now, rather than when the fault clears.
             self._stop.set()
             writers.shutdown(wait=True)  # the writes in flight end (or stop) first
@@ -614,7 +628,9 @@ def _skip(msg: Message) -> bool:
 def run(settings: Settings) -> int:
     sink = build_sink(settings)
     if settings.sink_metrics_port:
-        start_http_server(settings.sink_metrics_port, "127.0.0.1", registry=sink.metrics.registry)
+        serve_health(
+            settings.metrics_host, settings.sink_metrics_port, sink.metrics.registry, sink.readiness
+        )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sink.stop())
     from sink.recorder import start_recorder

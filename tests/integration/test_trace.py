@@ -4,26 +4,34 @@ A mixed batch through gateway, processor and sink processes: recorded, a Chargif
 (a duplicate), the same transaction under another webhook id (unchanged), the test event
 (ignored), each dead-letter reason, a parked payment re-driven once its customer exists,
 and a dead letter replayed by ``dlq replay``. Each webhook's ``webhook_outcomes`` row and
-its ``trace --json`` are checked.
+its ``trace --json`` are checked, then the console as headless Chromium renders it, against
+Postgres and Kafka.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from chargify_stream.local.ports import free_port
 from chargify_stream.settings import Settings
 from schemas.deadletter import format_timestamp
 from sink.admin import add_customer, add_partner, connect
+from tests.browser import dump_dom, figures, screenshot
 from tests.builders import build_body
 from tests.integration.test_dlq import query, wait_for
-from tests.kafka_tools import produce
+from tests.kafka_tools import end_offsets, produce
 from tests.pipeline import Pipeline
-from tests.stages import run_cli
+from tests.stages import Stage, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +47,7 @@ EXPECTED: dict[int, tuple[str, str | None, int]] = {
     9007: ("dead_lettered", "missing_customer_reference", 1),
     9008: ("dead_lettered", "malformed_payload", 1),
     9009: ("dead_lettered", "unsupported_schema", 0),  # never on the raw topic
+    9010: ("parked", "customer_not_found", 1),  # its customer never comes
 }
 
 
@@ -70,6 +79,10 @@ def run_scenario(settings: Settings, pipeline: Pipeline) -> None:
             subscription_id=SUB + 4,
         ),
         build_body("component_allocation_change", webhook_id=9005, subscription_id=SUB + 5),
+        build_body(
+            "payment_success", webhook_id=9010, transaction_id=7010, reference="ghost",
+            subscription_id=SUB + 10,
+        ),
         build_body("payment_success", webhook_id=9007, subscription_id=SUB + 7, reference=""),
         build_body(
             "payment_success", webhook_id=9008, subscription_id=SUB + 8, reference="c1",
@@ -111,7 +124,9 @@ def trace(settings: Settings, webhook_id: int) -> Any:
     return json.loads(done.stdout)
 
 
-def test_every_webhook_outcome_through_the_pipeline(settings: Settings, pipeline: Pipeline) -> None:
+def test_every_webhook_outcome_in_trace_and_console(
+    settings: Settings, pipeline: Pipeline, stages: Callable[..., Stage], tmp_path: Path
+) -> None:
     try:
         run_scenario(settings, pipeline)
     finally:
@@ -139,6 +154,8 @@ def test_every_webhook_outcome_through_the_pipeline(settings: Settings, pipeline
         (9007, "processor", "dead_lettered", "missing_customer_reference", 0),
         (9008, "processor", "dead_lettered", "malformed_payload", 0),
         (9009, "sink", "dead_lettered", "unsupported_schema", 0),
+        (9010, "sink", "parked", "customer_not_found", 0),
+        (9010, "sink", "parked", "customer_not_found", 0),
     ]
 
     # trace: the same outcome for every webhook, and the journey behind it.
@@ -185,3 +202,69 @@ def test_every_webhook_outcome_through_the_pipeline(settings: Settings, pipeline
     unknown = run_cli(settings, "trace", "123")
     assert unknown.returncode == 1
     assert "webhook 123 is unknown" in unknown.stderr and unknown.stdout == ""
+
+    check_console(settings, pipeline, stages, tmp_path)
+
+
+def check_console(
+    settings: Settings, pipeline: Pipeline, stages: Callable[..., Stage], tmp_path: Path
+) -> None:
+    port = free_port()
+    # Where this pipeline's processor and sink serve their endpoints, as an operator would
+    # configure the console.
+    ports = {
+        "console_port": port,
+        "processor_web_port": pipeline.processors[0].settings.processor_web_port,
+        "sink_metrics_port": pipeline.sinks[0].settings.sink_metrics_port,
+    }
+    console = stages("console", settings.model_copy(update=ports))
+    base = f"http://127.0.0.1:{port}"
+    console.wait_http_ready(f"{base}/healthz")
+
+    counts = dict(query(settings, "select outcome, count(*) from webhook_outcomes group by 1"))
+    transactions_end = end_offsets(settings.kafka_bootstrap_servers, settings.topic("transactions"))
+    lag = f"{settings.sink_group_id}.{settings.topic('transactions')}.0"
+    deadline = time.monotonic() + 30
+    while True:  # the sink commits its offsets asynchronously, just after its last write
+        shown = figures(dump_dom(f"{base}/"))
+        if shown.get(f"committed.{lag}") == str(transactions_end) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert shown[f"committed.{lag}"] == str(transactions_end)
+    assert shown[f"lag.{lag}"] == "0"
+    assert f"lag.{settings.processor_app_id}.{settings.topic('raw')}.0" in shown
+    assert {k: shown[f"stage.{k}"] for k in ("gateway", "processor", "sink")} == dict.fromkeys(
+        ("gateway", "processor", "sink"), "up"
+    )
+    assert {k: int(shown[f"outcome.{k}"]) for k in counts} == counts
+    assert counts == {"recorded": 4, "unchanged": 1, "ignored": 1, "dead_lettered": 3, "parked": 1}
+    # Unresolved dead letters only: 9004 (re-driven) and 9005 (replayed) are not listed.
+    dead = {k.split(".")[1] for k in shown if k.startswith("dead.") and k.count(".") == 1}
+    assert dead == {
+        "customer_not_found", "missing_customer_reference", "malformed_payload",
+        "unsupported_schema",
+    }  # fmt: skip
+    assert all(shown[f"dead.{reason}"] == "1" for reason in dead)
+    assert shown["dead.customer_not_found.0-1h"] == "1"
+    [(waiting,)] = query(settings, "select count(*) from parked_events where redriven_at is null")
+    assert shown["parked.waiting"] == str(waiting) == "1"
+    # Payments: 9001 recorded, 9002 unchanged, 9004 recorded (matched), 9010 parked.
+    assert (shown["matching.matched"], shown["matching.unmatched"]) == ("3", "1")
+    assert shown["matching.rate"] == "75.0 %"
+    partners = dict(
+        query(settings, "select transaction_id, coalesce(partner_key, 'none') from transactions")
+    )
+    assert {k: shown[f"partner.{k}"] for k in partners} == partners == {7001: "p1", 7004: "none"}
+
+    summary = httpx.get(f"{base}/api/summary", timeout=30).json()
+    assert summary["outcomes"] == counts and summary["errors"] == {}
+    # The search box opens a webhook's trace.
+    page = dump_dom(f"{base}/")
+    assert '<form action="/trace" method="get">' in page and 'name="webhook_id"' in page
+    assert figures(dump_dom(f"{base}/trace?webhook_id=9004"))["trace.outcome"] == "recorded"
+    assert "is unknown" in figures(dump_dom(f"{base}/trace?webhook_id=1"))["trace.error"]
+
+    image = tmp_path / "console.png"
+    screenshot(f"{base}/", image)
+    if os.environ.get("UPDATE_CONSOLE_SCREENSHOT"):
+        shutil.copy(image, Path(__file__).parents[2] / "docs" / "console.png")
