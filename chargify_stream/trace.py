@@ -32,8 +32,9 @@ FETCH_TIMEOUT_S = 5.0
 
 _DELIVERIES = (
     'select stage, decision, reason, topic, partition, "offset", replay_count, at, event,'
-    " received_at, transaction_id, subscription_id, customer_key, attempt"
-    " from webhook_deliveries where webhook_id = %s order by at, stage <> 'gateway'"
+    " received_at, transaction_id, subscription_id, customer_key, attempt, source_topic,"
+    " source_partition, source_offset"
+    " from webhook_deliveries where webhook_id = %s order by at"
 )
 _OUTCOME = (
     "select webhook_id, event, outcome, reason, stage, transaction_id, subscription_id,"
@@ -67,17 +68,25 @@ def build_trace(settings: Settings, webhook_id: int) -> dict[str, Any]:
         deliveries = _rows(cur.execute(_DELIVERIES, (webhook_id,)))
         redrives = _rows(cur.execute(_REDRIVES, (str(webhook_id),)))
         produced = _produced(cur, webhook_id, outcome[0])
-    _attach_records(settings, deliveries)
+    # Each decision on a delivery names the raw record it was: the deliveries received.
+    raw = {
+        (d["source_topic"], d["source_partition"], d["source_offset"]): d["received_at"]
+        for d in deliveries
+        if d["attempt"] and d["source_topic"] is not None
+    }
+    records = _fetch_all(
+        settings, [*raw, *((d["topic"], d["partition"], d["offset"]) for d in deliveries)]
+    )
+    for d in deliveries:
+        d["record"] = records.get((d["topic"], d["partition"], d["offset"]))
+    received = [_received(position, at, records.get(position)) for position, at in raw.items()]
+    received.sort(key=lambda r: (r["at"] is None, r["at"] or 0, r["offset"]))
     dead_letters = [d for d in deliveries if d["topic"] == settings.topic("deadletter")]
     return {
         "webhook_id": webhook_id,
         "outcome": outcome[0],
-        "received": [
-            {k: d[k] for k in ("at", "topic", "partition", "offset", "replay_count")}
-            for d in deliveries
-            if d["decision"] == "received"
-        ],
-        "decisions": [d for d in deliveries if d["decision"] != "received"],
+        "received": received,
+        "decisions": deliveries,
         "dead_letters": dead_letters,
         "replays": [d for d in deliveries if d["replay_count"] > 0],
         "redrives": redrives,
@@ -107,11 +116,31 @@ def _produced(cur: psycopg.Cursor[Any], webhook_id: int, outcome: dict[str, Any]
     return {"transactions": txns, "subscriptions": subs}
 
 
-def _attach_records(settings: Settings, deliveries: Sequence[dict[str, Any]]) -> None:
-    """Read the record of each delivery at its exact position: ``record`` (or ``None``)."""
-    wanted = {(d["topic"], d["partition"], d["offset"]) for d in deliveries}
+def _received(
+    position: tuple[str, int, int], at: datetime | None, record: dict[str, Any] | None
+) -> dict[str, Any]:
+    """One delivery into the pipeline: the raw record's receipt time and replay count
+    (from its headers; from the decision when the record is gone)."""
+    headers = record["headers"] if record is not None else {}
+    received_at = headers.get(h.RECEIVED_AT)
+    return {
+        "at": received_at or (at.isoformat() if at is not None else None),
+        "topic": position[0],
+        "partition": position[1],
+        "offset": position[2],
+        "replay_count": int(headers.get(h.DLQ_REPLAY_COUNT) or 0),
+        "source_ip": headers.get(h.SOURCE_IP),
+        "on_topic": record is not None,
+    }
+
+
+def _fetch_all(
+    settings: Settings, positions: Sequence[tuple[str, int, int]]
+) -> dict[tuple[str, int, int], dict[str, Any] | None]:
+    """The record at each position, read exactly there (``None`` when gone)."""
+    wanted = set(positions)
     if not wanted:
-        return
+        return {}
     consumer = Consumer(
         {
             "bootstrap.servers": settings.kafka_bootstrap_servers,
@@ -128,8 +157,7 @@ def _attach_records(settings: Settings, deliveries: Sequence[dict[str, Any]]) ->
             found[topic, partition, offset] = _fetch(consumer, topic, partition, offset)
     finally:
         consumer.close()
-    for d in deliveries:
-        d["record"] = found.get((d["topic"], d["partition"], d["offset"]))
+    return found
 
 
 def _fetch(consumer: Consumer, topic: str, partition: int, offset: int) -> dict[str, Any] | None:
@@ -195,7 +223,8 @@ def render_text(trace: dict[str, Any]) -> str:
     ]
     for r in trace["received"]:
         replay = f", replay {r['replay_count']}" if r["replay_count"] else ""
-        lines.append(f"            {_plain(r['at'])} at {_where(r)}{replay}")
+        gone = "" if r["on_topic"] else " (no longer on the topic)"
+        lines.append(f"            {r['at']} at {_where(r)}{replay}{gone}")
     lines.append("  journey")
     for d in trace["decisions"]:
         reason = f" ({d['reason']})" if d["reason"] else ""

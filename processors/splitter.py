@@ -14,7 +14,8 @@ Per record, in order:
 2. :func:`processors.routing.route` decides, resolving a missing customer reference from
    the references known so far, including those learnt earlier in the same batch;
 3. the decision becomes an Avro record with the raw record's ``chargify-webhook-id``,
-   ``chargify-event`` and ``received-at`` headers, or a dead letter carrying the raw key,
+   ``chargify-event`` and ``received-at`` headers (and ``chargify-raw-position``, where the
+   raw record is), or a dead letter carrying the raw key,
    bytes and headers plus the ``dlq-*`` headers, or nothing (ignored: counted and logged).
 
 A webhook ignored or dropped as a duplicate also gets a decision record
@@ -182,6 +183,11 @@ def _event_label(event: str | None) -> str:
     return event if event in _EVENT_LABELS else "other"
 
 
+def raw_position(record: Incoming) -> bytes:
+    """The ``chargify-raw-position`` header value of a record split from ``record``."""
+    return f"{record.topic}/{record.partition}/{record.offset}".encode()
+
+
 def _replay_count(value: bytes) -> int:
     """A ``dlq-replay-count`` header's count (above 0: a dead-letter replay)."""
     try:
@@ -232,7 +238,10 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
                     action.topic,
                     action.key.encode(),
                     encode(action.record),
-                    [(k, v) for k, v in record.headers if k in h.CARRIED_OVER],
+                    [
+                        *((k, v) for k, v in record.headers if k in h.CARRIED_OVER),
+                        (h.RAW_POSITION, raw_position(record)),
+                    ],
                 )
                 if isinstance(action, Emit)
                 else None

@@ -5,23 +5,28 @@ batch of them (:func:`write_deliveries`) inserts the ones not yet known (keyed b
 id, stage and the record decided on, so reading a topic again after a crash adds nothing)
 and folds only those into each webhook's outcome row, in the same statement:
 
-- ``attempts`` grows by the new deliveries into the pipeline (a raw record: Chargify's
-  first delivery, its retries, processor-stage replays; a sink record with
-  ``dlq-replay-count`` > 0: re-drives and sink-stage replays);
+- ``attempts`` grows by the new decisions on deliveries into the pipeline: every raw
+  record (Chargify's first delivery, its retries, processor-stage replays) ends in exactly
+  one of a typed record (decided by the sink), a processor dead letter or a processor
+  decision record, and re-drives and sink-stage replays are decided by the sink again;
 - the outcome moves to the newest decision (by the stage's decision time), except that
   ``recorded`` never moves back: a later delivery of a recorded webhook only counts as an
-  attempt. ``received`` and ``duplicate`` say nothing about the outcome.
+  attempt. ``duplicate`` says nothing about the outcome (a webhook first seen through a
+  duplicate is ``received`` until its first delivery's decision arrives).
+
+Each decision carries the raw record it traces back to (``source_*``; typed records carry
+it in ``chargify-raw-position``), so the raw topic itself is never read: the outcome log
+costs the hot path one statement per sink batch and nothing per raw record.
 
 Who writes: the sink, in the transaction of its upserts (``recorded``, ``unchanged``,
 ``parked``), so an outcome is never lost nor ahead of the data; and the outcome recorder
-(:mod:`sink.recorder`) for the raw topic (``received``), the dead-letter topic and the
-processor's decisions topic. Rows are locked in webhook id order, as every writer does.
+(:mod:`sink.recorder`) for the dead-letter topic and the processor's decisions topic. Rows
+are locked in webhook id order, as every writer does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple
 
@@ -35,6 +40,7 @@ __all__ = [
     "Delivery",
     "Source",
     "parse_int",
+    "parse_position",
     "parse_time",
     "source_of",
     "write_deliveries",
@@ -50,11 +56,10 @@ DUPLICATE: Final = "duplicate"
 # The decisions that are an outcome (``received`` and ``duplicate`` are not).
 OUTCOMES: Final = (RECORDED, UNCHANGED, IGNORED, DEAD_LETTERED, PARKED)
 
-STAGE_GATEWAY: Final = "gateway"
 
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
+# A named tuple, not a dataclass: one is made per record on the hot path, and its fields
+# go to the database as they are.
+class Delivery(NamedTuple):
     """One stage's decision on one record of one webhook (a ``webhook_deliveries`` row)."""
 
     webhook_id: int
@@ -71,18 +76,23 @@ class Delivery:
     transaction_id: int | None = None
     subscription_id: int | None = None
     customer_key: str | None = None
-    # Whether this record is a delivery into the pipeline (counted in ``attempts``).
+    # Whether this decision is on a delivery into the pipeline (counted in ``attempts``).
     attempt: bool = False
+    # The raw record this traces back to, when known.
+    source_topic: str | None = None
+    source_partition: int | None = None
+    source_offset: int | None = None
 
 
 class Source(NamedTuple):
-    """Where the sink read one record: for its delivery row."""
+    """Where the sink read one record, and the raw record it came from."""
 
     topic: str
     partition: int
     offset: int
     replay_count: int
     received_at: datetime | None
+    raw: tuple[str, int, int] | None = None
 
 
 _COLUMNS = (
@@ -101,6 +111,9 @@ _COLUMNS = (
     ("subscription_id", "bigint"),
     ("customer_key", "text"),
     ("attempt", "boolean"),
+    ("source_topic", "text"),
+    ("source_partition", "integer"),
+    ("source_offset", "bigint"),
 )
 _NAMES = ", ".join(c for c, _ in _COLUMNS)
 _OUTCOME_LIST = ", ".join(f"'{o}'" for o in OUTCOMES)
@@ -129,7 +142,7 @@ WRITE_DELIVERIES = (
     "  max(event) as event,"
     f"  coalesce((array_agg(decision {_WINNER}))[1], '{RECEIVED}') as outcome,"
     f"  (array_agg(reason {_WINNER}))[1] as reason,"
-    f"  coalesce((array_agg(stage {_WINNER}))[1], '{STAGE_GATEWAY}') as stage,"
+    f"  coalesce((array_agg(stage {_WINNER}))[1], min(stage)) as stage,"
     "  max(transaction_id) as transaction_id,"
     "  max(subscription_id) as subscription_id,"
     "  max(customer_key) as customer_key,"
@@ -158,9 +171,11 @@ WRITE_DELIVERIES = (
 def source_of(
     topic: str, partition: int, offset: int, headers: Sequence[tuple[str, bytes | None]]
 ) -> Source:
-    """The :class:`Source` of a record, from its ``received-at`` and ``dlq-replay-count``."""
+    """The :class:`Source` of a record, from its ``received-at``, ``dlq-replay-count`` and
+    ``chargify-raw-position`` headers."""
     received_at: datetime | None = None
     replay_count = 0
+    raw = None
     for name, value in headers:
         if value is None:
             continue
@@ -168,7 +183,17 @@ def source_of(
             received_at = parse_time(value)
         elif name == h.DLQ_REPLAY_COUNT:
             replay_count = parse_int(value) or 0
-    return Source(topic, partition, offset, replay_count, received_at)
+        elif name == h.RAW_POSITION:
+            raw = parse_position(value)
+    return Source(topic, partition, offset, replay_count, received_at, raw)
+
+
+def parse_position(value: bytes) -> tuple[str, int, int] | None:
+    """``topic/partition/offset`` (a ``chargify-raw-position`` value), or ``None``."""
+    parts = value.decode(errors="replace").rsplit("/", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
 
 
 def parse_time(value: bytes | str) -> datetime | None:
@@ -194,5 +219,5 @@ def write_deliveries(cur: psycopg.Cursor[Any], deliveries: Sequence[Delivery]) -
     """Record ``deliveries`` in the cursor's transaction (the caller commits)."""
     if not deliveries:
         return
-    rows = sorted((astuple(d) for d in deliveries), key=lambda row: row[0])
-    cur.execute(WRITE_DELIVERIES.encode(), [list(col) for col in zip(*rows, strict=True)])
+    rows = sorted(deliveries, key=lambda row: row[0])
+    cur.execute(WRITE_DELIVERIES, [list(col) for col in zip(*rows, strict=True)])

@@ -1,15 +1,18 @@
-"""The outcome recorder: what the raw, dead-letter and decisions topics say about each webhook.
+"""The outcome recorder: what the dead-letter and decisions topics say about each webhook.
 
 Every sink process runs one :class:`Recorder` thread, consuming as its own group
 (``<SINK_GROUP_ID>-outcomes``):
 
-- the raw topic: each record is a delivery into the pipeline (``received``: the webhook
-  id, its ``received-at``, the raw partition and offset), which creates the webhook's
-  ``webhook_outcomes`` row if no decision reached it first, and counts an attempt;
 - the dead-letter topic: ``dead_lettered`` (or ``parked`` for ``customer_not_found``) with
-  the reason, from either stage;
+  the reason, from either stage; a processor dead letter is the decision on one raw record
+  (``dlq-source-*``), so it counts an attempt;
 - the processor's decisions topic (:mod:`schemas.decisions`): ``ignored`` with its reason,
-  and ``duplicate``.
+  and ``duplicate``, each the decision on one raw record.
+
+The raw topic is not read: every raw record ends in a typed record (which the sink decides
+and records itself), a dead letter or a decision record, and each of those names the raw
+record it came from. Reading every webhook body again only to note its arrival cost more
+than the whole outcome log does now.
 
 One batch is one statement (:func:`sink.outcomes.write_deliveries`) in one database
 transaction, committed before the Kafka offsets: a crash reads the batch again, and the
@@ -42,10 +45,9 @@ from schemas.decisions import decode_decision
 from sink.outcomes import (
     DEAD_LETTERED,
     PARKED,
-    RECEIVED,
-    STAGE_GATEWAY,
     Delivery,
     parse_int,
+    parse_position,
     parse_time,
     write_deliveries,
 )
@@ -94,8 +96,8 @@ def delivery_of(
     headers: Sequence[tuple[str, bytes]],
     timestamp: datetime,
 ) -> Delivery | None:
-    """The delivery one record of the raw, dead-letter or decisions topic stands for;
-    ``None`` for a record without a usable webhook id (nothing to key its outcome on)."""
+    """The decision one record of the dead-letter or decisions topic stands for; ``None``
+    for a record without a usable webhook id (nothing to key its outcome on)."""
     if topic == settings.topic("decisions"):
         decision = decode_decision(value or b"")
         if decision is None:
@@ -115,49 +117,50 @@ def delivery_of(
             at=parse_time(decision.at) or timestamp,
             event=decision.event,
             received_at=parse_time(decision.received_at) if decision.received_at else None,
+            attempt=True,
+            source_topic=decision.topic,
+            source_partition=decision.partition,
+            source_offset=decision.offset,
         )
-    found = {name: v for name, v in headers if name in (h.WEBHOOK_ID, h.EVENT, h.RECEIVED_AT)}
+    wanted = (h.WEBHOOK_ID, h.EVENT, h.RECEIVED_AT, h.RAW_POSITION)
+    found = {name: v for name, v in headers if name in wanted}
     webhook_id = parse_int(found.get(h.WEBHOOK_ID, b""))
     if webhook_id is None:
         return None
     event = found[h.EVENT].decode(errors="replace") if h.EVENT in found else None
     received_at = parse_time(found[h.RECEIVED_AT]) if h.RECEIVED_AT in found else None
-    if topic == settings.topic("deadletter"):
-        info = parse_dead_letter(headers)
-        if info is None:
-            return None
-        parked = info.reason == h.CUSTOMER_NOT_FOUND
-        return Delivery(
-            webhook_id=webhook_id,
-            stage=info.stage,
-            decision=PARKED if parked else DEAD_LETTERED,
-            reason=info.reason,
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            replay_count=info.replay_count,
-            at=info.failed_at or timestamp,
-            event=event,
-            received_at=received_at,
-            # The key of a sink dead letter is the customer reference.
-            customer_key=(key or b"").decode(errors="replace") or None
-            if info.stage == h.STAGE_SINK
-            else None,
-        )
-    replays = next((parse_int(v) for n, v in headers if n == h.DLQ_REPLAY_COUNT), None)
+    info = parse_dead_letter(headers)
+    if info is None:
+        return None
+    parked = info.reason == h.CUSTOMER_NOT_FOUND
+    by_processor = info.stage == h.STAGE_PROCESSOR
+    # A processor dead letter's source is the raw record; a sink dead letter's is the typed
+    # record, which names its raw record in turn.
+    raw = (
+        (info.source_topic, info.source_partition, info.source_offset)
+        if by_processor
+        else parse_position(found[h.RAW_POSITION])
+        if h.RAW_POSITION in found
+        else None
+    )
     return Delivery(
         webhook_id=webhook_id,
-        stage=STAGE_GATEWAY,
-        decision=RECEIVED,
-        reason=None,
+        stage=info.stage,
+        decision=PARKED if parked else DEAD_LETTERED,
+        reason=info.reason,
         topic=topic,
         partition=partition,
         offset=offset,
-        replay_count=replays or 0,
-        at=received_at or timestamp,
+        replay_count=info.replay_count,
+        at=info.failed_at or timestamp,
         event=event,
-        received_at=received_at or timestamp,
-        attempt=True,
+        received_at=received_at,
+        # The key of a sink dead letter is the customer reference.
+        customer_key=None if by_processor else (key or b"").decode(errors="replace") or None,
+        attempt=by_processor,
+        source_topic=raw[0] if raw else None,
+        source_partition=raw[1] if raw else None,
+        source_offset=raw[2] if raw else None,
     )
 
 
@@ -168,7 +171,7 @@ class Recorder:
         self.settings = settings
         self.metrics = metrics or RecorderMetrics()
         self.group_id = f"{settings.sink_group_id}-outcomes"
-        self.topics = [settings.topic(n) for n in ("raw", "deadletter", "decisions")]
+        self.topics = [settings.topic(n) for n in ("deadletter", "decisions")]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outcome-recorder", daemon=True)
 

@@ -507,5 +507,10 @@ def sink_delivery(rec: Record, outcome: str, source: Source, at: datetime) -> De
         transaction_id=rec.transaction_id if isinstance(rec, Transaction) else None,
         subscription_id=rec.subscription_id,
         customer_key=rec.customer_reference,
-        attempt=source.replay_count > 0,
+        # Each record is one delivery decided: a raw record split by the processor, or a
+        # re-drive or sink-stage replay.
+        attempt=True,
+        source_topic=source.raw[0] if source.raw else None,
+        source_partition=source.raw[1] if source.raw else None,
+        source_offset=source.raw[2] if source.raw else None,
     )

@@ -74,7 +74,7 @@ def _groups(settings: Settings) -> list[tuple[str, list[str]]]:
         (settings.processor_app_id, [raw]),
         (settings.sink_group_id, typed),
         (f"{settings.sink_group_id}-redrive", [dead]),
-        (f"{settings.sink_group_id}-outcomes", [raw, dead, settings.topic("decisions")]),
+        (f"{settings.sink_group_id}-outcomes", [dead, settings.topic("decisions")]),
     ]
 
 

@@ -2,20 +2,24 @@
 -- webhook id with its latest outcome, and one row per decision a stage took on one of its
 -- deliveries (webhook_deliveries), which `trace` shows. Both are written by
 -- sink/outcomes.py only: by the sink in the transaction of its upserts, and by the
--- sink's outcome recorder (raw topic, dead-letter topic, processor decisions).
+-- sink's outcome recorder (dead-letter topic, processor decisions).
 
 create table webhook_deliveries (
     webhook_id      bigint      not null,
-    -- Who decided: gateway (received), processor, sink.
+    -- Who decided: processor, sink.
     stage           text        not null,
-    -- received, duplicate, ignored, dead_lettered, parked, recorded, unchanged.
+    -- duplicate, ignored, dead_lettered, parked, recorded, unchanged.
     decision        text        not null,
     reason          text,
-    -- The record the decision is about: the raw record for the gateway and the
-    -- processor's decisions, the typed or retry record for the sink, the dead letter.
+    -- The record the decision is about: the raw record for the processor's own
+    -- decisions, the typed or retry record for the sink's, the dead letter.
     topic           text        not null,
     "partition"     integer     not null,
     "offset"        bigint      not null,
+    -- The raw record (the delivery from Chargify, or a replay) it traces back to.
+    source_topic     text,
+    source_partition integer,
+    source_offset    bigint,
     replay_count    integer     not null default 0,  -- dlq-replay-count: a replay or re-drive
     at              timestamptz not null,            -- when the stage decided
     event           text,
@@ -23,8 +27,8 @@ create table webhook_deliveries (
     transaction_id  bigint,
     subscription_id bigint,
     customer_key    text,
-    -- A delivery into the pipeline (a raw record, a re-drive or sink-stage replay):
-    -- counted in webhook_outcomes.attempts.
+    -- The decision on a delivery into the pipeline (a raw record, a re-drive, a
+    -- sink-stage replay): counted in webhook_outcomes.attempts.
     attempt         boolean     not null default false,
     -- One row per record and stage: a stage that reads its input again after a crash
     -- adds nothing (and does not count the attempt twice).
@@ -34,7 +38,8 @@ create table webhook_deliveries (
 create table webhook_outcomes (
     webhook_id      bigint      primary key,
     event           text,
-    -- received (no decision yet), recorded, unchanged, ignored, dead_lettered, parked.
+    -- recorded, unchanged, ignored, dead_lettered, parked; received while only a
+    -- duplicate of it has been recorded (its first delivery's decision is on its way).
     outcome         text        not null,
     reason          text,
     stage           text        not null,

@@ -29,10 +29,12 @@ def conn(database_factory: Callable[..., str]) -> Iterator[psycopg.Connection[An
         yield c
 
 
-def received(offset: int, *, replay: int = 0, at: datetime = T0) -> Delivery:
+def duplicate(offset: int, *, at: datetime = T0) -> Delivery:
+    """The processor dropping a delivery (raw record ``offset``) as a duplicate."""
     return Delivery(
-        WID, "gateway", "received", None, "raw", 0, offset, replay, at,
+        WID, "processor", "duplicate", None, "raw", 0, offset, 0, at,
         event="payment_success", received_at=at, attempt=True,
+        source_topic="raw", source_partition=0, source_offset=offset,
     )  # fmt: skip
 
 
@@ -44,9 +46,11 @@ def decided(
     stage: str = "processor",
     topic: str = "chargify.deadletter",
     offset: int = 0,
+    attempt: bool = True,
 ) -> Delivery:
+    at = T0 + timedelta(minutes=minutes)
     return Delivery(
-        WID, stage, decision, reason, topic, 0, offset, 0, T0 + timedelta(minutes=minutes)
+        WID, stage, decision, reason, topic, 0, offset, 0, at, attempt=attempt
     )  # fmt: skip
 
 
@@ -65,36 +69,34 @@ def outcome(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
     return tuple(row)
 
 
-def test_a_received_webhook_moves_to_its_decision_and_counts_attempts_once(
+def test_a_webhook_moves_to_each_new_decision_and_counts_attempts_once(
     conn: psycopg.Connection[Any],
 ) -> None:
-    record(conn, received(5))
-    assert outcome(conn) == ("received", None, "gateway", 1, T0)
+    # Seen first through a duplicate (its first delivery's decision still on its way).
+    record(conn, duplicate(5))
+    assert outcome(conn) == ("received", None, "processor", 1, T0)
     # The recorder reading its batch again after a crash adds nothing.
-    record(conn, received(5))
+    record(conn, duplicate(5))
     assert outcome(conn)[3] == 1
     record(conn, decided("dead_lettered", 1, reason="unknown_subscription"))
-    assert outcome(conn)[:4] == ("dead_lettered", "unknown_subscription", "processor", 1)
-    # A replay: a new raw record, then recorded by the sink.
-    record(conn, received(9, replay=1, at=T0 + timedelta(minutes=5)))
+    assert outcome(conn)[:4] == ("dead_lettered", "unknown_subscription", "processor", 2)
+    # A replay, recorded by the sink.
     record(conn, decided("recorded", 6, stage="sink", topic="chargify.transactions"))
-    assert outcome(conn) == ("recorded", None, "sink", 2, T0)
+    assert outcome(conn) == ("recorded", None, "sink", 3, T0)
 
 
 def test_recorded_never_moves_back(conn: psycopg.Connection[Any]) -> None:
     record(conn, decided("recorded", 2, stage="sink", topic="chargify.transactions"))
     # An older dead letter read late, a later retry found unchanged, a duplicate.
     record(conn, decided("dead_lettered", 1, reason="malformed_payload"))
-    record(conn, received(7, at=T0 + timedelta(minutes=3)), decided("duplicate", 3, offset=7))
+    record(conn, duplicate(7, at=T0 + timedelta(minutes=3)))
     record(conn, decided("unchanged", 9, stage="sink", topic="chargify.transactions", offset=1))
-    assert outcome(conn)[:4] == ("recorded", None, "sink", 1)
+    assert outcome(conn)[:4] == ("recorded", None, "sink", 4)
     rows = conn.execute(
-        "select decision from webhook_deliveries where webhook_id = %s order by at, decision",
+        "select decision from webhook_deliveries where webhook_id = %s order by at",
         (WID,),
     ).fetchall()
-    assert [r[0] for r in rows] == [
-        "dead_lettered", "recorded", "duplicate", "received", "unchanged",
-    ]  # fmt: skip
+    assert [r[0] for r in rows] == ["dead_lettered", "recorded", "duplicate", "unchanged"]
 
 
 def test_one_batch_with_several_decisions_takes_the_newest(
@@ -104,10 +106,10 @@ def test_one_batch_with_several_decisions_takes_the_newest(
     record(
         conn,
         decided("dead_lettered", 4, reason="malformed_payload", offset=2),
-        received(3),
-        decided("parked", 1, reason="customer_not_found", stage="sink", offset=1),
+        duplicate(3),
+        decided("parked", 1, reason="customer_not_found", stage="sink", offset=1, attempt=False),
     )
-    assert outcome(conn)[:4] == ("dead_lettered", "malformed_payload", "processor", 1)
+    assert outcome(conn)[:4] == ("dead_lettered", "malformed_payload", "processor", 2)
     # An older decision arriving later does not win.
     record(conn, decided("ignored", 2, reason="test_event", offset=0, topic="raw"))
     assert outcome(conn)[0] == "dead_lettered"
@@ -130,7 +132,7 @@ def test_the_sink_records_each_record_outcome_in_its_transaction(
         payment(1, 12, "c1"),  # the same transaction under another webhook: unchanged
         payment(2, 13, "nobody"),  # parked
     ]
-    sources = [Source("tx", 0, i, 0, T0) for i in range(3)]
+    sources = [Source("tx", 0, i, 0, T0, ("raw", 0, 10 + i)) for i in range(3)]
     result = write_batch(conn, records, sources)
     assert result.outcomes == ["recorded", "unchanged", "parked"]
     rows = conn.execute(
@@ -138,10 +140,14 @@ def test_the_sink_records_each_record_outcome_in_its_transaction(
         " from webhook_outcomes order by webhook_id"
     ).fetchall()
     assert rows == [
-        (11, "recorded", None, "sink", 1, "c1", 0),
-        (12, "unchanged", None, "sink", 1, "c1", 0),
-        (13, "parked", "customer_not_found", "sink", 2, "nobody", 0),
+        (11, "recorded", None, "sink", 1, "c1", 1),
+        (12, "unchanged", None, "sink", 1, "c1", 1),
+        (13, "parked", "customer_not_found", "sink", 2, "nobody", 1),
     ]
+    assert conn.execute(
+        "select source_topic, source_partition, source_offset from webhook_deliveries"
+        " where webhook_id = 13"
+    ).fetchall() == [("raw", 0, 12)]
     # A replay of the batch (the sink crashed before committing offsets): recorded stays,
     # and nothing is added.
     again = write_batch(conn, records, sources)

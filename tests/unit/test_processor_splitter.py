@@ -63,6 +63,7 @@ def test_emits_avro_under_the_customer_with_the_carried_headers() -> None:
         (h.WEBHOOK_ID, b"1"),
         (h.EVENT, b"payment_success"),
         (h.RECEIVED_AT, b"2024-10-11T19:28:31.000Z"),
+        (h.RAW_POSITION, b"raw/0/0"),
     ]
     assert result.emitted == {0: ["1"]}
     assert result.tally.events == {("payment_success", "emitted"): 1}
