@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, NamedTuple, Protocol
 
+from chargify_stream.logs import fields
 from processors.routing import SUPPORTED_EVENTS, DeadLetter, Emit, Ignore, route
 from schemas import headers as h
 from schemas.codec import encode
@@ -227,7 +228,12 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
             and (header_id in emitted_now or state.is_duplicate(header_id))
         ):
             tally.events[_event_label(event_header), DUPLICATE] += 1
-            log.info("dropped duplicate webhook %s (%s)", header_id, event_header)
+            log.info(
+                "dropped duplicate webhook %s (%s)",
+                header_id,
+                event_header,
+                extra=fields(header_id, event_header, DUPLICATE),
+            )
             result.note(record, header_id, DUPLICATE, None, event_header, received_at, replays)
             continue
         try:
@@ -271,7 +277,12 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
                 and (webhook_id in emitted_now or state.is_duplicate(webhook_id))
             ):
                 tally.events[_event_label(event), DUPLICATE] += 1
-                log.info("dropped duplicate webhook %s (%s)", webhook_id, event)
+                log.info(
+                    "dropped duplicate webhook %s (%s)",
+                    webhook_id,
+                    event,
+                    extra=fields(webhook_id, event, DUPLICATE),
+                )
                 result.note(record, webhook_id, DUPLICATE, None, event, received_at, replays)
                 continue
             result.outgoing.append(outgoing)
@@ -283,7 +294,13 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
         elif isinstance(action, Ignore):
             tally.events[_event_label(event), IGNORED] += 1
             tally.ignored[action.reason] += 1
-            log.info("ignored webhook %s (%s): %s", webhook_id, event, action.reason)
+            log.info(
+                "ignored webhook %s (%s): %s",
+                webhook_id,
+                event,
+                action.reason,
+                extra=fields(webhook_id, event, IGNORED, action.reason),
+            )
             result.note(record, webhook_id, IGNORED, action.reason, event, received_at, replays)
         else:
             assert isinstance(action, DeadLetter)
@@ -299,6 +316,7 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
                 record.offset,
                 action.reason,
                 action.error,
+                extra=fields(webhook_id, event, DEAD_LETTERED, action.reason),
             )
             result.outgoing.append(
                 Outgoing(

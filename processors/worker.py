@@ -607,6 +607,9 @@ def run(settings: Settings) -> int:
     worker = StartAwareWorker(
         app, loglevel=settings.log_level.lower(), quiet=True, override_logging=False
     )
+    # Faust's start-up spinner writes a terminal escape sequence (show cursor) even when
+    # its output is no terminal, into the log.
+    worker.spinner = None
     code = 0
     try:
         worker.execute_from_commandline()

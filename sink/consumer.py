@@ -50,6 +50,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from chargify_stream.errors import ChargifyStreamError, RecordError, TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.logs import fields
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.codec import decode
@@ -339,6 +340,7 @@ class Sink:
                 dl.msg.offset(),
                 dl.reason,
                 dl.error,
+                extra=_log_fields(dl),
             )
             headers = dead_letter_headers(
                 reason=dl.reason,
@@ -614,6 +616,18 @@ def _headers(msg: Message) -> list[tuple[str, bytes]]:
     raw: Any = msg.headers() or []
     items = raw.items() if isinstance(raw, dict) else raw
     return [(k, v.encode() if isinstance(v, str) else v) for k, v in items if v is not None]
+
+
+def _log_fields(dl: DeadLetter) -> dict[str, str]:
+    """The stable log keys of a dead letter (webhook id and event from its headers)."""
+    found = {k: v for k, v in _headers(dl.msg) if k in (h.WEBHOOK_ID, h.EVENT)}
+    outcome = "parked" if dl.reason == h.CUSTOMER_NOT_FOUND else "dead_lettered"
+    return fields(
+        found.get(h.WEBHOOK_ID, b"").decode(errors="replace") or None,
+        found.get(h.EVENT, b"").decode(errors="replace") or None,
+        outcome,
+        dl.reason,
+    )
 
 
 def _skip(msg: Message) -> bool:

@@ -52,6 +52,12 @@ EXPECTED: dict[int, tuple[str, str | None, int]] = {
 
 
 @pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    """The test's settings, with JSON logs (checked at the end)."""
+    return make_settings(log_format="json")
+
+
+@pytest.fixture
 def pipeline(settings: Settings, stages: Callable[..., Any]) -> Iterator[Pipeline]:
     with connect(settings) as conn:
         add_partner(conn, "p1", "Partner One")
@@ -204,6 +210,24 @@ def test_every_webhook_outcome_in_trace_and_console(
     assert "webhook 123 is unknown" in unknown.stderr and unknown.stdout == ""
 
     check_console(settings, pipeline, stages, tmp_path)
+    check_json_logs([pipeline.gateway, *pipeline.processors, *pipeline.sinks])
+
+
+def check_json_logs(stages: list[Stage]) -> None:
+    """Every stage logged JSON lines, in UTC, without terminal escape sequences."""
+    for stage in stages:
+        text = stage.log()
+        assert "\x1b" not in text, stage.name
+        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+        assert lines and all(line["time"].endswith("Z") for line in lines), stage.name
+    # The keys an operator filters on, on a processor decision and a sink dead letter.
+    processor = [json.loads(line) for line in stages[1].log().splitlines() if line.strip()]
+    assert {"webhook_id": "9003", "event": "test", "outcome": "ignored"}.items() <= next(
+        line for line in processor if line.get("webhook_id") == "9003"
+    ).items()
+    sink = [json.loads(line) for line in stages[2].log().splitlines() if line.strip()]
+    parked = next(line for line in sink if line.get("webhook_id") == "9010")
+    assert (parked["outcome"], parked["reason"]) == ("parked", "customer_not_found")
 
 
 def check_console(
