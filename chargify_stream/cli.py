@@ -116,6 +116,24 @@ def _console(args: argparse.Namespace, settings: Settings) -> int:
     return run(settings)
 
 
+def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from chargify_stream import reconcile
+
+    return reconcile.run(args, settings)
+
+
+def _connect(args: argparse.Namespace, settings: Settings) -> int:
+    from chargify_stream import connect
+
+    return connect.run(args, settings)
+
+
+def _tail(args: argparse.Namespace, settings: Settings) -> int:
+    from chargify_stream.tail import run
+
+    return run(args, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chargify-stream",
@@ -178,6 +196,32 @@ def build_parser() -> argparse.ArgumentParser:
         ("replay", "re-publish dead-lettered events to the topic they failed on"),
     ):
         add_dlq_arguments(action, add(action, _dlq(action), help_, dlq_actions))
+
+    from chargify_stream.connect import add_arguments as add_connect_arguments
+    from chargify_stream.reconcile import add_arguments as add_reconcile_arguments
+
+    add_reconcile_arguments(
+        add(
+            "reconcile",
+            _reconcile,
+            "compare Chargify's webhook log with what the pipeline received, and have "
+            "Chargify replay what is missing",
+        )
+    )
+    add_connect_arguments(
+        add(
+            "connect",
+            _connect,
+            "switch on the site's webhooks and create or update the Chargify endpoint for "
+            "URL, subscribed to exactly the events this pipeline acts on",
+        )
+    )
+
+    from chargify_stream.tail import add_arguments as add_tail_arguments
+
+    add_tail_arguments(
+        add("tail", _tail, "print a topic's decoded records as JSON lines or a table")
+    )
     return parser
 
 

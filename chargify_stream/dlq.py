@@ -27,6 +27,11 @@ headers, with ``dlq-replay-count`` + 1) to its ``dlq-source-topic`` and source p
 and reports what the broker acknowledged. It refuses records without ``dlq-*`` headers,
 records whose source is not an input topic of this pipeline, and events that already failed
 ``--max-attempts`` times. Every stage is idempotent, so replaying twice never double-counts.
+
+A **pointer** (a dead letter Kafka could not take whole: ``schemas.deadletter``) has no
+value; ``list`` marks it, and ``replay`` reads its original back from its source topic,
+partition and offset (:func:`read_originals`) and replays that, with the pointer's count
++ 1. A pointer whose original is gone (deleted by the source topic's retention) is refused.
 """
 
 from __future__ import annotations
@@ -39,13 +44,14 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TextIO, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from chargify_stream.errors import ChargifyStreamError, ConfigError, TransientError
+from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.deadletter import DeadLetterInfo, format_timestamp, parse_dead_letter, replay_headers
@@ -243,6 +249,8 @@ class DeadLetterEvent:
             "first_failed_at": _time(self.first_failed_at),
             "last_failed_at": _time(self.last_failed_at),
             "age_seconds": _round(self.age(now)),
+            "pointer": bool(info and info.pointer),
+            "original_size": info.original_size if info else None,
         }
 
 
@@ -487,6 +495,14 @@ def plan_replay(
             refused.append(
                 (event, "no dlq-* headers (not written by this pipeline): never replayed blindly")
             )
+        elif event.latest.value is None and info.pointer:
+            refused.append(
+                (
+                    event,
+                    f"a pointer, and its original at {info.source_topic}"
+                    f"[{info.source_partition}]@{info.source_offset} is no longer there",
+                )
+            )
         elif event.latest.value is None:
             refused.append((event, "the dead letter has no value"))
         elif event.attempts >= max_attempts:
@@ -502,6 +518,80 @@ def plan_replay(
         else:
             replay.append(event)
     return ReplayPlan(replay, refused)
+
+
+def read_originals(
+    settings: Settings, events: Sequence[DeadLetterEvent], *, timeout: float
+) -> list[DeadLetterEvent]:
+    """``events`` with each pointer's latest record filled in from its source topic.
+
+    A pointer (``schemas.deadletter``) has no value: the original is read back from
+    ``dlq-source-topic`` at its partition and offset, and replayed with its own key,
+    value and headers plus the pointer's ``dlq-*`` headers (so the replay count goes
+    on). A pointer whose original is gone (deleted by retention) or is another webhook
+    stays as it is, and :func:`plan_replay` refuses it.
+    """
+    pointers = [e for e in events if e.info is not None and e.info.pointer]
+    if not pointers:
+        return list(events)
+    errors: list[str] = []
+    consumer = Consumer(
+        {
+            **_kafka_config(settings, errors),
+            "group.id": f"chargify-dlq-reader-{uuid.uuid4().hex}",  # never joined
+            "enable.auto.commit": False,
+            # An offset the topic no longer holds is an error, not a jump elsewhere.
+            "auto.offset.reset": "error",
+        }
+    )
+    filled: dict[int, DeadLetterRecord] = {}
+    try:
+        for event in pointers:
+            original = _read_one(consumer, cast(DeadLetterInfo, event.info), timeout)
+            if original is None:
+                continue
+            wanted, found = event.webhook_id, _header(message_headers(original), h.WEBHOOK_ID)
+            if wanted and found and wanted != found:
+                continue  # the topic was recreated: another record sits there now
+            own = [(n, v) for n, v in message_headers(original) if not n.lower().startswith("dlq-")]
+            dlq = [(n, v) for n, v in event.latest.headers if n.lower().startswith("dlq-")]
+            filled[id(event)] = replace(
+                event.latest,
+                key=original.key(),
+                value=original.value(),
+                headers=(*own, *dlq),
+            )
+    finally:
+        consumer.close()
+    return [replace(e, latest=filled[id(e)]) if id(e) in filled else e for e in events]
+
+
+def _read_one(consumer: Consumer, info: DeadLetterInfo, timeout: float) -> Message | None:
+    """The record at the pointer's source position, or ``None`` if it is not there."""
+    consumer.assign([TopicPartition(info.source_topic, info.source_partition, info.source_offset)])
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                return None  # e.g. the offset is out of range: deleted by retention
+            return msg if msg.offset() == info.source_offset else None
+        return None
+    finally:
+        consumer.unassign()
+
+
+def _header(headers: Sequence[tuple[str, bytes]], name: str) -> str | None:
+    found = None
+    for key, value in headers:
+        if key.lower() == name:
+            found = value.decode("utf-8", errors="replace")
+    return found
 
 
 class ProducerLike(Protocol):
@@ -714,7 +804,7 @@ def _replay(
     settings: Settings, args: argparse.Namespace, found: Scan, chosen: list[DeadLetterEvent]
 ) -> int:
     plan = plan_replay(
-        chosen,
+        read_originals(settings, chosen, timeout=args.timeout),
         max_attempts=args.max_attempts,
         input_topics=[settings.topic(n) for n in ("raw", "transactions", "subscriptions")],
         existing_topics=found.existing_topics,
@@ -732,6 +822,7 @@ def _replay(
                 # A record the broker has not taken by then is reported failed, so the
                 # summary below is final when flush() returns.
                 "message.timeout.ms": int(max(args.timeout, 5) * 3000),
+                "message.max.bytes": deadletter_record_max(settings.gateway_max_body_bytes),
             }
         )
         outcome = send_replays(
@@ -827,6 +918,7 @@ def _print_list(
                 e.customer or "-",
                 e.webhook_id or "-",
                 f"{info.source_topic}[{info.source_partition}]@{info.source_offset}"
+                + (" (pointer)" if info.pointer else "")
                 if info
                 else e.latest.position,
                 _short(info.error if info else "", _ERROR_COLUMN) or "-",
@@ -854,6 +946,12 @@ def _print_list(
     bare = sum(1 for e in chosen if e.info is None)
     matched = f"{len(chosen)} of {len(events)}" if selection.active else f"{len(chosen)}"
     note = f"; {bare} without dlq-* headers, never replayed" if bare else ""
+    pointers = sum(1 for e in chosen if e.info is not None and e.info.pointer)
+    if pointers:
+        note += (
+            f"; {pointers} written as pointers: their bodies stay on their source topic,"
+            " where replay reads them"
+        )
     print(
         f"({matched} dead-lettered events; {len(found.records)} records read from "
         f"{found.topic}{note})"
@@ -885,6 +983,7 @@ def _stats(
         "events": len(chosen),
         "records": sum(len(e.records) for e in chosen),
         "without_dlq_headers": sum(1 for e in chosen if e.info is None),
+        "pointers": sum(1 for e in chosen if e.info is not None and e.info.pointer),
         "by_reason": dict(sorted(by_reason.items())),
         "by_stage": dict(sorted(by_stage.items())),
         "oldest_failed_at": _time(oldest.first_failed_at) if oldest else None,

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from chargify_stream.errors import TransientError
 from chargify_stream.limits import deadletter_record_max, raw_record_max
@@ -104,6 +104,55 @@ def ensure_pipeline_topics(
             timeout=timeout,
             config=dict(config),
         )
+
+
+def check_deadletter_topic(settings: Settings, *, timeout: float = 10.0) -> list[str]:
+    """Warn if the existing dead-letter topic can lose dead letters or refuse whole ones.
+
+    :func:`ensure_topics` leaves an existing topic's configuration as it is, so a topic
+    created by hand or by an older release may still delete records after the broker's
+    7 days (``retention.ms``) or take smaller records than the size budget plans for
+    (``max.message.bytes``; larger dead letters are then written as pointers). Each
+    problem is logged as a warning and returned; a broker that does not answer is
+    logged and skipped (the stage starts anyway).
+    """
+    name = settings.topic("deadletter")
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0})
+    resource = ConfigResource(ResourceType.TOPIC, name)
+    try:
+        config = admin.describe_configs([resource], request_timeout=timeout)[resource].result(
+            timeout=timeout
+        )
+        retention_ms = int(config["retention.ms"].value)
+        retention_bytes = int(config["retention.bytes"].value)
+        limit = int(config["max.message.bytes"].value)
+    except (KafkaException, TimeoutError, KeyError, ValueError, TypeError) as exc:
+        log.warning("could not read the configuration of topic %s: %s", name, exc)
+        return []
+    problems = []
+    if retention_ms >= 0:
+        problems.append(
+            f"dead-letter topic {name} deletes records after {retention_ms / 86_400_000:g} "
+            f"days (retention.ms={retention_ms}): a dead letter not dealt with by then is "
+            "lost; set retention.ms=-1 to keep dead letters until they are replayed"
+        )
+    if retention_bytes >= 0:
+        problems.append(
+            f"dead-letter topic {name} deletes its oldest records beyond "
+            f"{retention_bytes:,} bytes a partition (retention.bytes={retention_bytes}); "
+            "set retention.bytes=-1 to keep dead letters until they are replayed"
+        )
+    planned = deadletter_record_max(settings.gateway_max_body_bytes)
+    if limit < planned:
+        problems.append(
+            f"dead-letter topic {name} takes records up to {limit:,} bytes "
+            f"(max.message.bytes), less than the {planned:,} the size budget plans for: "
+            "larger dead letters are written as pointers to their source record; set "
+            f"max.message.bytes={planned} to keep them whole"
+        )
+    for problem in problems:
+        log.warning("%s", problem)
+    return problems
 
 
 def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> None:

@@ -87,3 +87,26 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     # Client libraries are chatty at INFO; their warnings still show.
     for name in ("aiokafka", "faust", "mode", "uvicorn.access", "kafka"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def log_failure(
+    logger: logging.Logger,
+    message: str,
+    *args: object,
+    exc: BaseException,
+    level: int = logging.WARNING,
+) -> None:
+    """Log a handled failure as one line, ``message: ExcType: reason``.
+
+    The traceback follows only when ``logger`` is at DEBUG: a handled error (a record
+    dead-lettered, a step retried) needs its reason in the log, not 35 lines of stack.
+    """
+    reason = " ".join(str(exc).split()) or "(no message)"
+    logger.log(
+        level,
+        message + ": %s: %s",
+        *args,
+        type(exc).__name__,
+        reason[:500],
+        exc_info=exc if logger.isEnabledFor(logging.DEBUG) else None,
+    )

@@ -10,10 +10,11 @@ libpq's own ``PG*`` variables are left to libpq: ``DATABASE_URL`` may be as shor
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chargify_stream.errors import ConfigError
@@ -21,6 +22,7 @@ from chargify_stream.errors import ConfigError
 # Local defaults: the addresses `chargify-stream up` starts Kafka and Postgres on.
 DEFAULT_KAFKA = "127.0.0.1:9092"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5433/chargify"
+_SUBDOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 
 
 class Settings(BaseSettings):
@@ -38,6 +40,15 @@ class Settings(BaseSettings):
     gateway_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     gateway_publish_timeout_s: float = Field(default=5.0, gt=0, le=14)
     gateway_allow_unsigned: bool = False
+    # Request bodies held at once across all requests (bodies are read before their
+    # signature can be checked): above it, 503 with Retry-After.
+    gateway_max_inflight_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # Deadlines per connection, each under Chargify's 15 s wait for an answer: request
+    # headers from the connection (or the request's first byte), the whole body from the
+    # headers, and an idle keep-alive connection's next request.
+    gateway_header_timeout_s: float = Field(default=5.0, gt=0, le=14)
+    gateway_body_timeout_s: float = Field(default=5.0, gt=0, le=14)
+    gateway_keep_alive_s: float = Field(default=5.0, gt=0, le=300)
 
     # Kafka names. Each can be set alone; KAFKA_TOPIC_PREFIX is put before every one.
     kafka_topic_prefix: str = ""
@@ -48,6 +59,8 @@ class Settings(BaseSettings):
     # The processor's decisions that leave no other record (ignored, duplicate): read by
     # the sink's outcome recorder into webhook_outcomes.
     topic_decisions: str = "chargify.processor.decisions"
+    # Compacted mirror of the customers table, for in-stream attribution joins.
+    topic_customers: str = "chargify.customers"
     topic_partitions: int = Field(default=3, ge=1)
     topic_replication_factor: int = Field(default=1, ge=1)
     # -1: dead letters are kept until dealt with (replayed or purged by an operator).
@@ -76,8 +89,25 @@ class Settings(BaseSettings):
     console_host: str = "127.0.0.1"
     console_port: int = Field(default=8090, ge=1, le=65535)
 
+    # Chargify's management API, for `reconcile` and `connect`. The base URL is
+    # https://<CHARGIFY_SUBDOMAIN>.chargify.com unless CHARGIFY_API_URL says otherwise
+    # (the EU host https://<subdomain>.ebilling.maxio.com, or a local stand-in).
+    chargify_subdomain: str = ""
+    chargify_api_key: SecretStr = SecretStr("")
+    chargify_api_url: str = ""
+    reconcile_metrics_port: int = Field(default=9110, ge=0, le=65535)
+
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    @model_validator(mode="after")
+    def _inflight_holds_a_body(self) -> Settings:
+        if self.gateway_max_inflight_bytes < self.gateway_max_body_bytes:
+            raise ValueError(
+                "GATEWAY_MAX_INFLIGHT_BYTES must be at least GATEWAY_MAX_BODY_BYTES "
+                f"({self.gateway_max_body_bytes}), or no body of the limit could be taken"
+            )
+        return self
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod
@@ -93,6 +123,26 @@ class Settings(BaseSettings):
         scheme = urlsplit(value.get_secret_value()).scheme
         if scheme not in {"postgresql", "postgres"}:
             raise ValueError("expected a postgresql:// URL")
+        return value
+
+    @field_validator("chargify_subdomain")
+    @classmethod
+    def _subdomain(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value and not _SUBDOMAIN.fullmatch(value):
+            raise ValueError("expected the site's subdomain alone, e.g. acme (not a URL)")
+        return value
+
+    @field_validator("chargify_api_url")
+    @classmethod
+    def _api_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
+                raise ValueError("expected an http(s):// base URL, e.g. https://acme.chargify.com")
+            if parts.username or parts.password or parts.query:
+                raise ValueError("expected a base URL without credentials or query")
         return value
 
     @field_validator("log_level")
@@ -111,7 +161,7 @@ class Settings(BaseSettings):
 
     def topic(self, name: str) -> str:
         """The full name of topic ``raw``, ``transactions``, ``subscriptions``, ``deadletter``
-        or ``decisions``."""
+        or ``decisions`` or ``customers``."""
         return self.kafka_topic_prefix + str(getattr(self, f"topic_{name}"))
 
     @property
@@ -120,6 +170,26 @@ class Settings(BaseSettings):
             self.topic(n)
             for n in ("raw", "transactions", "subscriptions", "deadletter", "decisions")
         )
+
+    def chargify_base_url(self) -> str:
+        """The base URL of Chargify's API for this site; :class:`ConfigError` if unknown."""
+        if self.chargify_api_url:
+            return self.chargify_api_url
+        if self.chargify_subdomain:
+            return f"https://{self.chargify_subdomain}.chargify.com"
+        raise ConfigError(
+            "CHARGIFY_SUBDOMAIN is not set (nor CHARGIFY_API_URL): which Chargify site?"
+        )
+
+    def chargify_key(self) -> str:
+        """The Chargify API key; :class:`ConfigError` naming the variable if it is empty."""
+        key = self.chargify_api_key.get_secret_value().strip()
+        if not key:
+            raise ConfigError(
+                "CHARGIFY_API_KEY is not set: create an API key in Chargify "
+                "(Config > Integrations) and set it"
+            )
+        return key
 
     def database_dsn(self) -> str:
         return self.database_url.get_secret_value()
@@ -165,6 +235,7 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "?"
-            problems.append(f"{field.upper()}: {err['msg']}")
+            field = ".".join(str(p) for p in err["loc"])
+            # A check across fields has no location: its message names the variables.
+            problems.append(f"{field.upper()}: {err['msg']}" if field else err["msg"])
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,11 +1,13 @@
 """The gateway as a plain ASGI application.
 
 ``POST /webhooks/chargify`` checks, in this order, what can be checked cheapest and
-before reading more than needed: method and path, content type, declared length, the
-body (read up to the limit, never further), the signature over the raw bytes, and the
-few fields the record needs. Only then is the body published, byte for byte; 200 means
-the broker acknowledged it. Every refusal is counted by reason and logged without
-secrets or bodies; no input, and no bug, escapes as an unanswered request.
+before reading more than needed: method and path, content type, declared length, that
+a signature is there at all, room for the body among the requests in flight, the body
+(read up to the limit, never further), the signature over the raw bytes, and the few
+fields the record needs. Only then is the body published, byte for byte; 200 means the
+broker acknowledged it. Every refusal is counted by reason and logged without secrets
+or bodies, in one line; no input, and no bug, escapes as an unanswered request. What
+the connection does with the rest of a body answered early is ``ingest/connection.py``'s.
 
 =========================  ======  ==========================================
 outcome                    status  Chargify's reaction
@@ -15,6 +17,7 @@ bad/missing signature      401     retries (then gives up: an operator fixes key
 body over the limit        413     retries
 not a form                 415     retries
 undecodable / no id/event  400     retries
+too much in flight         503     retries (``Retry-After``): nothing was read
 broker down or slow        503     retries: nothing acknowledged is lost
 a bug in the gateway       500     retries
 =========================  ======  ==========================================
@@ -33,6 +36,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
+from ingest.budget import ByteBudget, Lease
 from ingest.framing import FramingError, frame
 from ingest.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ingest.metrics import GatewayMetrics
@@ -56,6 +60,8 @@ SIGNATURE_PARAM = "signature_hmac_sha_256"
 FORM_TYPE = b"application/x-www-form-urlencoded"
 
 _TEXT = (b"content-type", b"text/plain; charset=utf-8")
+# Seconds a client is asked to wait after a 503 (Chargify retries on its own schedule).
+RETRY_AFTER_S = 5
 
 
 class Sink(Protocol):
@@ -69,13 +75,18 @@ class Sink(Protocol):
 
 
 class _Reject(Exception):
-    """A webhook refused with ``status``; ``reason`` is its metrics label."""
+    """A webhook refused with ``status``; ``reason`` is its metrics label.
 
-    def __init__(self, status: int, reason: str, detail: str) -> None:
+    ``detail`` is the answer's text; ``cause`` (an internal error, such as the broker's)
+    is only logged, never answered.
+    """
+
+    def __init__(self, status: int, reason: str, detail: str, cause: str = "") -> None:
         super().__init__(detail)
         self.status = status
         self.reason = reason
         self.detail = detail
+        self.cause = cause
 
 
 class GatewayApp:
@@ -88,6 +99,8 @@ class GatewayApp:
         topic: str,
         shared_keys: tuple[bytes, ...],
         max_body_bytes: int,
+        max_inflight_bytes: int | None = None,
+        max_in_flight: int | None = None,
         allow_unsigned: bool = False,
         metrics: GatewayMetrics | None = None,
         startup: Hook | None = None,
@@ -97,10 +110,15 @@ class GatewayApp:
         self.topic = topic
         self.shared_keys = shared_keys
         self.max_body_bytes = max_body_bytes
+        # Bodies held at once (None: unbounded), and webhook requests handled at once.
+        self.budget = ByteBudget(max_inflight_bytes or 2**62)
+        self.max_in_flight = max_in_flight
         self.allow_unsigned = allow_unsigned
         self.metrics = metrics or GatewayMetrics()
+        self.metrics.in_flight_bytes.set_function(lambda: self.budget.used)
         self._startup = startup
         self._shutdown = shutdown
+        self._in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -165,13 +183,18 @@ class GatewayApp:
     async def _webhook(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self.metrics
         metrics.in_flight.inc()
+        self._in_flight += 1
         try:
+            extra: tuple[tuple[bytes, bytes], ...] = ()
             try:
-                await self._accept(scope, receive)
+                with self.budget.lease() as lease:
+                    await self._accept(scope, receive, lease)
                 status, text = 200, b"ok\n"
             except _Reject as rej:
                 self._refused(scope, rej)
                 status, text = rej.status, rej.detail.encode() + b"\n"
+                if status == 503:
+                    extra = ((b"retry-after", str(RETRY_AFTER_S).encode()),)
             except Exception:
                 # A bug, not bad input: answer so Chargify retries, and keep serving.
                 log.exception("internal error while handling a webhook")
@@ -179,41 +202,53 @@ class GatewayApp:
                 status, text = 500, b"internal error, retry later\n"
             metrics.answered(status)
             try:
-                await _respond(send, status, text)
+                await _respond(send, status, text, _TEXT, *extra)
             except Exception as exc:
                 # The client went away before its answer; what was published stays published.
                 log.info("could not answer a webhook (%s): %s", status, exc)
         finally:
+            self._in_flight -= 1
             metrics.in_flight.dec()
 
     def _refused(self, scope: Scope, rej: _Reject) -> None:
         self.metrics.rejects.labels(rej.reason).inc()
         log.warning(
-            "webhook refused: status=%d reason=%s source_ip=%s detail=%s",
+            "webhook refused: status=%d reason=%s source_ip=%s detail=%s%s",
             rej.status,
             rej.reason,
             _client_ip(scope),
             rej.detail,
+            f" cause={rej.cause}" if rej.cause else "",
         )
 
-    async def _accept(self, scope: Scope, receive: Receive) -> None:
-        """Check, then publish one webhook; raise :class:`_Reject` to refuse it."""
+    async def _accept(self, scope: Scope, receive: Receive, lease: Lease) -> None:
+        """Check, then publish one webhook; raise :class:`_Reject` to refuse it.
+
+        Its body's bytes are taken from ``lease`` as they are read.
+        """
         received_at = datetime.now(UTC)
         headers = dict(scope["headers"])
         ctype = headers.get(b"content-type", b"")
         if ctype.partition(b";")[0].strip().lower() != FORM_TYPE:
             raise _Reject(415, "content_type", "expected application/x-www-form-urlencoded")
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            # Refused before reading a byte of the body (and before a 100-continue).
+        declared_text = headers.get(b"content-length")
+        declared = int(declared_text) if declared_text and declared_text.isdigit() else 0
+        # Each refusal below comes before a byte of the body is read (and before a
+        # 100-continue): the connection discards what the client still sends.
+        if declared > self.max_body_bytes:
             raise _Reject(413, "too_large", f"body over {self.max_body_bytes} bytes")
-        body = await self._read_body(receive)
+        signed = bool(headers.get(SIGNATURE_HEADER) or _query_sig(scope))
+        if not signed and not self.allow_unsigned:
+            raise _Reject(401, "no_signature", "missing or invalid signature")
+        if self.max_in_flight is not None and self._in_flight > self.max_in_flight:
+            raise _Reject(503, "too_many_requests", "too many requests in flight, retry later")
+        if not self.budget.fits(max(declared, 1)):
+            raise _Reject(503, "inflight_bytes", "too much in flight, retry later")
+        body = await self._read_body(receive, lease)
 
         if not verify(self.shared_keys, body, headers.get(SIGNATURE_HEADER), _query_sig(scope)):
             if not self.allow_unsigned:
-                signed = bool(headers.get(SIGNATURE_HEADER) or _query_sig(scope))
-                reason = "bad_signature" if signed else "no_signature"
-                raise _Reject(401, reason, "missing or invalid signature")
+                raise _Reject(401, "bad_signature", "missing or invalid signature")
             log.warning(
                 "ACCEPTING A WEBHOOK WITHOUT A VALID SIGNATURE (GATEWAY_ALLOW_UNSIGNED=true)"
             )
@@ -236,13 +271,15 @@ class GatewayApp:
         try:
             await self.sink.publish(self.topic, fr.key, body, record_headers)
         except PublishError as exc:
-            raise _Reject(503, "broker_unavailable", f"not stored, retry later: {exc}") from None
+            # The broker's error is for the log; the client learns only to retry.
+            raise _Reject(503, "broker_unavailable", "not stored, retry later", str(exc)) from None
         finally:
             self.metrics.publish_seconds.observe(time.perf_counter() - started)
         self.metrics.published.labels(fr.event).inc()
 
-    async def _read_body(self, receive: Receive) -> bytes:
-        """The whole body, or :class:`_Reject` as soon as it passes the limit."""
+    async def _read_body(self, receive: Receive, lease: Lease) -> bytes:
+        """The whole body, or :class:`_Reject` as soon as it passes the limit or the
+        in-flight budget."""
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -254,6 +291,8 @@ class GatewayApp:
             if size > self.max_body_bytes:
                 # Stop here: the rest of an oversized body is never buffered.
                 raise _Reject(413, "too_large", f"body over {self.max_body_bytes} bytes")
+            if not lease.take(len(chunk)):
+                raise _Reject(503, "inflight_bytes", "too much in flight, retry later")
             if not message.get("more_body", False):
                 if not chunks:
                     return bytes(chunk)
@@ -280,11 +319,9 @@ def _rfc3339(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-async def _respond(
-    send: Send, status: int, body: bytes, header: tuple[bytes, bytes] = _TEXT
-) -> None:
-    headers = [(b"content-length", str(len(body)).encode()), header]
-    if header[0] != b"content-type":
+async def _respond(send: Send, status: int, body: bytes, *header: tuple[bytes, bytes]) -> None:
+    headers = [(b"content-length", str(len(body)).encode()), *header]
+    if not any(name == b"content-type" for name, _ in headers):
         headers.append(_TEXT)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

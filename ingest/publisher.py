@@ -52,7 +52,14 @@ class Publisher:
     flushes what is queued and stops the poll thread.
     """
 
-    def __init__(self, bootstrap_servers: str, *, timeout_s: float, **config: Any) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        timeout_s: float,
+        max_record_bytes: int | None = None,
+        **config: Any,
+    ) -> None:
         self.timeout_s = timeout_s
         self._conf: dict[str, Any] = {
             "bootstrap.servers": bootstrap_servers,
@@ -70,6 +77,11 @@ class Publisher:
             "error_cb": self._on_error,
             "log_level": 3,
         }
+        if max_record_bytes is not None:
+            # librdkafka refuses a record (value, key and headers) over message.max.bytes
+            # (1,000,000 by default) before sending it: the gateway passes the raw
+            # record limit of chargify_stream.limits, so every body it accepts fits.
+            self._conf["message.max.bytes"] = max_record_bytes
         self._conf.update(config)
         self._producer: Producer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -8,6 +8,9 @@ On SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests finish (each 
 most the publish bound for its acknowledgement), then the lifespan shutdown flushes the
 producer.
 
+Connections have deadlines (headers, body, keep-alive; see ``ingest/connection.py``), so
+idle or slow clients are dropped and never count against the requests in flight.
+
 A broker that is down at start does not stop the gateway: it serves, answers webhooks
 with 503 (so Chargify retries) and ``/readyz`` with 503, and keeps trying to create the
 raw topic in the background until the broker is back.
@@ -16,6 +19,7 @@ raw topic in the background until the broker is back.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 import uvicorn
@@ -23,17 +27,21 @@ from confluent_kafka import KafkaException
 
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.limits import raw_record_max
 from chargify_stream.settings import Settings
 from ingest.app import WEBHOOK_PATH, GatewayApp, Sink
+from ingest.connection import Deadlines, protocol_class, raise_open_files
 from ingest.publisher import Publisher
 
 __all__ = ["build_app", "run"]
 
 log = logging.getLogger(__name__)
 
-# Connections plus requests at once before uvicorn answers 503 itself: a bound on memory
-# (each request may buffer up to GATEWAY_MAX_BODY_BYTES) far above Chargify's traffic.
-MAX_CONCURRENCY = 1000
+# Webhook requests handled at once before the app answers 503 (far above Chargify's
+# traffic). Connections that have not sent a whole request yet do not count: they are
+# bounded by their deadlines. The bytes those requests hold have their own bound
+# (GATEWAY_MAX_INFLIGHT_BYTES).
+MAX_IN_FLIGHT = 1000
 # Seconds to wait, at shutdown, beyond the publish bound for in-flight requests.
 _SHUTDOWN_GRACE_S = 5.0
 
@@ -69,7 +77,9 @@ def build_app(settings: Settings, sink: Sink | None = None) -> GatewayApp:
     publisher: Publisher | None = None
     if sink is None:
         publisher = Publisher(
-            settings.kafka_bootstrap_servers, timeout_s=settings.gateway_publish_timeout_s
+            settings.kafka_bootstrap_servers,
+            timeout_s=settings.gateway_publish_timeout_s,
+            max_record_bytes=raw_record_max(settings.gateway_max_body_bytes),
         )
         sink = publisher
     topics = _TopicKeeper(settings)
@@ -91,6 +101,8 @@ def build_app(settings: Settings, sink: Sink | None = None) -> GatewayApp:
         topic=settings.topic("raw"),
         shared_keys=settings.shared_keys,
         max_body_bytes=settings.gateway_max_body_bytes,
+        max_inflight_bytes=settings.gateway_max_inflight_bytes,
+        max_in_flight=MAX_IN_FLIGHT,
         allow_unsigned=settings.gateway_allow_unsigned,
         startup=startup,
         shutdown=shutdown,
@@ -114,17 +126,25 @@ def _warn_about_keys(settings: Settings) -> None:
 
 def uvicorn_config(settings: Settings, app: GatewayApp) -> uvicorn.Config:
     """How the gateway is served (the benchmark serves its baseline the same way)."""
+    deadlines = Deadlines(
+        header_timeout_s=settings.gateway_header_timeout_s,
+        body_timeout_s=settings.gateway_body_timeout_s,
+        keep_alive_s=settings.gateway_keep_alive_s,
+        dropped=app.metrics.connection_dropped,
+    )
     return uvicorn.Config(
         app,
         host=settings.gateway_host,
         port=settings.gateway_port,
         loop="uvloop",
-        http="httptools",
+        http=protocol_class(deadlines),
+        ws="none",
         lifespan="on",
         access_log=False,
         log_config=None,
         server_header=False,
-        limit_concurrency=MAX_CONCURRENCY,
+        # The protocol keeps its own idle deadline; uvicorn's (whole seconds) backs it up.
+        timeout_keep_alive=math.ceil(settings.gateway_keep_alive_s),
         timeout_graceful_shutdown=int(settings.gateway_publish_timeout_s + _SHUTDOWN_GRACE_S),
     )
 
@@ -132,12 +152,14 @@ def uvicorn_config(settings: Settings, app: GatewayApp) -> uvicorn.Config:
 def run(settings: Settings) -> int:
     """Serve the gateway until SIGTERM/SIGINT; return the exit code."""
     app = build_app(settings)
+    open_files = raise_open_files()
     log.info(
-        "gateway listening on http://%s:%d%s, publishing to %s",
+        "gateway listening on http://%s:%d%s, publishing to %s (open-files limit %d)",
         settings.gateway_host,
         settings.gateway_port,
         WEBHOOK_PATH,
         settings.topic("raw"),
+        open_files,
     )
     server = uvicorn.Server(uvicorn_config(settings, app))
     server.run()

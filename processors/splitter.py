@@ -34,14 +34,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, NamedTuple, Protocol
 
-from chargify_stream.logs import fields
+from chargify_stream.logs import fields, log_failure
 from processors.routing import SUPPORTED_EVENTS, DeadLetter, Emit, Ignore, route
 from schemas import headers as h
 from schemas.codec import encode
-from schemas.deadletter import dead_letter_headers
+from schemas.deadletter import dead_letter_headers, pointer
 from schemas.decisions import Decision, encode_decision, now
 
-__all__ = ["Incoming", "Outgoing", "Pending", "Split", "State", "Tally", "split"]
+__all__ = ["Incoming", "Outgoing", "Pending", "Split", "State", "Tally", "fallback", "split"]
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,18 @@ class Incoming(NamedTuple):
 
 
 class Outgoing(NamedTuple):
-    """One record to publish; ``topic`` is the logical name, resolved by the worker."""
+    """One record to publish; ``topic`` is the logical name, resolved by the worker.
+
+    ``source`` is the raw record an output record was decided from: if Kafka refuses the
+    output record, that raw record is dead-lettered instead (:func:`fallback`). ``value``
+    is ``None`` only on a pointer (see ``schemas.deadletter``).
+    """
 
     topic: OutputTopic
     key: bytes | None
-    value: bytes
+    value: bytes | None
     headers: Headers
+    source: Incoming | None = None
 
 
 class State(Protocol):
@@ -245,15 +251,16 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
                     action.key.encode(),
                     encode(action.record),
                     [
-                        *((k, v) for k, v in record.headers if k in h.CARRIED_OVER),
+                        *((k, v) for k, v in record.headers if k in h.CARRIED_TO_OUTPUTS),
                         (h.RAW_POSITION, raw_position(record)),
                     ],
+                    record,
                 )
                 if isinstance(action, Emit)
                 else None
             )
         except Exception as exc:  # a bug, not bad input: route never raises for that
-            log.exception("processing webhook %s failed; dead-lettering it", header_id)
+            log_failure(log, "processing webhook %s failed; dead-lettering it", header_id, exc=exc)
             action = DeadLetter(h.MALFORMED_PAYLOAD, f"processor error: {type(exc).__name__}")
             decision = None
             outgoing = None
@@ -318,20 +325,45 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
                 action.error,
                 extra=fields(webhook_id, event, DEAD_LETTERED, action.reason),
             )
-            result.outgoing.append(
-                Outgoing(
-                    "deadletter",
-                    record.key,
-                    record.value,
-                    dead_letter_headers(
-                        reason=action.reason,
-                        stage=h.STAGE_PROCESSOR,
-                        error=action.error,
-                        source_topic=record.topic,
-                        source_partition=record.partition,
-                        source_offset=record.offset,
-                        original_headers=record.headers,
-                    ),
-                )
-            )
+            result.outgoing.append(_dead_letter(record, action.reason, action.error))
     return result
+
+
+def _dead_letter(record: Incoming, reason: str, error: str) -> Outgoing:
+    """The dead letter of a raw record: its key, bytes and headers, plus the ``dlq-*`` ones."""
+    return Outgoing(
+        "deadletter",
+        record.key,
+        record.value,
+        dead_letter_headers(
+            reason=reason,
+            stage=h.STAGE_PROCESSOR,
+            error=error,
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+            original_headers=record.headers,
+        ),
+    )
+
+
+def fallback(record: Outgoing, refusal: str) -> Outgoing | None:
+    """What to publish instead of ``record``, which Kafka refused for itself (``refusal``).
+
+    An output record becomes the dead letter of the raw record it came from
+    (``malformed_payload``); a dead letter becomes a pointer to it (``schemas.deadletter``);
+    a pointer has no fallback (``None``): a dead-letter topic that refuses even a pointer
+    is misconfigured, which no record can fix.
+    """
+    if record.topic != "deadletter":
+        if record.source is None:
+            return None
+        return _dead_letter(
+            record.source,
+            h.MALFORMED_PAYLOAD,
+            f"its {record.topic} record was refused by Kafka: {refusal}",
+        )
+    if record.value is None or any(name == h.DLQ_POINTER for name, _ in record.headers):
+        return None
+    key, headers = pointer(record.key, len(record.value), record.headers, refusal=refusal)
+    return Outgoing("deadletter", key, None, headers)

@@ -67,7 +67,11 @@ from faust.web import Request, Response, View
 from mode.utils.times import want_seconds
 
 from chargify_stream.errors import ConfigError, TransientError
-from chargify_stream.kafka_admin import ensure_pipeline_topics, ensure_topics
+from chargify_stream.kafka_admin import (
+    check_deadletter_topic,
+    ensure_pipeline_topics,
+    ensure_topics,
+)
 from chargify_stream.settings import Settings
 from processors.drain import Feed, deliver_in_batches, shorten_fetch_wait
 from processors.metrics import CONTENT_TYPE, ProcessorMetrics
@@ -546,6 +550,7 @@ def run(settings: Settings) -> int:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     try:
         ensure_pipeline_topics(settings)
+        check_deadletter_topic(settings)
         partitions = _partition_counts(settings, [settings.topic("raw")])[settings.topic("raw")]
     except (TransientError, KafkaException) as exc:
         return _broker_away_at_start(exc)

@@ -1,14 +1,21 @@
-"""Avro single-object encoding of ``Transaction`` and ``SubscriptionChange`` values.
+"""Avro single-object encoding of the values on the typed topics and ``chargify.customers``.
 
 Wire format (Avro specification, "Single-object encoding")::
 
     C3 01 | CRC-64-AVRO fingerprint of the writer schema, 8 bytes little-endian | Avro binary
 
-The fingerprint is taken over the schema's Parsing Canonical Form as the specification and
-the Java library define it: logical types are stripped, so a ``timestamp-micros`` field is
-plain ``"long"``. The ``avro`` package's own ``canonical_form`` keeps ``{"type":"long"}``
-there, which gives a different fingerprint than Java consumers compute, so the canonical
-form comes from fastavro and ``avro`` is used to validate the schema files.
+The fingerprint is taken over the schema's Parsing Canonical Form as the specification
+defines it: [STRIP] keeps only ``type``, ``name``, ``fields``, ``symbols``, ``items``,
+``values`` and ``size``, and [PRIMITIVES] writes a primitive as its name, so a
+``{"type": "long", "logicalType": "timestamp-micros"}`` field is plain ``"long"``. Java's
+``SchemaNormalization``, fastavro's ``to_parsing_canonical_form`` and the Rust library agree.
+The ``avro`` package (1.12) does not: its ``Schema.canonical_form`` keeps ``{"type":"long"}``
+for a logical type, so its ``Schema.fingerprint()`` differs from ours for every schema with
+a timestamp. Ours is the specification's; the canonical form therefore comes from fastavro,
+and ``avro`` (the reference implementation) is used to validate the schema files. A reader
+using ``avro`` computes the fingerprint of the schema with its ``logicalType`` attributes
+removed (:func:`parsing_fingerprint` in the tests; docs/analysts.md shows it), and decodes
+the body with ``avro.io.DatumReader``: the bytes are the same.
 
 Values are written with the current schema (``schemas/avro/*.avsc``), by a writer built
 from the schema once (:func:`_compile`): fastavro's ``schemaless_writer`` spends about
@@ -40,16 +47,22 @@ from fastavro.schema import fingerprint as _crc64_hex
 from fastavro.schema import to_parsing_canonical_form
 
 from chargify_stream.errors import UnsupportedSchema
-from schemas.records import SubscriptionChange, Transaction
+from schemas.records import Customer, SubscriptionChange, Transaction
 
-__all__ = ["MARKER", "decode", "encode", "fingerprint"]
+__all__ = ["MARKER", "Event", "Record", "decode", "decode_record", "encode", "fingerprint"]
+
+# A pipeline event: what the processor emits and the sink writes.
+Event = Transaction | SubscriptionChange
+# Any value this codec writes and reads.
+Record = Transaction | SubscriptionChange | Customer
 
 MARKER = b"\xc3\x01"
 _HEADER_LENGTH = len(MARKER) + 8
 
-_RECORD_TYPES: dict[str, Callable[[dict[str, Any]], Transaction | SubscriptionChange]] = {
+_RECORD_TYPES: dict[str, Callable[[dict[str, Any]], Record]] = {
     "io.chargifystream.Transaction": Transaction.from_avro,
     "io.chargifystream.SubscriptionChange": SubscriptionChange.from_avro,
+    "io.chargifystream.Customer": Customer.from_avro,
 }
 
 
@@ -163,7 +176,7 @@ class _Schema:
 class _Reader:
     writer: Any
     reader: Any  # None when the writer schema is the current one: nothing to resolve
-    build: Callable[[dict[str, Any]], Transaction | SubscriptionChange]
+    build: Callable[[dict[str, Any]], Record]
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +236,7 @@ def fingerprint(name: str) -> bytes:
         raise KeyError(f"no current Avro schema named {name!r}") from None
 
 
-def encode(record: Transaction | SubscriptionChange) -> bytes:
+def encode(record: Record) -> bytes:
     """Single-object encode ``record`` with its current schema."""
     schema = _registry().current[f"io.chargifystream.{type(record).__name__}"]
     if schema.write is not None:
@@ -234,7 +247,7 @@ def encode(record: Transaction | SubscriptionChange) -> bytes:
     return _encode_with_fastavro(schema, record)
 
 
-def _encode_with_fastavro(schema: _Schema, record: Transaction | SubscriptionChange) -> bytes:
+def _encode_with_fastavro(schema: _Schema, record: Record) -> bytes:
     out = io.BytesIO()
     out.write(MARKER)
     out.write(schema.fingerprint)
@@ -242,7 +255,19 @@ def _encode_with_fastavro(schema: _Schema, record: Transaction | SubscriptionCha
     return out.getvalue()
 
 
-def decode(data: bytes) -> Transaction | SubscriptionChange:
+def decode(data: bytes) -> Event:
+    """Decode a pipeline event (a ``Transaction`` or ``SubscriptionChange``).
+
+    As :func:`decode_record`, and a value of any other record (a ``Customer``) is
+    ``UnsupportedSchema`` too: it has no place on the topics the sink reads.
+    """
+    record = decode_record(data)
+    if isinstance(record, Customer):
+        raise UnsupportedSchema("a Customer value is not a pipeline event")
+    return record
+
+
+def decode_record(data: bytes) -> Record:
     """Decode a single-object encoded value written with a current or historical schema.
 
     Raises ``UnsupportedSchema`` when the marker or fingerprint is unknown, or the body is

@@ -3,6 +3,14 @@
 A dead-lettered record keeps its key, value and original headers; the ``dlq-*`` headers of
 DESIGN.md say why and where it came from. Replay sends it back to ``dlq-source-topic`` with
 the original headers and ``dlq-replay-count`` + 1.
+
+A dead letter that cannot be written whole (Kafka refuses it: too large for the topic or
+the producer, or an invalid record) is written as a **pointer** instead (:func:`pointer`):
+no value, the same ``dlq-*`` headers plus ``dlq-pointer: 1`` and ``dlq-original-size``
+(the value's size in bytes), and of the original headers only the small carried-over
+ones (webhook id, event, received-at). The original is still on its source topic at
+``dlq-source-partition``/``dlq-source-offset``, where a replay reads it back. So a record
+that cannot be dead-lettered whole never blocks a stage, and is never lost from sight.
 """
 
 from __future__ import annotations
@@ -20,10 +28,14 @@ __all__ = [
     "dead_letter_headers",
     "format_timestamp",
     "parse_dead_letter",
+    "pointer",
     "replay_headers",
 ]
 
 ERROR_MAX_CHARS = 500
+# A pointer must always fit: it keeps the key and each carried-over header only up to these.
+POINTER_KEY_MAX = 1024
+POINTER_HEADER_MAX = 1024
 
 Headers = list[tuple[str, bytes]]
 
@@ -45,6 +57,8 @@ class DeadLetterInfo:
     source_offset: int
     failed_at: datetime | None
     replay_count: int
+    pointer: bool = False
+    original_size: int | None = None
 
 
 def _is_dlq(name: str) -> bool:
@@ -120,6 +134,38 @@ def dead_letter_headers(
     ]
 
 
+def pointer(
+    key: bytes | None, value_size: int, dead_letter: Sequence[tuple[str, bytes]], *, refusal: str
+) -> tuple[bytes | None, Headers]:
+    """The key and headers of the pointer to a dead letter that Kafka refused whole.
+
+    ``dead_letter`` is the refused record's headers (from :func:`dead_letter_headers`),
+    ``value_size`` its value's length, ``refusal`` why Kafka refused it (added to
+    ``dlq-error``). A key longer than ``POINTER_KEY_MAX`` bytes is left off.
+    """
+    carried = [
+        (name, value)
+        for name, value in dead_letter
+        if name in headers.CARRIED_OVER and len(value) <= POINTER_HEADER_MAX
+    ]
+    dlq: Headers = []
+    for name, value in dead_letter:
+        lowered = name.lower()
+        if lowered == headers.DLQ_ERROR:
+            text = value.decode("utf-8", errors="replace")
+            note = f" [written as a pointer, the original is on its source topic: {refusal[:200]}]"
+            value = (_clean_error(text[: ERROR_MAX_CHARS - len(note)] + note)).encode()
+        if _is_dlq(lowered) and lowered not in (headers.DLQ_POINTER, headers.DLQ_ORIGINAL_SIZE):
+            dlq.append((name, value))
+    kept_key = key if key is not None and len(key) <= POINTER_KEY_MAX else None
+    return kept_key, [
+        *carried,
+        *dlq,
+        (headers.DLQ_POINTER, b"1"),
+        (headers.DLQ_ORIGINAL_SIZE, str(value_size).encode()),
+    ]
+
+
 def replay_headers(dead_letter: Sequence[tuple[str, bytes]]) -> Headers:
     """Headers for re-publishing a dead letter: the originals plus ``dlq-replay-count`` + 1."""
     count = _replay_count(dead_letter)
@@ -147,10 +193,16 @@ def parse_dead_letter(record_headers: Sequence[tuple[str, bytes | None]]) -> Dea
             source_offset=offset,
             failed_at=_parse_time(found.get(headers.DLQ_FAILED_AT)),
             replay_count=max(0, int(found.get(headers.DLQ_REPLAY_COUNT) or 0)),
+            pointer=found.get(headers.DLQ_POINTER) == "1",
+            original_size=_size(found.get(headers.DLQ_ORIGINAL_SIZE)),
         )
     except (KeyError, ValueError):
         return None
     return info
+
+
+def _size(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isdigit() else None
 
 
 def _parse_time(text: str | None) -> datetime | None:

@@ -130,6 +130,9 @@ _PLANS: dict[str, _Plan] = {}
 _PLANS_MAX = 8192
 
 
+MAX_DEPTH = 32
+
+
 def _plan(key: str) -> _Plan:
     plan = _PLANS.get(key)
     if plan is None:
@@ -139,6 +142,10 @@ def _plan(key: str) -> _Plan:
             path = path[:-1]
         # An inner ``[]`` adds nothing that key-order grouping does not already do.
         parents = tuple(segment for segment in path[:-1] if segment)
+        if len(parents) > MAX_DEPTH:
+            # Chargify nests five levels at most; thousands would exhaust the recursion
+            # that turns indexed dicts into lists.
+            raise MalformedPayload(f"form key nested deeper than {MAX_DEPTH} levels")
         indexed = any(segment.isdigit() for segment in path)
         plan = _Plan(parents, path[-1], appends, indexed)
         if len(_PLANS) < _PLANS_MAX:
@@ -155,7 +162,7 @@ def decode_form(body: bytes) -> dict[str, Any]:
 
     See the module docstring for how bracket paths, indexed arrays and repeated keys map to
     dicts and lists. Raises ``MalformedPayload`` for undecodable bytes or for keys whose
-    shapes contradict each other (``a[b]=1&a[b][c]=2``).
+    shapes contradict each other (``a[b]=1&a[b][c]=2``) or nest deeper than ``MAX_DEPTH``.
     """
     root: dict[str, Any] = {}
     has_index = False

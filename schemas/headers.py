@@ -24,6 +24,13 @@ DLQ_SOURCE_PARTITION: Final = "dlq-source-partition"
 DLQ_SOURCE_OFFSET: Final = "dlq-source-offset"
 DLQ_FAILED_AT: Final = "dlq-failed-at"
 DLQ_REPLAY_COUNT: Final = "dlq-replay-count"
+# Copied onto the output records too when present: a replayed event keeps its count across
+# stages, so a failure at the sink counts the attempts the processor already made.
+CARRIED_TO_OUTPUTS: Final = (*CARRIED_OVER, DLQ_REPLAY_COUNT)
+# Only on a pointer: a dead letter written without its body because it could not be
+# written whole; the original stays on dlq-source-topic at dlq-source-offset.
+DLQ_POINTER: Final = "dlq-pointer"
+DLQ_ORIGINAL_SIZE: Final = "dlq-original-size"
 DLQ_HEADERS: Final = (
     DLQ_REASON,
     DLQ_STAGE,

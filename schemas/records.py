@@ -1,9 +1,9 @@
-"""The records on ``chargify.transactions`` and ``chargify.subscriptions``.
+"""The records on ``chargify.transactions``, ``chargify.subscriptions``, ``chargify.customers``.
 
 Each dataclass mirrors its ``.avsc`` file in ``schemas/avro/`` field for field, in the same
 order and with the same defaults (a unit test checks this). Construction is keyword-only.
-``occurred_at`` is a timezone-aware UTC ``datetime``; on the wire it is Avro
-``timestamp-micros``.
+``occurred_at`` and ``updated_at`` are timezone-aware UTC datetimes; on the wire they are
+Avro ``timestamp-micros``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["ComponentAllocation", "SubscriptionChange", "Transaction"]
+__all__ = ["ComponentAllocation", "Customer", "SubscriptionChange", "Transaction"]
 
 
 def _utc(value: datetime, name: str) -> datetime:
@@ -179,4 +179,43 @@ class SubscriptionChange:
             event=datum["event"],
             site_id=datum["site_id"],
             site_subdomain=datum["site_subdomain"],
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Customer:
+    """A customer as it is after a change (Avro ``io.chargifystream.Customer``).
+
+    The value on ``chargify.customers`` under the key ``customer_key``; a deleted customer
+    is a tombstone (a null value), not a record.
+    """
+
+    customer_key: str
+    partner_key: str | None = None
+    email: str | None = None
+    name: str | None = None
+    updated_at: datetime
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "updated_at", _utc(self.updated_at, "updated_at"))
+
+    def to_avro(self) -> dict[str, Any]:
+        """The Avro datum (field name -> value) for the current schema."""
+        return {
+            "customer_key": self.customer_key,
+            "partner_key": self.partner_key,
+            "email": self.email,
+            "name": self.name,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_avro(cls, datum: dict[str, Any]) -> Customer:
+        """Build from a datum read with the current schema."""
+        return cls(
+            customer_key=datum["customer_key"],
+            partner_key=datum["partner_key"],
+            email=datum["email"],
+            name=datum["name"],
+            updated_at=datum["updated_at"],
         )

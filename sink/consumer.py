@@ -24,6 +24,9 @@ Faults are told apart by type, for the database by SQLSTATE class
 - poison (SQLSTATE classes 22 and 23: a value the database refuses): the batch is split
   in halves until the record is alone, which is dead-lettered (``malformed_payload``,
   with the SQLSTATE in ``dlq-error``); the rest of the batch is written;
+- a dead letter Kafka refuses for itself (too large for the dead-letter topic, invalid:
+  :mod:`chargify_stream.kafka_errors`) is written again at once as a pointer to the
+  record (``schemas.deadletter``), which stays on its source topic;
 - anything else (an unknown table: the schema was not migrated; a bug) stops the sink:
   retrying cannot fix it and dead-lettering would park every record.
 """
@@ -41,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, cast
 
 import psycopg
@@ -49,12 +52,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from chargify_stream.errors import ChargifyStreamError, RecordError, TransientError
-from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_admin import check_deadletter_topic, ensure_pipeline_topics
+from chargify_stream.kafka_errors import refusal, refused_for_itself
+from chargify_stream.limits import deadletter_record_max
 from chargify_stream.logs import fields
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.codec import decode
-from schemas.deadletter import dead_letter_headers
+from schemas.deadletter import dead_letter_headers, pointer
 from sink.health import serve_health
 from sink.migrate import pending
 from sink.outcomes import source_of
@@ -85,9 +90,13 @@ class DeadLetterUnacknowledged(TransientError):
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
+    """A consumed record to dead-letter; ``refusal`` set: Kafka refused it whole, so it is
+    written as a pointer (why Kafka refused it)."""
+
     msg: Message
     reason: str
     error: str
+    refusal: str | None = None
 
 
 @dataclass(slots=True)
@@ -321,27 +330,27 @@ class Sink:
         remaining = list(letters)
 
         def attempt() -> None:
-            failed = self._produce(remaining)
-            if failed:
-                remaining[:] = failed
-                raise DeadLetterUnacknowledged(f"{len(failed)} dead letters not acknowledged")
+            while remaining:
+                failed, refused = self._produce(remaining)
+                # Refused for themselves: written again at once, as pointers.
+                remaining[:] = failed + refused
+                if failed:
+                    raise DeadLetterUnacknowledged(f"{len(failed)} dead letters not acknowledged")
 
         self._retrying("dead-letter topic", attempt)
         for dl in letters:
             self.metrics.dead.labels(dl.reason).inc()
 
-    def _produce(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+    def _produce(self, letters: Sequence[DeadLetter]) -> tuple[list[DeadLetter], list[DeadLetter]]:
+        """Publish ``letters`` and wait for the broker.
+
+        Returns the letters the broker did not take (to send again after a backoff) and
+        those Kafka refused for themselves (too large, invalid), marked to be written again
+        as pointers (see ``schemas.deadletter``), so that one record never stops the sink.
+        """
         failed: list[DeadLetter] = []
+        refused: list[DeadLetter] = []
         for dl in letters:
-            log.warning(
-                "dead-lettering %s[%d]@%d: %s: %s",
-                dl.msg.topic(),
-                dl.msg.partition(),
-                dl.msg.offset(),
-                dl.reason,
-                dl.error,
-                extra=_log_fields(dl),
-            )
             headers = dead_letter_headers(
                 reason=dl.reason,
                 stage=h.STAGE_SINK,
@@ -351,25 +360,58 @@ class Sink:
                 source_offset=dl.msg.offset() or 0,
                 original_headers=_headers(dl.msg),
             )
+            key, value = dl.msg.key(), dl.msg.value()
+            if dl.refusal is not None:
+                key, headers = pointer(key, len(value or b""), headers, refusal=dl.refusal)
+                value = None
+            log.warning(
+                "dead-lettering %s[%d]@%d%s: %s: %s",
+                dl.msg.topic(),
+                dl.msg.partition(),
+                dl.msg.offset(),
+                " as a pointer" if dl.refusal is not None else "",
+                dl.reason,
+                dl.error,
+                extra=_log_fields(dl),
+            )
 
             def report(err: KafkaError | None, _m: Message, dl: DeadLetter = dl) -> None:
-                if err is not None:
+                if err is None:
+                    return
+                if refused_for_itself(err) and dl.refusal is None:
+                    _log_refused(dl, refusal(err))
+                    refused.append(replace(dl, refusal=refusal(err)))
+                else:
                     log.warning("dead letter not acknowledged: %s", err.str())
                     failed.append(dl)
 
-            self.producer.produce(
-                self.settings.topic("deadletter"),
-                value=dl.msg.value(),
-                key=dl.msg.key(),
-                headers=cast(list[tuple[str, str | bytes | None]], headers),
-                on_delivery=report,
-            )
+            try:
+                self.producer.produce(
+                    self.settings.topic("deadletter"),
+                    value=value,
+                    key=key,
+                    headers=cast(list[tuple[str, str | bytes | None]], headers),
+                    on_delivery=report,
+                )
+            except KafkaException as exc:
+                if not refused_for_itself(exc):
+                    raise
+                if dl.refusal is None:
+                    _log_refused(dl, refusal(exc))
+                    refused.append(replace(dl, refusal=refusal(exc)))
+                else:  # even a pointer: the topic, not the record
+                    log.error(
+                        "the dead-letter topic refused even a pointer (%s); check its "
+                        "max.message.bytes",
+                        refusal(exc),
+                    )
+                    failed.append(dl)
         # The producer retries on its own until delivery.timeout.ms; wait for every ack,
         # but let a stop request through.
         while self.producer.flush(1.0) > 0:
             if self._stop.is_set():
                 raise Stopping
-        return failed
+        return failed, refused
 
     def _commit(self, msgs: Sequence[Message]) -> None:
         """Commit the offsets after ``msgs``: the batch is in Postgres and its dead letters
@@ -456,6 +498,7 @@ class Sink:
         replayed transactions is a transient fault (retried).
         """
         ensure_pipeline_topics(self.settings, [*self.topics, self.settings.topic("deadletter")])
+        check_deadletter_topic(self.settings)
         timeout = self.settings.sink_batch_timeout_ms / 1000
         # A writer thread gets the interpreter back soon after each of its database round
         # trips (six a batch) completes, not up to 5 ms later (the default slice of the
@@ -594,6 +637,7 @@ def build_sink(settings: Settings, metrics: SinkMetrics | None = None) -> Sink:
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
+            "message.max.bytes": deadletter_record_max(settings.gateway_max_body_bytes),
             "log_level": 3,
         }
     )
@@ -627,6 +671,18 @@ def _log_fields(dl: DeadLetter) -> dict[str, str]:
         found.get(h.EVENT, b"").decode(errors="replace") or None,
         outcome,
         dl.reason,
+    )
+
+
+def _log_refused(dl: DeadLetter, why: str) -> None:
+    size = len(dl.msg.value() or b"") + len(dl.msg.key() or b"")
+    log.warning(
+        "Kafka refused the dead letter of %s[%d]@%d (%d bytes): %s; writing a pointer to it",
+        dl.msg.topic(),
+        dl.msg.partition(),
+        dl.msg.offset(),
+        size,
+        why,
     )
 
 

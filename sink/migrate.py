@@ -17,8 +17,9 @@ from importlib import resources
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
-from chargify_stream.errors import ChargifyStreamError
+from chargify_stream.errors import ChargifyStreamError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,28 @@ def _check(done: dict[int, str]) -> None:
 
 
 def migrate(dsn: str) -> list[str]:
-    """Apply every pending migration; return the names applied (empty when up to date)."""
+    """Apply every pending migration; return the names applied (empty when up to date).
+
+    Raises :class:`TransientError` when Postgres cannot be reached and
+    :class:`MigrationError` when a migration fails (it is rolled back); both say what
+    failed in one line, without the password.
+    """
+    try:
+        return _migrate(dsn)
+    except psycopg.OperationalError as exc:
+        raise TransientError(
+            f"cannot reach Postgres at {_where(dsn)}: {_one_line(exc)}; nothing more was migrated"
+        ) from None
+    except psycopg.Error as exc:
+        state = f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else ""
+        raise MigrationError(
+            f"migrating the database at {_where(dsn)} failed{state}: {_one_line(exc)}"
+        ) from None
+
+
+def _migrate(dsn: str) -> list[str]:
     done_now: list[str] = []
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
         conn.execute("select pg_advisory_lock(%s)", (_LOCK_ID,))
         try:
             conn.execute(_CREATE_TABLE)
@@ -106,5 +126,23 @@ def migrate(dsn: str) -> list[str]:
                 log.info("applied migration %s", m.name)
                 done_now.append(m.name)
         finally:
-            conn.execute("select pg_advisory_unlock(%s)", (_LOCK_ID,))
+            if not conn.closed and not conn.broken:
+                conn.execute("select pg_advisory_unlock(%s)", (_LOCK_ID,))
     return done_now
+
+
+def _where(dsn: str) -> str:
+    """``host 127.0.0.1 port 5433 database chargify``: where ``dsn`` points, no password."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "DATABASE_URL"
+    found = [f"{name} {parts[key]}" for key, name in _WHERE if parts.get(key)]
+    return " ".join(found) or "the default libpq address"
+
+
+_WHERE = (("host", "host"), ("port", "port"), ("dbname", "database"), ("user", "user"))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

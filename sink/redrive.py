@@ -45,6 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.deadletter import parse_dead_letter, replay_headers
@@ -360,6 +361,7 @@ class Redriver:
                 "acks": "all",
                 "linger.ms": 5,
                 "message.timeout.ms": 15_000,
+                "message.max.bytes": deadletter_record_max(self.settings.gateway_max_body_bytes),
                 "log_level": 3,
             }
         )

@@ -71,9 +71,17 @@ def produce(
     bootstrap_servers: str,
     topic: str,
     records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
+    *,
+    max_bytes: int = 1_000_000,
 ) -> None:
-    """Write (key, value, headers) records and wait until the broker has every one."""
-    producer = Producer({"bootstrap.servers": bootstrap_servers, "acks": "all"})
+    """Write (key, value, headers) records and wait until the broker has every one.
+
+    ``max_bytes`` is the producer's ``message.max.bytes`` (librdkafka's default unless
+    a test writes records as large as the pipeline's budget allows).
+    """
+    producer = Producer(
+        {"bootstrap.servers": bootstrap_servers, "acks": "all", "message.max.bytes": max_bytes}
+    )
     errors: list[str] = []
 
     def report(err: object, _msg: Message) -> None:
@@ -88,3 +96,26 @@ def produce(
 
 def headers_of(msg: Message) -> dict[str, bytes]:
     return {k: v for k, v in (msg.headers() or []) if v is not None}
+
+
+def alter_topic(bootstrap_servers: str, topic: str, config: dict[str, str]) -> None:
+    """Set configuration entries of an existing topic, as an operator would by hand."""
+    from confluent_kafka.admin import (
+        AdminClient,
+        AlterConfigOpType,
+        ConfigEntry,
+        ConfigResource,
+        ResourceType,
+    )
+
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    resource = ConfigResource(
+        ResourceType.TOPIC,
+        topic,
+        incremental_configs=[
+            ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+            for name, value in config.items()
+        ],
+    )
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)

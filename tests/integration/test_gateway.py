@@ -10,9 +10,14 @@ test that stops the broker runs last and always starts it again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import resource
+import secrets
 import signal
 import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +26,10 @@ import httpx
 import pytest
 from confluent_kafka import KafkaError
 
-from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.local.ports import free_port
 from chargify_stream.settings import Settings, load_settings
+from ingest.connection import DRAIN_MAX_BYTES
 from ingest.publisher import Publisher
 from ingest.signature import sign
 from tests.builders import build_body
@@ -102,7 +108,8 @@ def gateway_settings(kafka: KafkaService, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     settings = load_settings(**values)
-    ensure_topics(settings.kafka_bootstrap_servers, [settings.topic("raw")], partitions=3)
+    # As the gateway itself creates it: with the raw record limit of chargify_stream.limits.
+    ensure_pipeline_topics(settings, [settings.topic("raw")])
     return settings
 
 
@@ -319,7 +326,9 @@ class TestBadInput:
         head = (
             b"POST /webhooks/chargify HTTP/1.1\r\nHost: x\r\n"
             b"Content-Type: application/x-www-form-urlencoded\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
+            # Signed (if wrongly): an unsigned request is refused before its body is read.
+            + f"{SIGNATURE}: {'0' * 64}\r\n".encode()
+            + b"Transfer-Encoding: chunked\r\n\r\n"
         )
         piece = b"a" * 65536
         chunk = b"%x\r\n" % len(piece) + piece + b"\r\n"
@@ -391,6 +400,306 @@ class TestBadInput:
         log = gateway.stage.log()
         assert marker not in log
         assert CURRENT_KEY not in log and PREVIOUS_KEY not in log
+
+
+# -- the size budget ------------------------------------------------------------------------
+
+
+def sized_body(size: int) -> bytes:
+    """A valid, signed-able webhook body of exactly ``size`` bytes.
+
+    The padding is random URL-safe text, which lz4 cannot shrink: the broker checks the
+    compressed batch against the topic's ``max.message.bytes``, so a repetitive filler
+    would pass limits a real body of that size does not.
+    """
+    head = build_body("payment_success") + b"&memo="
+    pad = secrets.token_urlsafe(size).encode()[: size - len(head)]
+    body = head + pad
+    assert len(body) == size
+    return body
+
+
+# The old failing range: librdkafka's default message.max.bytes (1,000,000) minus the
+# record's headers, up to the gateway's 1 MiB limit, used to get 503 for ever.
+LIMIT = 1024 * 1024
+ACCEPTED_SIZES = [999_793, 1_000_000, 1_020_000, LIMIT - 1, LIMIT]
+
+
+@pytest.mark.usefixtures("gateway_log")
+class TestSizeBudget:
+    @pytest.mark.parametrize("size", ACCEPTED_SIZES)
+    def test_a_body_up_to_the_limit_is_200_and_on_the_topic(
+        self, gateway: Gateway, size: int
+    ) -> None:
+        assert gateway.settings.gateway_max_body_bytes == LIMIT
+        body = sized_body(size)
+        before = gateway.published()
+        response = gateway.post(body)
+        assert response.status_code == 200, response.text
+        assert gateway.published() == before + 1
+        records = consume(gateway.bootstrap, gateway.topic, count=before + 1)
+        assert any(r.value() == body for r in records)
+
+    @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+    def test_one_byte_over_the_limit_is_413_never_503(
+        self, gateway: Gateway, chunked: bool
+    ) -> None:
+        body = sized_body(LIMIT + 1)
+        signature = sign(CURRENT_KEY.encode(), body)
+        headers = {"Content-Type": FORM, SIGNATURE: signature}
+        before = gateway.published()
+        content: bytes | Iterator[bytes] = body
+        if chunked:
+            content = iter([body[i : i + 65536] for i in range(0, len(body), 65536)])
+        response = gateway.client.post("/webhooks/chargify", content=content, headers=headers)
+        assert response.status_code == 413, response.text
+        assert gateway.published() == before
+
+
+# -- connections: idle, slow, early answers -------------------------------------------------
+
+
+def signed_head(body: bytes, *, length: int | None = None, key: str = CURRENT_KEY) -> bytes:
+    """The request line and headers of a signed webhook POST of ``body``."""
+    return (
+        b"POST /webhooks/chargify HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n"
+        + f"{SIGNATURE}: {sign(key.encode(), body)}\r\n".encode()
+        + f"Content-Length: {len(body) if length is None else length}\r\n\r\n".encode()
+    )
+
+
+def raise_open_files() -> None:
+    """This test process holds ~1,500 sockets: raise its open-files limit if need be."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096 and (hard == resource.RLIM_INFINITY or hard > soft):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+
+
+def still_open(sock: socket.socket) -> bool:
+    """True while the peer has neither closed nor reset ``sock`` (nothing is read)."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(timeout)
+
+
+IDLE = 1000
+SLOW = 500
+
+
+def test_idle_and_slow_connections_do_not_stop_a_webhook(
+    kafka_service: KafkaService, tmp_path: Path
+) -> None:
+    """1,000 connections that send nothing and 500 that send a byte a second (half of
+    them trickling their headers, half their body) are open while signed webhooks come:
+    each webhook is still answered 200 within 1 s.
+
+    The deadlines are set long here so that every attacker's connection stays open for
+    the whole test: it is the concurrency limit being tested, not the deadlines.
+    """
+    raise_open_files()
+    gw = start_gateway(
+        gateway_settings(kafka_service, gateway_header_timeout_s=14, gateway_body_timeout_s=14),
+        tmp_path,
+    )
+    port = gw.settings.gateway_port
+    body = build_body("payment_success")
+    slow_head = signed_head(body, key="not-the-key")
+    latencies: list[float] = []
+
+    def connect() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", port), 10)
+
+    idle: list[socket.socket] = []
+    slow: list[socket.socket] = []
+    try:
+        idle = [connect() for _ in range(IDLE)]
+        slow = [connect() for _ in range(SLOW)]
+        for sock in slow[: SLOW // 2]:
+            sock.sendall(slow_head)  # the body then comes a byte at a time
+        wait_for(
+            lambda: gw.metric("gateway_in_flight") >= SLOW // 2, 10, "the slow bodies in flight"
+        )
+        sent = 0
+        deadline = time.monotonic() + 6
+        with httpx.Client(base_url=gw.base, timeout=10) as client:
+            while time.monotonic() < deadline:
+                # A byte from each slow sender (headers for half, body for the others)...
+                for i, sock in enumerate(slow):
+                    data = body[sent : sent + 1] if i < SLOW // 2 else slow_head[sent : sent + 1]
+                    sock.sendall(data)
+                sent += 1
+                # ...and a real webhook, which must not wait behind them.
+                webhook = build_body("payment_success")
+                started = time.monotonic()
+                response = client.post(
+                    "/webhooks/chargify",
+                    content=webhook,
+                    headers={"Content-Type": FORM, SIGNATURE: sign(CURRENT_KEY.encode(), webhook)},
+                )
+                latencies.append(time.monotonic() - started)
+                assert response.status_code == 200, response.text
+                time.sleep(max(0.0, 1.0 - latencies[-1]))
+        # Every attacker's connection was still there: the webhooks got through anyway.
+        groups = {"idle": idle, "body": slow[: SLOW // 2], "head": slow[SLOW // 2 :]}
+        closed = {name: sum(not still_open(s) for s in group) for name, group in groups.items()}
+        assert closed == {"idle": 0, "body": 0, "head": 0}
+        assert gw.metric("gateway_in_flight") == SLOW // 2
+    finally:
+        for sock in idle + slow:
+            sock.close()
+        gw.client.close()
+        gw.stage.kill()
+    shown = ", ".join(f"{t * 1000:.0f}" for t in sorted(latencies))
+    print(f"webhook latencies (ms) with {IDLE} idle + {SLOW} slow connections: {shown}")
+    assert len(latencies) >= 5
+    assert max(latencies) < 1.0, latencies
+
+
+def test_idle_and_slow_clients_are_dropped_at_their_deadlines(
+    kafka_service: KafkaService, tmp_path: Path
+) -> None:
+    gw = start_gateway(
+        gateway_settings(
+            kafka_service,
+            gateway_header_timeout_s=1,
+            gateway_body_timeout_s=1,
+            gateway_keep_alive_s=1,
+        ),
+        tmp_path,
+    )
+    port = gw.settings.gateway_port
+    body = build_body("payment_success")
+    head = signed_head(body)
+    with contextlib.ExitStack() as stack:
+        stack.callback(gw.stage.kill)
+        stack.callback(gw.client.close)
+
+        def connect() -> socket.socket:
+            return stack.enter_context(socket.create_connection(("127.0.0.1", port), 10))
+
+        idle, slow_head, slow_body, kept = connect(), connect(), connect(), connect()
+        slow_body.sendall(head)
+        kept.sendall(head + body)
+        assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        # A byte every 0.2 s: each arrives long before any per-read timeout would fire.
+        for i in range(25):
+            for sock, data in ((slow_head, head), (slow_body, body), (kept, b"\r\n")):
+                if still_open(sock):
+                    with contextlib.suppress(OSError):
+                        sock.sendall(data[i : i + 1])
+            if not any(still_open(s) for s in (idle, slow_head, slow_body, kept)):
+                break
+            time.sleep(0.2)
+        took = time.monotonic() - started
+        for name, sock in [("idle", idle), ("headers", slow_head), ("body", slow_body)]:
+            assert not still_open(sock), f"the {name} connection is still open after {took}s"
+        assert not still_open(kept), "the kept-alive connection trickling CRLFs is still open"
+        assert took < 3.0
+        assert gw.metric('gateway_connections_dropped_total{reason="header_timeout"}') == 2
+        assert gw.metric('gateway_connections_dropped_total{reason="body_timeout"}') == 1
+        # Nothing was lost on the way: a webhook right after is served as ever.
+        assert gw.post(body).status_code == 200
+
+
+@pytest.mark.usefixtures("gateway_log")
+@pytest.mark.parametrize(
+    ("size", "signed", "status"),
+    [
+        (2 * 1024 * 1024, True, 413),
+        (16 * 1024 * 1024, True, 413),
+        (1024 * 1024, False, 401),
+    ],
+    ids=["2MiB-413", "16MiB-413", "unsigned-1MiB-401"],
+)
+def test_an_early_answer_is_read_by_a_client_that_keeps_sending(
+    gateway: Gateway, size: int, signed: bool, status: int
+) -> None:
+    """urllib sends ``Connection: close`` and reads only once its whole body is out: the
+    gateway answers before reading the body, then reads and discards the rest, so the
+    client gets the answer, not a connection reset."""
+    body = b"a" * size
+    headers = {"Content-Type": FORM}
+    if signed:
+        headers[SIGNATURE] = sign(CURRENT_KEY.encode(), body)
+    url = f"{gateway.base}/webhooks/chargify"
+    seen: list[int | str] = []
+    for _ in range(20):
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=20) as answer:
+                seen.append(answer.status)
+        except urllib.error.HTTPError as exc:
+            seen.append(exc.code)
+            exc.close()
+        except OSError as exc:
+            seen.append(type(exc).__name__)
+    assert seen == [status] * 20, seen
+
+
+@pytest.mark.usefixtures("gateway_log")
+def test_the_rest_of_a_body_answered_early_is_discarded_up_to_a_bound(gateway: Gateway) -> None:
+    declared = 4 * DRAIN_MAX_BYTES
+    head = signed_head(b"", length=declared)
+    piece = b"a" * (1024 * 1024)
+    dropped = 'gateway_connections_dropped_total{reason="drain_limit"}'
+    before = gateway.metric(dropped)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", gateway.settings.gateway_port), 10) as sock:
+        sock.sendall(head)
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+        with contextlib.suppress(OSError):  # the reset once the bound is passed
+            while sent < declared:
+                sock.sendall(piece)
+                sent += len(piece)
+    # Read and discarded up to the bound (plus what the kernels' buffers held), no further.
+    assert DRAIN_MAX_BYTES < sent < DRAIN_MAX_BYTES + 32 * 1024 * 1024
+    wait_for(lambda: gateway.metric(dropped) == before + 1, 5, "the drop counted")
+
+
+def test_a_full_in_flight_budget_is_503_before_the_body_is_read(
+    kafka_service: KafkaService, tmp_path: Path
+) -> None:
+    limit = 1024 * 1024
+    gw = start_gateway(
+        gateway_settings(kafka_service, gateway_max_inflight_bytes=2 * limit), tmp_path
+    )
+    port = gw.settings.gateway_port
+    big = sized_body(limit)
+    held = limit - 500
+    webhook = build_body("payment_success")
+    with contextlib.ExitStack() as stack:
+        stack.callback(gw.stage.kill)
+        stack.callback(gw.client.close)
+        # Two uploads of a 1 MiB body, all but its last 500 bytes sent: the budget holds
+        # 2 MiB - 1,000 bytes, too little for a webhook of a few kB.
+        uploads = [
+            stack.enter_context(socket.create_connection(("127.0.0.1", port), 10)) for _ in range(2)
+        ]
+        for sock in uploads:
+            sock.sendall(signed_head(big) + big[:held])
+        wait_for(lambda: gw.metric("gateway_in_flight_bytes") == 2 * held, 10, "the uploads held")
+        before = gw.published()
+        response = gw.post(webhook)
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "5"
+        assert gw.metric('gateway_rejects_total{reason="inflight_bytes"}') == 1
+        assert gw.published() == before
+        # The uploads end (both complete their body): their bytes are given back.
+        for sock in uploads:
+            sock.sendall(big[held:])
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        wait_for(lambda: gw.metric("gateway_in_flight_bytes") == 0, 10, "the budget back")
+        assert gw.post(webhook).status_code == 200
 
 
 # -- the publisher on its own ---------------------------------------------------------------
@@ -482,6 +791,9 @@ def test_503_while_the_broker_is_down_then_200_again(
         response = gateway.post(body)
         took = time.monotonic() - started
         assert response.status_code == 503, response.text
+        # The client learns to retry; the broker's error is for the log only.
+        assert response.text == "not stored, retry later\n"
+        assert response.headers["retry-after"] == "5"
         # Within the publish bound (plus the report's trip), far below Chargify's 15 s.
         assert took < PUBLISH_TIMEOUT_S + 2.0
         assert gateway.client.get("/readyz").status_code == 503

@@ -155,7 +155,7 @@ def test_every_webhook_outcome_in_trace_and_console(
         (9004, "sink", "parked", "customer_not_found", 0),  # the dead letter itself
         (9004, "sink", "recorded", None, 1),  # the re-drive
         (9005, "processor", "dead_lettered", "unknown_subscription", 0),
-        (9005, "sink", "recorded", None, 0),  # the replay, through the processor
+        (9005, "sink", "recorded", None, 1),  # the replay, through the processor
         (9006, "sink", "recorded", None, 0),
         (9007, "processor", "dead_lettered", "missing_customer_reference", 0),
         (9008, "processor", "dead_lettered", "malformed_payload", 0),

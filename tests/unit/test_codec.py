@@ -1,4 +1,5 @@
-"""Avro single-object encoding: round trips, the wire header, bad input, older writers."""
+"""Avro single-object encoding: round trips, the wire header, bad input, older writers, and
+every schema's values read by both Python Avro libraries (fastavro and Apache's ``avro``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import avro.io
+import avro.schema
 import fastavro
 import pytest
 from hypothesis import given, settings
@@ -17,7 +20,7 @@ from hypothesis import strategies as st
 
 from chargify_stream.errors import UnsupportedSchema
 from schemas import codec
-from schemas.records import ComponentAllocation, SubscriptionChange, Transaction
+from schemas.records import ComponentAllocation, Customer, SubscriptionChange, Transaction
 
 AVRO = Path(str(resources.files("schemas").joinpath("avro")))
 
@@ -59,7 +62,26 @@ CHANGE = SubscriptionChange(
     webhook_id=177103664,
     event="component_allocation_change",
 )
-RECORDS = [TRANSACTION, REFUND, CHANGE]
+CUSTOMER = Customer(
+    customer_key="cust-1",
+    partner_key="acme",
+    email="ada@example.com",
+    name="Ada Lovelace",
+    updated_at=datetime(2026, 11, 27, 15, 0, 0, 250000, tzinfo=UTC),
+)
+ORPHAN = Customer(customer_key="ü-ref", updated_at=datetime(1969, 12, 31, 23, 59, 59, tzinfo=UTC))
+RECORDS = [TRANSACTION, REFUND, CHANGE, CUSTOMER, ORPHAN]
+# One record of each schema, by record name.
+EXAMPLES: dict[str, Transaction | SubscriptionChange | Customer] = {
+    "Transaction": TRANSACTION,
+    "SubscriptionChange": CHANGE,
+    "Customer": CUSTOMER,
+}
+SCHEMA_FILES = sorted(AVRO.glob("*.avsc")) + sorted((AVRO / "history").glob("*.avsc"))
+
+
+def _id(record: object) -> str:
+    return str(getattr(record, "event", None) or f"customer-{record.customer_key}")  # type: ignore[attr-defined]
 
 
 def _crc64_avro(data: bytes) -> int:
@@ -82,12 +104,24 @@ def test_crc_reference_matches_the_specification_test_vector() -> None:
     assert _crc64_avro(b'"null"') == 7195948357588979594
 
 
-@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.event)
-def test_round_trip(record: Transaction | SubscriptionChange) -> None:
-    decoded = codec.decode(codec.encode(record))
+@pytest.mark.parametrize("record", RECORDS, ids=_id)
+def test_round_trip(record: Transaction | SubscriptionChange | Customer) -> None:
+    decoded = codec.decode_record(codec.encode(record))
     assert decoded == record
     assert type(decoded) is type(record)
-    assert decoded.occurred_at.tzinfo is not None
+    moment = decoded.updated_at if isinstance(decoded, Customer) else decoded.occurred_at
+    assert moment.tzinfo is not None
+
+
+@pytest.mark.parametrize("record", [TRANSACTION, CHANGE], ids=_id)
+def test_decode_reads_pipeline_events(record: Transaction | SubscriptionChange) -> None:
+    assert codec.decode(codec.encode(record)) == record
+
+
+def test_decode_refuses_a_customer_where_an_event_belongs() -> None:
+    """The sink reads events only: a Customer on its topics is dead-lettered, not written."""
+    with pytest.raises(UnsupportedSchema, match="not a pipeline event"):
+        codec.decode(codec.encode(CUSTOMER))
 
 
 def test_round_trip_normalises_offsets_to_utc() -> None:
@@ -102,10 +136,11 @@ def test_round_trip_normalises_offsets_to_utc() -> None:
     [
         (TRANSACTION, "Transaction", "transaction.avsc"),
         (CHANGE, "SubscriptionChange", "subscription_change.avsc"),
+        (CUSTOMER, "Customer", "customer.avsc"),
     ],
 )
 def test_header_is_marker_then_spec_fingerprint(
-    record: Transaction | SubscriptionChange, name: str, file: str
+    record: Transaction | SubscriptionChange | Customer, name: str, file: str
 ) -> None:
     data = codec.encode(record)
     assert data[:2] == b"\xc3\x01"
@@ -114,7 +149,7 @@ def test_header_is_marker_then_spec_fingerprint(
         fastavro.parse_schema(json.loads((AVRO / file).read_text()))
     )
     # Logical types are stripped from the canonical form, as in Java's SchemaNormalization.
-    assert '"logicalType"' not in canonical and '{"name":"occurred_at","type":"long"}' in canonical
+    assert '"logicalType"' not in canonical and '"type":{"type":"long"}' not in canonical
     assert data[2:10] == _crc64_avro(canonical.encode()).to_bytes(8, "little")
 
 
@@ -147,12 +182,14 @@ def test_unknown_fingerprint_is_unsupported() -> None:
         codec.decode(bytes(data))
 
 
-@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.event)
-def test_every_truncation_is_unsupported(record: Transaction | SubscriptionChange) -> None:
+@pytest.mark.parametrize("record", RECORDS, ids=_id)
+def test_every_truncation_is_unsupported(
+    record: Transaction | SubscriptionChange | Customer,
+) -> None:
     data = codec.encode(record)
     for end in range(len(data)):
         with pytest.raises(UnsupportedSchema):
-            codec.decode(data[:end])
+            codec.decode_record(data[:end])
 
 
 def test_trailing_bytes_are_unsupported() -> None:
@@ -178,10 +215,10 @@ def _single_object(schema_json: dict[str, object], datum: dict[str, object]) -> 
 @pytest.mark.parametrize("path", sorted((AVRO / "history").glob("*.avsc")), ids=lambda p: p.name)
 def test_values_written_with_each_history_schema_decode(path: Path) -> None:
     schema = json.loads(path.read_text())
-    record = TRANSACTION if schema["name"] == "Transaction" else CHANGE
+    record = EXAMPLES[schema["name"]]
     fields = {field["name"] for field in schema["fields"]}
     datum = {k: v for k, v in record.to_avro().items() if k in fields}
-    decoded = codec.decode(_single_object(schema, datum))
+    decoded = codec.decode_record(_single_object(schema, datum))
     assert type(decoded) is type(record)
     assert {k: v for k, v in decoded.to_avro().items() if k in fields} == datum
 
@@ -215,6 +252,7 @@ def test_record_fields_mirror_the_schemas() -> None:
     for cls, file in (
         (Transaction, "transaction.avsc"),
         (SubscriptionChange, "subscription_change.avsc"),
+        (Customer, "customer.avsc"),
     ):
         schema = json.loads((AVRO / file).read_text())
         fields = dataclasses.fields(cls)
@@ -234,6 +272,8 @@ def test_records_reject_naive_times_and_bad_kinds() -> None:
         dataclasses.replace(TRANSACTION, occurred_at=datetime(2016, 1, 1))
     with pytest.raises(ValueError):
         dataclasses.replace(TRANSACTION, kind="charge")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        dataclasses.replace(CUSTOMER, updated_at=datetime(2026, 1, 1))
 
 
 # -- the writer built from the schema, against fastavro --------------------------------
@@ -294,7 +334,17 @@ _changes = st.builds(
 )
 
 
-def _fastavro_bytes(record: Transaction | SubscriptionChange) -> bytes:
+_customers = st.builds(
+    Customer,
+    customer_key=_texts,
+    partner_key=_optional_texts,
+    email=_optional_texts,
+    name=_optional_texts,
+    updated_at=_times,
+)
+
+
+def _fastavro_bytes(record: Transaction | SubscriptionChange | Customer) -> bytes:
     schema = codec._registry().current[f"io.chargifystream.{type(record).__name__}"]
     return codec._encode_with_fastavro(schema, record)
 
@@ -305,13 +355,13 @@ def test_every_current_schema_has_a_built_writer() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(_transactions, _changes))
+@given(st.one_of(_transactions, _changes, _customers))
 def test_the_built_writer_writes_exactly_what_fastavro_writes(
-    record: Transaction | SubscriptionChange,
+    record: Transaction | SubscriptionChange | Customer,
 ) -> None:
     data = codec.encode(record)
     assert data == _fastavro_bytes(record)
-    assert codec.decode(data) == record
+    assert codec.decode_record(data) == record
 
 
 def test_a_schema_with_other_types_is_left_to_fastavro() -> None:
@@ -323,3 +373,111 @@ def test_a_schema_with_other_types_is_left_to_fastavro() -> None:
     )
     assert codec._compile(["null", "string", "long"]) is None
     assert codec._compile({"type": "int", "logicalType": "date"}) is None
+
+
+# -- other readers: fastavro and Apache's avro, each used the way docs/analysts.md shows ---
+
+
+def _strip_logical_types(schema: Any) -> Any:
+    """The schema without ``logicalType`` attributes: what Parsing Canonical Form keeps."""
+    if isinstance(schema, dict):
+        return {k: _strip_logical_types(v) for k, v in schema.items() if k != "logicalType"}
+    if isinstance(schema, list):
+        return [_strip_logical_types(v) for v in schema]
+    return schema
+
+
+def parsing_fingerprint(schema_json: dict[str, Any]) -> bytes:
+    """The specification's CRC-64-AVRO fingerprint, computed with Apache's ``avro`` only.
+
+    ``avro``'s ``Schema.fingerprint()`` keeps ``{"type":"long"}`` for a logical type; with
+    the logical types removed first it writes the Parsing Canonical Form.
+    """
+    return avro.schema.parse(json.dumps(_strip_logical_types(schema_json))).fingerprint()
+
+
+def _records_written_with(path: Path) -> tuple[dict[str, Any], bytes]:
+    """A schema file and a single-object value written with it (every field filled)."""
+    schema = json.loads(path.read_text())
+    record = EXAMPLES[schema["name"]]
+    fields = {field["name"] for field in schema["fields"]}
+    datum = {k: v for k, v in record.to_avro().items() if k in fields}
+    # A current schema's value comes from the codec's own writer, as the pipeline writes it.
+    current = path.parent == AVRO
+    return schema, codec.encode(record) if current else _single_object(schema, datum)
+
+
+@pytest.mark.parametrize("path", SCHEMA_FILES, ids=lambda p: p.name)
+def test_apache_avro_reads_every_schemas_values(path: Path) -> None:
+    schema_json, data = _records_written_with(path)
+    writers = {parsing_fingerprint(json.loads(p.read_text())): p for p in SCHEMA_FILES}
+    assert data[:2] == b"\xc3\x01"
+    assert writers[data[2:10]].read_text() == path.read_text()
+    writer = avro.schema.parse(path.read_text())
+    current = AVRO / path.name.split(".")[0]
+    reader = avro.schema.parse(current.with_suffix(".avsc").read_text())
+    buffer = io.BytesIO(data[10:])
+    datum = avro.io.DatumReader(writer, reader).read(avro.io.BinaryDecoder(buffer))
+    assert buffer.tell() == len(data) - 10
+    expected = EXAMPLES[schema_json["name"]].to_avro()
+    assert {k: datum[k] for k in expected if k in datum} == {
+        k: v for k, v in expected.items() if k in datum
+    }
+
+
+@pytest.mark.parametrize("path", SCHEMA_FILES, ids=lambda p: p.name)
+def test_fastavro_reads_every_schemas_values(path: Path) -> None:
+    schema_json, data = _records_written_with(path)
+    parsed = fastavro.parse_schema(schema_json)
+    found = fastavro.schema.fingerprint(
+        fastavro.schema.to_parsing_canonical_form(parsed), "CRC-64-AVRO"
+    )
+    assert data[2:10].hex() == found
+    datum: Any = fastavro.schemaless_reader(io.BytesIO(data[10:]), parsed, None)
+    expected = EXAMPLES[schema_json["name"]].to_avro()
+    assert datum == {k: v for k, v in expected.items() if k in datum}
+
+
+_FILES = {
+    "Transaction": "transaction.avsc",
+    "SubscriptionChange": "subscription_change.avsc",
+    "Customer": "customer.avsc",
+}
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=_id)
+def test_apache_avro_writes_the_same_body(
+    record: Transaction | SubscriptionChange | Customer,
+) -> None:
+    schema = avro.schema.parse((AVRO / _FILES[type(record).__name__]).read_text())
+    out = io.BytesIO()
+    avro.io.DatumWriter(schema).write(record.to_avro(), avro.io.BinaryEncoder(out))
+    assert codec.encode(record)[10:] == out.getvalue()
+
+
+@pytest.mark.parametrize("name", sorted(_FILES))
+def test_apache_avros_own_fingerprint_is_not_the_specifications(name: str) -> None:
+    """Pins the ``avro`` package's deviation that docs/analysts.md works around: its
+    canonical form keeps ``{"type":"long"}`` for ``timestamp-micros``, where the
+    specification ([PRIMITIVES], [STRIP]) and Java's SchemaNormalization write ``"long"``.
+    Should a release fix it, this fails and the docs' workaround can go."""
+    schema = avro.schema.parse((AVRO / _FILES[name]).read_text())
+    assert '"type":{"type":"long"}' in schema.canonical_form
+    assert schema.fingerprint() != codec.fingerprint(name)
+    assert parsing_fingerprint(json.loads((AVRO / _FILES[name]).read_text())) == (
+        codec.fingerprint(name)
+    )
+
+
+def test_parsing_canonical_form_of_a_logical_type_is_its_primitive() -> None:
+    # The specification's transformations applied by hand to one timestamp field.
+    schema = {
+        "type": "record",
+        "name": "T",
+        "namespace": "n",
+        "doc": "dropped",
+        "fields": [{"name": "at", "type": {"type": "long", "logicalType": "timestamp-micros"}}],
+    }
+    expected = '{"name":"n.T","type":"record","fields":[{"name":"at","type":"long"}]}'
+    assert fastavro.schema.to_parsing_canonical_form(fastavro.parse_schema(schema)) == expected
+    assert avro.schema.parse(json.dumps(_strip_logical_types(schema))).canonical_form == expected

@@ -12,6 +12,7 @@ from schemas.deadletter import (
     DeadLetterInfo,
     dead_letter_headers,
     parse_dead_letter,
+    pointer,
     replay_headers,
 )
 
@@ -130,3 +131,36 @@ def test_parse_dead_letter_without_dlq_headers_is_none() -> None:
     assert parse_dead_letter(incomplete) is None
     unreadable = [(n, b"x" if n == "dlq-source-partition" else v) for n, v in build()]
     assert parse_dead_letter(unreadable) is None
+
+
+def test_a_pointer_keeps_where_the_original_is_and_why_but_no_body() -> None:
+    letter = [("content-type", b"application/x-www-form-urlencoded"), *build()]
+    key, result = pointer(b"15100141", 1_048_576, letter, refusal="MSG_SIZE_TOO_LARGE (too big)")
+    assert key == b"15100141"
+    found = dict(result)
+    assert "content-type" not in found  # only the small carried-over originals
+    for name, value in ORIGINAL:
+        assert found[name] == value
+    for name in headers.DLQ_HEADERS:
+        if name != headers.DLQ_ERROR:
+            assert found[name] == dict(letter)[name]
+    assert found[headers.DLQ_ERROR].startswith(dict(letter)[headers.DLQ_ERROR])
+    assert b"written as a pointer" in found[headers.DLQ_ERROR]
+    assert b"MSG_SIZE_TOO_LARGE" in found[headers.DLQ_ERROR]
+    info = parse_dead_letter(result)
+    assert info is not None
+    assert (info.pointer, info.original_size, info.source_offset) == (True, 1_048_576, 1234567)
+    assert info.reason == "missing_customer_reference"
+
+
+def test_a_pointer_always_fits() -> None:
+    huge = [(headers.WEBHOOK_ID, b"9" * 100_000), *build(error="x" * 100_000)]
+    key, result = pointer(b"k" * 2_000_000, 5, huge, refusal="r" * 100_000)
+    assert key is None
+    assert sum(len(n) + len(v) for n, v in result) < 2_000
+    assert parse_dead_letter(result) is not None
+
+
+def test_a_whole_dead_letter_is_no_pointer() -> None:
+    info = parse_dead_letter(build())
+    assert info is not None and not info.pointer and info.original_size is None

@@ -15,7 +15,7 @@ from chargify_stream.dlq import (
     parse_time,
     plan_replay,
 )
-from schemas.deadletter import dead_letter_headers
+from schemas.deadletter import dead_letter_headers, pointer
 
 T0 = datetime(2026, 11, 27, 15, 0, tzinfo=UTC)
 RAW, TXNS, DLQ = "chargify.webhooks.raw", "chargify.transactions", "chargify.deadletter"
@@ -206,3 +206,19 @@ def test_malformed_time_filters_say_what_is_accepted(text: str) -> None:
 )
 def test_ages_read_at_a_glance(seconds: float | None, text: str) -> None:
     assert format_age(seconds) == text
+
+
+def test_a_pointer_whose_original_is_gone_is_refused_and_says_where_it_was() -> None:
+    whole = dead_letter(webhook="9002")
+    key, headers = pointer(whole.key, 1_048_576, list(whole.headers), refusal="MSG_SIZE_TOO_LARGE")
+    record = DeadLetterRecord.build(
+        topic=DLQ, partition=0, offset=next(offsets), key=key, value=None, headers=headers
+    )
+    [event] = group_events([record])
+    assert event.info is not None and event.info.pointer
+    assert event.as_json(T0)["pointer"] is True
+    assert event.as_json(T0)["original_size"] == 1_048_576
+    plan = plan_replay([event], max_attempts=5, input_topics=[TXNS])
+    [(refused, why)] = plan.refused
+    assert refused is event
+    assert why == f"a pointer, and its original at {TXNS}[0]@5 is no longer there"

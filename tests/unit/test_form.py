@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chargify_stream.errors import MalformedPayload
+from schemas import form
 from schemas.form import decode_form, encode_form, encode_pairs, get, parse_pairs
 from tests.samples import raw_form_params, raw_form_samples, sample_body
 
@@ -233,3 +234,12 @@ def test_encode_form_is_javascript_style() -> None:
 def test_encode_form_rejects_what_it_cannot_encode(bad: dict[str, Any]) -> None:
     with pytest.raises((ValueError, TypeError)):
         encode_form(bad)
+
+
+def test_keys_nested_deeper_than_the_limit_are_malformed_not_a_crash() -> None:
+    deepest = "a" + "[0]" * form.MAX_DEPTH  # MAX_DEPTH parents (a and the indexes), a leaf
+    assert form.decode_form(f"{deepest}=1".encode())["a"] is not None
+    with pytest.raises(MalformedPayload, match="nested deeper than 32 levels"):
+        form.decode_form(("a" + "[0]" * (form.MAX_DEPTH + 1) + "=1").encode())
+    with pytest.raises(MalformedPayload):  # once a RecursionError
+        form.decode_form(b"a" + b"[0]" * 5000 + b"=1")

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chargify_stream.errors import ConfigError
 from chargify_stream.settings import load_settings
 from ingest.app import GatewayApp
 from ingest.publisher import Headers, PublishError
@@ -237,11 +238,71 @@ def test_405_and_404() -> None:
     assert request(app, "GET", "/nope").status == 404
 
 
-def test_503_when_the_broker_does_not_take_it() -> None:
-    app, _ = make_app(FakeSink(fail=PublishError("no broker")))
-    assert request(app).status == 503
+def test_503_when_the_broker_does_not_take_it(caplog: pytest.LogCaptureFixture) -> None:
+    kafka_text = 'KafkaError{code=MSG_SIZE_TOO_LARGE,val=10,str="Broker: Message size too large"}'
+    app, _ = make_app(FakeSink(fail=PublishError(kafka_text)))
+    with caplog.at_level(logging.WARNING):
+        answer = request(app)
+    assert answer.status == 503
+    assert answer.headers[b"retry-after"] == b"5"
+    # The client learns to retry, nothing of the gateway's insides.
+    assert answer.body == b"not stored, retry later\n"
+    # The broker's error is logged once, in one line.
+    [line] = [r.getMessage() for r in caplog.records if kafka_text in r.getMessage()]
+    assert "\n" not in line and "reason=broker_unavailable" in line
     assert metric(app, 'gateway_rejects_total{reason="broker_unavailable"}') == 1
     assert metric(app, "gateway_publish_seconds_count") == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [[(b"content-type", FORM)], [(b"content-type", FORM), (SIG, b"")]],
+    ids=["no-header", "empty-header"],
+)
+def test_no_signature_is_401_before_the_body_is_read(headers: list[tuple[bytes, bytes]]) -> None:
+    app, sink = make_app()
+    answer = request(app, headers=headers)
+    assert (answer.status, answer.receives) == (401, 0)
+    assert sink.records == []
+
+
+def test_unsigned_mode_still_reads_an_unsigned_body() -> None:
+    app, sink = make_app(allow_unsigned=True)
+    assert request(app, headers=[(b"content-type", FORM)]).status == 200
+    assert len(sink.records) == 1
+
+
+def test_a_full_budget_is_503_before_the_body_is_read() -> None:
+    app, sink = make_app(max_inflight_bytes=LIMIT)
+    with app.budget.lease() as other:  # another request holds all but 10 bytes
+        assert other.take(LIMIT - 10)
+        headers = [*signed(BODY), (b"content-length", str(len(BODY)).encode())]
+        answer = request(app, headers=headers)
+        assert (answer.status, answer.receives) == (503, 0)
+        assert answer.headers[b"retry-after"] == b"5"
+        # Without a declared length the body is read, and refused once it passes the bound.
+        answer = request(app, chunks=[BODY[:8], BODY[8:]])
+        assert (answer.status, answer.receives) == (503, 2)
+    assert metric(app, 'gateway_rejects_total{reason="inflight_bytes"}') == 2
+    assert sink.records == []
+    # Given back: the same request now fits.
+    assert app.budget.used == 0
+    assert request(app).status == 200
+    assert metric(app, "gateway_in_flight_bytes") == 0
+
+
+def test_too_many_requests_in_flight_is_503() -> None:
+    app, sink = make_app(max_in_flight=0)
+    answer = request(app)
+    assert (answer.status, answer.receives) == (503, 0)
+    assert metric(app, 'gateway_rejects_total{reason="too_many_requests"}') == 1
+    assert sink.records == []
+
+
+def test_in_flight_bytes_must_hold_a_body() -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_MAX_INFLIGHT_BYTES"):
+        load_settings(gateway_max_body_bytes=4096, gateway_max_inflight_bytes=4095)
+    assert load_settings(gateway_max_body_bytes=4096, gateway_max_inflight_bytes=4096)
 
 
 def test_a_bug_is_500_and_the_app_keeps_serving(caplog: pytest.LogCaptureFixture) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -197,6 +198,73 @@ def test_the_next_batch_sees_what_the_batch_on_its_way_will_write() -> None:
     # Without the batch ahead, the allocation change cannot be resolved.
     alone = split([incoming("component_allocation_change", 4, subscription_id=77)], tables)
     assert alone.outgoing[0].topic == "deadletter"
+
+
+def test_a_replayed_record_carries_its_replay_count_onto_the_output() -> None:
+    record = incoming(
+        "payment_success", 1, reference="c", extra_headers=[(h.DLQ_REPLAY_COUNT, b"3")]
+    )
+    [out] = split([record], FakeState()).outgoing
+    assert out.topic == "transactions"
+    assert dict(out.headers)[h.DLQ_REPLAY_COUNT] == b"3"
+    [first] = split([incoming("payment_success", 2, reference="c")], FakeState()).outgoing
+    assert h.DLQ_REPLAY_COUNT not in dict(first.headers)
+
+
+def test_a_refused_output_falls_back_to_a_dead_letter_then_a_pointer() -> None:
+    record = incoming("payment_success", 1, reference="c", offset=41)
+    [out] = split([record], FakeState()).outgoing
+    assert out.source == record
+
+    dead = splitter.fallback(out, "MSG_SIZE_TOO_LARGE (too large)")
+    assert dead is not None
+    assert (dead.topic, dead.key, dead.value) == ("deadletter", record.key, record.value)
+    info = parse_dead_letter(dead.headers)
+    assert info is not None and info.reason == "malformed_payload" and not info.pointer
+    assert (
+        info.error == "its transactions record was refused by Kafka: MSG_SIZE_TOO_LARGE (too large)"
+    )
+    assert (info.source_topic, info.source_offset) == ("raw", 41)
+
+    pointer = splitter.fallback(dead, "MSG_SIZE_TOO_LARGE (too large)")
+    assert pointer is not None and pointer.topic == "deadletter" and pointer.value is None
+    info = parse_dead_letter(pointer.headers)
+    assert info is not None and info.pointer and info.original_size == len(record.value)
+    assert (info.source_topic, info.source_offset) == ("raw", 41)
+
+    assert splitter.fallback(pointer, "MSG_SIZE_TOO_LARGE") is None
+
+
+def test_a_deeply_nested_body_is_dead_lettered_with_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = b"id=5&event=payment_success&payload" + b"[0]" * 5000 + b"=1"
+    record = Incoming("raw", 0, 0, b"5", body, [(h.WEBHOOK_ID, b"5")])
+    with caplog.at_level(logging.INFO):
+        [out] = split([record], FakeState()).outgoing
+    info = parse_dead_letter(out.headers)
+    assert info is not None and info.reason == "malformed_payload"
+    assert "nested deeper than" in info.error
+    [line] = caplog.records
+    assert line.exc_info is None and "\n" not in caplog.text.strip()
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+def test_a_processing_bug_logs_one_line_and_the_traceback_only_at_debug(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, level: int
+) -> None:
+    def broken(record: object) -> bytes:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(splitter, "encode", broken)
+    with caplog.at_level(level, logger="processors.splitter"):
+        split([incoming("payment_success", 1)], FakeState())
+    failure = next(r for r in caplog.records if "processing webhook" in r.getMessage())
+    assert failure.getMessage() == (
+        "processing webhook 1 failed; dead-lettering it: "
+        "RecursionError: maximum recursion depth exceeded"
+    )
+    assert (failure.exc_info is not None) == (level == logging.DEBUG)
 
 
 def test_ignored_and_duplicate_webhooks_leave_a_decision_record() -> None:
