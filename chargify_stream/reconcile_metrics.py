@@ -1,6 +1,6 @@
 """``chargify-stream reconcile --every 15m``: reconcile forever, with metrics to alert on.
 
-Prometheus text on ``http://127.0.0.1:RECONCILE_METRICS_PORT/metrics``:
+Prometheus text on ``http://METRICS_HOST:RECONCILE_METRICS_PORT/metrics``:
 
 - ``reconcile_missing``: webhooks Chargify holds that the pipeline had not received at the
   end of the last pass (after ``--wait``, if given; else before the replays arrived);
@@ -70,11 +70,14 @@ def run_forever(
 
     metrics = ReconcileMetrics()
     if settings.reconcile_metrics_port:
-        start_http_server(settings.reconcile_metrics_port, "127.0.0.1", registry=metrics.registry)
+        start_http_server(
+            settings.reconcile_metrics_port, settings.metrics_host, registry=metrics.registry
+        )
     stop = stop or threading.Event()
     log.info(
-        "reconciling every %.0fs; metrics on 127.0.0.1:%s",
+        "reconciling every %.0fs; metrics on %s:%s",
         args.every,
+        settings.metrics_host,
         settings.reconcile_metrics_port,
     )
     while not stop.is_set():

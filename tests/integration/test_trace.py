@@ -280,6 +280,9 @@ def check_console(
     )
     assert {k: shown[f"partner.{k}"] for k in partners} == partners == {7001: "p1", 7004: "none"}
 
+    sink = f"http://127.0.0.1:{ports['sink_metrics_port']}"
+    assert httpx.get(f"{sink}/healthz", timeout=5).status_code == 200
+    assert httpx.get(f"{sink}/readyz", timeout=5).text == "ready\n"
     summary = httpx.get(f"{base}/api/summary", timeout=30).json()
     assert summary["outcomes"] == counts and summary["errors"] == {}
     # The search box opens a webhook's trace.
