@@ -129,31 +129,20 @@ _MOVES = (
     f" and (t.outcome = '{RECEIVED}' or excluded.decided_at >= t.decided_at)))"
 )
 
-WRITE_DELIVERIES = (
+_INSERT_NEW = (
     "with new as ("
     f" insert into webhook_deliveries ({_NAMES})"
     f" select {_NAMES} from unnest("
     + ", ".join(f"%b::{t}[]" for _, t in _COLUMNS)
     + f") as b ({_NAMES})"
     " on conflict do nothing"
-    " returning *),"
-    " agg as ("
-    " select webhook_id,"
-    "  max(event) as event,"
-    f"  coalesce((array_agg(decision {_WINNER}))[1], '{RECEIVED}') as outcome,"
-    f"  (array_agg(reason {_WINNER}))[1] as reason,"
-    f"  coalesce((array_agg(stage {_WINNER}))[1], min(stage)) as stage,"
-    "  max(transaction_id) as transaction_id,"
-    "  max(subscription_id) as subscription_id,"
-    "  max(customer_key) as customer_key,"
-    "  min(received_at) as received_at,"
-    f"  coalesce((array_agg(at {_WINNER}))[1], min(at)) as decided_at,"
-    "  (count(*) filter (where attempt))::integer as attempts"
-    " from new group by webhook_id)"
+    " returning *)"
+)
+_UPSERT_OUTCOMES = (
     " insert into webhook_outcomes as t (webhook_id, event, outcome, reason, stage,"
     " transaction_id, subscription_id, customer_key, received_at, decided_at, attempts)"
     " select webhook_id, event, outcome, reason, stage, transaction_id, subscription_id,"
-    " customer_key, received_at, decided_at, attempts from agg order by webhook_id"
+    " customer_key, received_at, decided_at, attempts from {source} order by webhook_id"
     " on conflict (webhook_id) do update set"
     f" outcome = case when {_MOVES} then excluded.outcome else t.outcome end,"
     f" reason = case when {_MOVES} then excluded.reason else t.reason end,"
@@ -165,6 +154,35 @@ WRITE_DELIVERIES = (
     " customer_key = coalesce(excluded.customer_key, t.customer_key),"
     " received_at = least(t.received_at, excluded.received_at),"
     " attempts = t.attempts + excluded.attempts"
+)
+
+# Several deliveries of one webhook in the batch: fold them to one outcome row first (ON
+# CONFLICT cannot touch a row twice in one statement).
+WRITE_DELIVERIES = (
+    _INSERT_NEW + ", agg as ("
+    " select webhook_id,"
+    "  max(event) as event,"
+    f"  coalesce((array_agg(decision {_WINNER}))[1], '{RECEIVED}') as outcome,"
+    f"  (array_agg(reason {_WINNER}))[1] as reason,"
+    f"  coalesce((array_agg(stage {_WINNER}))[1], min(stage)) as stage,"
+    "  max(transaction_id) as transaction_id,"
+    "  max(subscription_id) as subscription_id,"
+    "  max(customer_key) as customer_key,"
+    "  min(received_at) as received_at,"
+    f"  coalesce((array_agg(at {_WINNER}))[1], min(at)) as decided_at,"
+    "  (count(*) filter (where attempt))::integer as attempts"
+    " from new group by webhook_id)" + _UPSERT_OUTCOMES.format(source="agg")
+)
+# One delivery per webhook (the sink's batches, nearly always): no folding. Measured on a
+# 1,000-record batch, the grouping cost about as much as the inserts.
+WRITE_UNIQUE_DELIVERIES = (
+    _INSERT_NEW + ", one as ("
+    " select webhook_id, event,"
+    f"  case when decision in ({_OUTCOME_LIST}) then decision else '{RECEIVED}' end as outcome,"
+    f"  case when decision in ({_OUTCOME_LIST}) then reason end as reason,"
+    "  stage, transaction_id, subscription_id, customer_key, received_at,"
+    "  at as decided_at, attempt::integer as attempts"
+    " from new)" + _UPSERT_OUTCOMES.format(source="one")
 )
 
 
@@ -215,9 +233,18 @@ def parse_int(value: bytes | str) -> int | None:
     return number if 0 <= number < 2**63 else None
 
 
-def write_deliveries(cur: psycopg.Cursor[Any], deliveries: Sequence[Delivery]) -> None:
-    """Record ``deliveries`` in the cursor's transaction (the caller commits)."""
+def write_deliveries(
+    cur: psycopg.Cursor[Any], deliveries: Sequence[Delivery], *, fold: bool | None = None
+) -> None:
+    """Record ``deliveries`` in the cursor's transaction (the caller commits).
+
+    ``fold`` chooses the statement: by default the folding one only when a webhook has
+    several deliveries in the batch (both give the same result; tests run both).
+    """
     if not deliveries:
         return
     rows = sorted(deliveries, key=lambda row: row[0])
-    cur.execute(WRITE_DELIVERIES, [list(col) for col in zip(*rows, strict=True)])
+    if fold is None:
+        fold = len({row[0] for row in rows}) < len(rows)
+    sql = WRITE_DELIVERIES if fold else WRITE_UNIQUE_DELIVERIES
+    cur.execute(sql, [list(col) for col in zip(*rows, strict=True)])

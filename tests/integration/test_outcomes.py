@@ -29,6 +29,14 @@ def conn(database_factory: Callable[..., str]) -> Iterator[psycopg.Connection[An
         yield c
 
 
+# Both statements: the folding one always (True), and the default choice (None: the
+# unfolded one for batches with one delivery per webhook, as most of these are).
+@pytest.fixture(params=[None, True], ids=["default", "fold"])
+def fold(request: pytest.FixtureRequest) -> bool | None:
+    value: bool | None = request.param
+    return value
+
+
 def duplicate(offset: int, *, at: datetime = T0) -> Delivery:
     """The processor dropping a delivery (raw record ``offset``) as a duplicate."""
     return Delivery(
@@ -54,9 +62,18 @@ def decided(
     )  # fmt: skip
 
 
-def record(conn: psycopg.Connection[Any], *deliveries: Delivery) -> None:
-    with conn.transaction(), conn.cursor() as cur:
-        write_deliveries(cur, deliveries)
+Record = Callable[..., None]
+
+
+@pytest.fixture
+def record(fold: bool | None) -> Record:
+    """Write deliveries in one transaction, with the statement the test runs under."""
+
+    def write(conn: psycopg.Connection[Any], *deliveries: Delivery) -> None:
+        with conn.transaction(), conn.cursor() as cur:
+            write_deliveries(cur, deliveries, fold=fold)
+
+    return write
 
 
 def outcome(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
@@ -70,7 +87,7 @@ def outcome(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
 
 
 def test_a_webhook_moves_to_each_new_decision_and_counts_attempts_once(
-    conn: psycopg.Connection[Any],
+    conn: psycopg.Connection[Any], record: Record
 ) -> None:
     # Seen first through a duplicate (its first delivery's decision still on its way).
     record(conn, duplicate(5))
@@ -85,7 +102,7 @@ def test_a_webhook_moves_to_each_new_decision_and_counts_attempts_once(
     assert outcome(conn) == ("recorded", None, "sink", 3, T0)
 
 
-def test_recorded_never_moves_back(conn: psycopg.Connection[Any]) -> None:
+def test_recorded_never_moves_back(conn: psycopg.Connection[Any], record: Record) -> None:
     record(conn, decided("recorded", 2, stage="sink", topic="chargify.transactions"))
     # An older dead letter read late, a later retry found unchanged, a duplicate.
     record(conn, decided("dead_lettered", 1, reason="malformed_payload"))
@@ -100,7 +117,7 @@ def test_recorded_never_moves_back(conn: psycopg.Connection[Any]) -> None:
 
 
 def test_one_batch_with_several_decisions_takes_the_newest(
-    conn: psycopg.Connection[Any],
+    conn: psycopg.Connection[Any], record: Record
 ) -> None:
     # Read in any order within a batch: parked at 1, then dead-lettered again at 4.
     record(
