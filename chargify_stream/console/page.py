@@ -149,7 +149,7 @@ def render_summary(s: dict[str, Any]) -> str:
     parts.append("<h2>Recent transactions</h2>")
     parts.append(
         _table(
-            ["webhook", "transaction", "kind", "amount", "customer", "partner", "recorded"],
+            ["webhook", "transaction", "kind", "amount", "customer", "partner", "occurred"],
             recent,
             "none yet",
         )
@@ -175,7 +175,7 @@ def _transaction_row(t: dict[str, Any]) -> str:
         f"{_n(t['transaction_id'], 'transaction')}<td>{escape(t['kind'])}</td>"
         f"{_n(amount, 'amount')}<td>{escape(t['customer_key'])}</td>"
         f'<td data-figure="partner.{t["transaction_id"]}">{escape(partner)}</td>'
-        f'<td class="muted">{escape(plain(t["recorded_at"]))}</td></tr>'
+        f'<td class="muted">{escape(plain(t["occurred_at"]))}</td></tr>'
     )
 
 
