@@ -175,3 +175,34 @@ def test_the_sink_records_each_record_outcome_in_its_transaction(
     # Without sources (the outcome log off), nothing is recorded.
     write_batch(conn, [payment(3, 14, "c1")])
     assert conn.execute("select count(*) from webhook_outcomes").fetchone() == (3,)
+
+
+def test_resolved_dead_letters_are_those_with_a_later_good_outcome(
+    database_factory: Callable[..., str],
+) -> None:
+    from chargify_stream.resolved import resolutions
+    from chargify_stream.settings import load_settings
+
+    dsn = database_factory()
+    settings = load_settings(database_url=dsn)
+    later = T0 + timedelta(minutes=5)
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        write_deliveries(
+            cur,
+            [
+                # 1: recorded after its dead letter (re-driven); 2: dead-lettered again;
+                # 3: recorded before the dead letter the caller asks about.
+                Delivery(1, "sink", "recorded", None, "tx", 0, 1, 1, later),
+                Delivery(
+                    2, "processor", "dead_lettered", "malformed_payload", "dlq", 0, 2, 0, later
+                ),
+                Delivery(3, "sink", "recorded", None, "tx", 0, 3, 0, T0),
+            ],
+        )
+    found = resolutions(
+        settings, [("1", T0), ("2", T0), ("3", later), ("not-a-number", T0), ("4", None)]
+    )
+    assert found == {"1": ("recorded", later)}
+    assert resolutions(settings, []) == {}
+    away = load_settings(database_url="postgresql://nobody@127.0.0.1:1/none")
+    assert resolutions(away, [("1", T0)]) is None
