@@ -27,7 +27,15 @@ _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 _SUBDOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 
 # The pipeline's topics, by the short name :meth:`Settings.topic` takes.
-TOPICS = ("raw", "transactions", "subscriptions", "deadletter", "sink_retry", "customers")
+TOPICS = (
+    "raw",
+    "transactions",
+    "subscriptions",
+    "deadletter",
+    "sink_retry",
+    "decisions",
+    "customers",
+)
 
 
 class Settings(BaseSettings):
@@ -71,6 +79,9 @@ class Settings(BaseSettings):
     topic_subscriptions: str = "chargify.subscriptions"
     topic_deadletter: str = "chargify.deadletter"
     topic_sink_retry: str = "chargify.sink.retry"
+    # The processor's decisions that leave no other record (ignored, duplicate): read by
+    # the sink's outcome recorder into webhook_outcomes.
+    topic_decisions: str = "chargify.processor.decisions"
     # Compacted mirror of the customers table, for in-stream attribution joins.
     topic_customers: str = "chargify.customers"
     topic_partitions: int = Field(default=3, ge=1)
@@ -89,6 +100,17 @@ class Settings(BaseSettings):
     sink_batch_size: int = Field(default=1000, ge=1)
     sink_batch_timeout_ms: int = Field(default=50, ge=1)
     sink_metrics_port: int = Field(default=9108, ge=0, le=65535)
+    # Whether the sink keeps webhook_outcomes (what happened to every webhook); off only
+    # to measure what it costs.
+    outcome_log: bool = True
+
+    # Where the processor's and the sink's metrics and health endpoints listen (0.0.0.0
+    # for Prometheus in another container); the gateway's are on GATEWAY_HOST.
+    metrics_host: str = "127.0.0.1"
+
+    # The operators' web page (`chargify-stream console`).
+    console_host: str = "127.0.0.1"
+    console_port: int = Field(default=8090, ge=1, le=65535)
 
     # Chargify's management API, for `reconcile` and `connect`. The base URL is
     # https://<CHARGIFY_SUBDOMAIN>.chargify.com unless CHARGIFY_API_URL says otherwise
@@ -99,6 +121,7 @@ class Settings(BaseSettings):
     reconcile_metrics_port: int = Field(default=9110, ge=0, le=65535)
 
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
     @model_validator(mode="after")
     def _inflight_holds_a_body(self) -> Settings:
@@ -200,7 +223,7 @@ class Settings(BaseSettings):
 
     def topic(self, name: str) -> str:
         """The full name of topic ``raw``, ``transactions``, ``subscriptions``, ``deadletter``,
-        ``sink_retry`` or ``customers``."""
+        ``sink_retry``, ``decisions`` or ``customers``."""
         return self.kafka_topic_prefix + str(getattr(self, f"topic_{name}"))
 
     @property

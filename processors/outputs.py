@@ -50,13 +50,14 @@ POLL_INTERVAL_S = 0.002
 
 
 class Outputs:
-    """The producer for the transactions, subscriptions and dead-letter topics."""
+    """The producer for the transactions, subscriptions, dead-letter and decisions topics."""
 
     def __init__(
         self, settings: Settings, *, on_retry: Callable[[int], None] | None = None
     ) -> None:
         self.topics = {
-            name: settings.topic(name) for name in ("transactions", "subscriptions", "deadletter")
+            name: settings.topic(name)
+            for name in ("transactions", "subscriptions", "deadletter", "decisions")
         }
         self.on_retry = on_retry
         self._producer = Producer(

@@ -14,8 +14,13 @@ Per record, in order:
 2. :func:`processors.routing.route` decides, resolving a missing customer reference from
    the references known so far, including those learnt earlier in the same batch;
 3. the decision becomes an Avro record with the raw record's ``chargify-webhook-id``,
-   ``chargify-event`` and ``received-at`` headers, or a dead letter carrying the raw key,
+   ``chargify-event`` and ``received-at`` headers (and ``chargify-raw-position``, where the
+   raw record is), or a dead letter carrying the raw key,
    bytes and headers plus the ``dlq-*`` headers, or nothing (ignored: counted and logged).
+
+A webhook ignored or dropped as a duplicate also gets a decision record
+(:mod:`schemas.decisions`) in ``Split.decisions``, published with the outputs, so that
+``webhook_outcomes`` learns what became of it.
 
 Only emitted webhooks are remembered as seen: a webhook that was dead-lettered, say for an
 unknown subscription, gets a fresh chance if Chargify sends it again.
@@ -29,18 +34,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, NamedTuple, Protocol
 
-from chargify_stream.logs import log_failure
+from chargify_stream.logs import fields, log_failure
 from processors.routing import SUPPORTED_EVENTS, DeadLetter, Emit, Ignore, route
 from schemas import headers as h
 from schemas.codec import encode
 from schemas.deadletter import dead_letter_headers, pointer
+from schemas.decisions import Decision, encode_decision, now
 
 __all__ = ["Incoming", "Outgoing", "Pending", "Split", "State", "Tally", "fallback", "split"]
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
-OutputTopic = Literal["transactions", "subscriptions", "deadletter"]
+OutputTopic = Literal["transactions", "subscriptions", "deadletter", "decisions"]
 
 # Event labels for metrics: the events we act on and the test event; anything else is
 # "other", so a body cannot grow the label set.
@@ -147,18 +153,54 @@ class Split:
     # raw partition -> offset of the batch's first record from it (names a seen-table entry).
     first_offsets: dict[int, int] = field(default_factory=dict)
     tally: Tally = field(default_factory=Tally)
+    # Records for the decisions topic (ignored, duplicate), to publish with ``outgoing``.
+    decisions: list[Outgoing] = field(default_factory=list)
+
+    def note(
+        self,
+        record: Incoming,
+        webhook_id: str | None,
+        decision: str,
+        reason: str | None,
+        event: str | None,
+        received_at: str | None,
+        replay_count: int,
+    ) -> None:
+        """Add a decision record for ``record`` (none without a webhook id to key it)."""
+        if not webhook_id:
+            return
+        value = encode_decision(
+            Decision(
+                webhook_id,
+                decision,
+                reason,
+                event,
+                received_at,
+                now(),
+                record.topic,
+                record.partition,
+                record.offset,
+                replay_count,
+            )
+        )
+        self.decisions.append(Outgoing("decisions", webhook_id.encode(), value, []))
 
 
 def _event_label(event: str | None) -> str:
     return event if event in _EVENT_LABELS else "other"
 
 
-def _replayed(replay_count: bytes) -> bool:
-    """Whether a ``dlq-replay-count`` header says the record is a dead-letter replay."""
+def raw_position(record: Incoming) -> bytes:
+    """The ``chargify-raw-position`` header value of a record split from ``record``."""
+    return f"{record.topic}/{record.partition}/{record.offset}".encode()
+
+
+def _replay_count(value: bytes) -> int:
+    """A ``dlq-replay-count`` header's count (above 0: a dead-letter replay)."""
     try:
-        return int(replay_count) > 0
+        return max(int(value), 0)
     except ValueError:
-        return False
+        return 0
 
 
 def split(batch: Sequence[Incoming], state: State) -> Split:
@@ -174,22 +216,31 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
 
     for record in batch:
         result.first_offsets.setdefault(record.partition, record.offset)
-        header_id = event_header = None
-        replayed = False
+        header_id = event_header = received_at = None
+        replays = 0
         for name, value in record.headers:
             if name == h.WEBHOOK_ID:
                 header_id = value.decode(errors="replace")
             elif name == h.EVENT:
                 event_header = value.decode(errors="replace")
+            elif name == h.RECEIVED_AT:
+                received_at = value.decode(errors="replace")
             elif name == h.DLQ_REPLAY_COUNT:
-                replayed = _replayed(value)
+                replays = _replay_count(value)
+        replayed = replays > 0
         if (
             header_id
             and not replayed
             and (header_id in emitted_now or state.is_duplicate(header_id))
         ):
             tally.events[_event_label(event_header), DUPLICATE] += 1
-            log.info("dropped duplicate webhook %s (%s)", header_id, event_header)
+            log.info(
+                "dropped duplicate webhook %s (%s)",
+                header_id,
+                event_header,
+                extra=fields(header_id, event_header, DUPLICATE),
+            )
+            result.note(record, header_id, DUPLICATE, None, event_header, received_at, replays)
             continue
         try:
             decision = route(record.value, lookup)
@@ -199,7 +250,10 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
                     action.topic,
                     action.key.encode(),
                     encode(action.record),
-                    [(k, v) for k, v in record.headers if k in h.CARRIED_TO_OUTPUTS],
+                    [
+                        *((k, v) for k, v in record.headers if k in h.CARRIED_TO_OUTPUTS),
+                        (h.RAW_POSITION, raw_position(record)),
+                    ],
                     record,
                 )
                 if isinstance(action, Emit)
@@ -230,7 +284,13 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
                 and (webhook_id in emitted_now or state.is_duplicate(webhook_id))
             ):
                 tally.events[_event_label(event), DUPLICATE] += 1
-                log.info("dropped duplicate webhook %s (%s)", webhook_id, event)
+                log.info(
+                    "dropped duplicate webhook %s (%s)",
+                    webhook_id,
+                    event,
+                    extra=fields(webhook_id, event, DUPLICATE),
+                )
+                result.note(record, webhook_id, DUPLICATE, None, event, received_at, replays)
                 continue
             result.outgoing.append(outgoing)
             if webhook_id:
@@ -241,7 +301,14 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
         elif isinstance(action, Ignore):
             tally.events[_event_label(event), IGNORED] += 1
             tally.ignored[action.reason] += 1
-            log.info("ignored webhook %s (%s): %s", webhook_id, event, action.reason)
+            log.info(
+                "ignored webhook %s (%s): %s",
+                webhook_id,
+                event,
+                action.reason,
+                extra=fields(webhook_id, event, IGNORED, action.reason),
+            )
+            result.note(record, webhook_id, IGNORED, action.reason, event, received_at, replays)
         else:
             assert isinstance(action, DeadLetter)
             tally.events[_event_label(event), DEAD_LETTERED] += 1
@@ -256,6 +323,7 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
                 record.offset,
                 action.reason,
                 action.error,
+                extra=fields(webhook_id, event, DEAD_LETTERED, action.reason),
             )
             result.outgoing.append(_dead_letter(record, action.reason, action.error))
     return result

@@ -259,8 +259,8 @@ def build_app(
         # before the group moves them; 10 s is Kafka's long-time default.
         broker_session_timeout=10.0,
         broker_heartbeat_interval=3.0,
-        web_host="127.0.0.1",
-        web_bind="127.0.0.1",
+        web_host=settings.metrics_host,
+        web_bind=settings.metrics_host,
         web_port=settings.processor_web_port,
         # The table pages would show customer references; the graph is for debugging.
         web_tables_enabled=False,
@@ -354,7 +354,7 @@ def build_app(
         except Exception as exc:
             _failed(exc)
             return None
-        sending = asyncio.ensure_future(outputs.send(result.outgoing))
+        sending = asyncio.ensure_future(outputs.send([*result.outgoing, *result.decisions]))
         return _Sent(admission, result, sending, started, positions.rereads - rereads)
 
     async def _finish(sent: _Sent) -> bool:
@@ -581,10 +581,11 @@ def run(settings: Settings) -> int:
         outputs.close()
         return _broker_away_at_start(exc)
     log.info(
-        "processor %s reading %s (%d partitions); metrics on http://127.0.0.1:%d/metrics",
+        "processor %s reading %s (%d partitions); metrics on http://%s:%d/metrics",
         settings.processor_app_id,
         settings.topic("raw"),
         partitions,
+        settings.metrics_host,
         settings.processor_web_port,
     )
     if not NATIVE_SCAN:
@@ -612,6 +613,9 @@ def run(settings: Settings) -> int:
     worker = StartAwareWorker(
         app, loglevel=settings.log_level.lower(), quiet=True, override_logging=False
     )
+    # Faust's start-up spinner writes a terminal escape sequence (show cursor) even when
+    # its output is no terminal, into the log.
+    worker.spinner = None
     code = 0
     try:
         worker.execute_from_commandline()

@@ -54,18 +54,21 @@ from typing import Any, TypeVar, cast
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from chargify_stream.errors import ChargifyStreamError, RecordError, TransientError
 from chargify_stream.kafka_admin import check_deadletter_topic, ensure_pipeline_topics
 from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.limits import deadletter_record_max
+from chargify_stream.logs import fields
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.codec import decode
 from schemas.deadletter import dead_letter_headers, pointer
+from sink.health import serve_health
 from sink.migrate import pending
+from sink.outcomes import source_of
 from sink.upsert import BatchResult, Record, RejectedRecord, classify, write_batch
 
 log = logging.getLogger(__name__)
@@ -203,6 +206,14 @@ class Sink:
         # committed (in the consuming thread: the consumer serves one thread at a time).
         self._in_flight: deque[tuple[Future[None], Prepared]] = deque()
         self._failure: BaseException | None = None  # the first write that failed (a bug)
+        self._consuming = False
+        self._waiting_on: str | None = None  # what a step is retrying, for /readyz
+
+    def readiness(self) -> str | None:
+        """``None`` when consuming and no step waits on a fault; else why not (/readyz)."""
+        if self._waiting_on is not None:
+            return f"waiting for the {self._waiting_on}"
+        return None if self._consuming else "not consuming yet"
 
     def stop(self) -> None:
         """Ask the loop to end after the current step (safe from a signal handler)."""
@@ -219,8 +230,11 @@ class Sink:
         delay = BACKOFF_FIRST_S
         while True:
             try:
-                return step()
+                result = step()
+                self._waiting_on = None
+                return result
             except TransientError as exc:
+                self._waiting_on = target
                 self.metrics.retries.labels(target).inc()
                 wait = delay * random.uniform(0.5, 1.0)
                 log.warning("%s unavailable (%s); retrying in %.1fs", target, exc, wait)
@@ -272,10 +286,23 @@ class Sink:
     def _write(self, items: Sequence[tuple[Message, Record]]) -> list[DeadLetter]:
         """Write ``items``; return the dead letters (unknown customer, poison)."""
         records = [rec for _, rec in items]
+        sources = (
+            [
+                source_of(m.topic() or "", m.partition() or 0, m.offset() or 0, _headers(m))
+                for m, _ in items
+            ]
+            if self.settings.outcome_log
+            else None
+        )
 
         def attempt() -> BatchResult:
             started = time.perf_counter()
-            result = write_batch(self._connection(), records)
+            conn = self._connection()
+            result = (
+                write_batch(conn, records)
+                if sources is None
+                else write_batch(conn, records, sources)
+            )
             self.metrics.write_seconds.observe(time.perf_counter() - started)
             return result
 
@@ -355,6 +382,7 @@ class Sink:
                 " as a pointer" if dl.refusal is not None else "",
                 dl.reason,
                 dl.error,
+                extra=_log_fields(dl),
             )
 
             def report(err: KafkaError | None, _m: Message, dl: DeadLetter = dl) -> None:
@@ -499,6 +527,7 @@ class Sink:
             self._retrying("database", self._connection)
             self._drop_connection()  # the writer threads open their own
             self.consumer.subscribe(self.topics, on_revoke=self._on_revoke)
+            self._consuming = True
             log.info(
                 "sink consuming %s as group %s",
                 ", ".join(self.topics),
@@ -522,6 +551,7 @@ class Sink:
             log.info("stopped while waiting on a fault; the batch was not committed")
         finally:
             log.info("sink stopping")
+            self._consuming = False
             # A writer waiting on a fault stops now, rather than when the fault clears.
             self._stop.set()
             writers.shutdown(wait=True)  # the writes in flight end (or stop) first
@@ -642,6 +672,18 @@ def _headers(msg: Message) -> list[tuple[str, bytes]]:
     return [(k, v.encode() if isinstance(v, str) else v) for k, v in items if v is not None]
 
 
+def _log_fields(dl: DeadLetter) -> dict[str, str]:
+    """The stable log keys of a dead letter (webhook id and event from its headers)."""
+    found = {k: v for k, v in _headers(dl.msg) if k in (h.WEBHOOK_ID, h.EVENT)}
+    outcome = "parked" if dl.reason == h.CUSTOMER_NOT_FOUND else "dead_lettered"
+    return fields(
+        found.get(h.WEBHOOK_ID, b"").decode(errors="replace") or None,
+        found.get(h.EVENT, b"").decode(errors="replace") or None,
+        outcome,
+        dl.reason,
+    )
+
+
 def _log_refused(dl: DeadLetter, why: str) -> None:
     size = len(dl.msg.value() or b"") + len(dl.msg.key() or b"")
     log.warning(
@@ -666,17 +708,23 @@ def _skip(msg: Message) -> bool:
 def run(settings: Settings) -> int:
     sink = build_sink(settings)
     if settings.sink_metrics_port:
-        start_http_server(settings.sink_metrics_port, "127.0.0.1", registry=sink.metrics.registry)
+        serve_health(
+            settings.metrics_host, settings.sink_metrics_port, sink.metrics.registry, sink.readiness
+        )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sink.stop())
     from sink.customer_relay import start_customer_relay
+    from sink.recorder import start_recorder
     from sink.redrive import start_redriver
 
     redriver = start_redriver(settings, sink.metrics.registry)
     relay = start_customer_relay(settings, sink.metrics.registry)
+    recorder = start_recorder(settings, sink.metrics.registry) if settings.outcome_log else None
     try:
         sink.run()
     finally:
         redriver.stop()
         relay.stop()
+        if recorder is not None:
+            recorder.stop()
     return 0

@@ -220,26 +220,26 @@ class RedriveMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.dead_letters = Counter(
-            "deadletter_records",
+            "sink_deadletter_records",
             "Records read from the dead-letter topic by this sink's re-driver (its share of "
             "the partitions), by reason and stage; 'none' when a record has no dlq-* headers",
             ["reason", "stage"],
             registry=self.registry,
         )
         self.waiting = Gauge(
-            "parked_events_waiting",
+            "sink_parked_events_waiting",
             "customer_not_found events waiting for their customer (every sink reports the "
             "same total), by time since dead-lettered",
             ["age"],
             registry=self.registry,
         )
         self.redriven = Counter(
-            "parked_events_redriven",
+            "sink_parked_events_redriven",
             "Parked events re-published to the sink's retry topic",
             registry=self.registry,
         )
         self.faults = Counter(
-            "redrive_faults", "Re-driver restarts after a fault", registry=self.registry
+            "sink_redrive_faults", "Re-driver restarts after a fault", registry=self.registry
         )
         for bucket, _ in AGE_BUCKETS:
             self.waiting.labels(bucket).set(0)

@@ -83,13 +83,13 @@ def test_customers_add_redrives_a_parked_payment_within_seconds(
         "the dead letter to be parked",
     )
     wait_for(
-        lambda: sum(metric(s, "parked_events_waiting", 'age="0-1m"') for s in sinks) >= 1,
+        lambda: sum(metric(s, "sink_parked_events_waiting", 'age="0-1m"') for s in sinks) >= 1,
         "the parked-events gauge",
         timeout=15,
     )
     assert (
         sum(
-            metric(s, "deadletter_records_total", 'reason="customer_not_found",stage="sink"')
+            metric(s, "sink_deadletter_records_total", 'reason="customer_not_found",stage="sink"')
             for s in sinks
         )
         == 1

@@ -64,6 +64,7 @@ def test_emits_avro_under_the_customer_with_the_carried_headers() -> None:
         (h.WEBHOOK_ID, b"1"),
         (h.EVENT, b"payment_success"),
         (h.RECEIVED_AT, b"2024-10-11T19:28:31.000Z"),
+        (h.RAW_POSITION, b"raw/0/0"),
     ]
     assert result.emitted == {0: ["1"]}
     assert result.tally.events == {("payment_success", "emitted"): 1}
@@ -264,3 +265,32 @@ def test_a_processing_bug_logs_one_line_and_the_traceback_only_at_debug(
         "RecursionError: maximum recursion depth exceeded"
     )
     assert (failure.exc_info is not None) == (level == logging.DEBUG)
+
+
+def test_ignored_and_duplicate_webhooks_leave_a_decision_record() -> None:
+    from schemas.decisions import decode_decision
+
+    test_event = Incoming(
+        "raw", 0, 4, b"9", b"id=9&event=test&payload[chargify]=testing",
+        [(h.WEBHOOK_ID, b"9"), (h.EVENT, b"test"), (h.RECEIVED_AT, b"2026-12-01T09:00:00Z")],
+    )  # fmt: skip
+    again = incoming("payment_success", 5, offset=5, reference="c", transaction_id=71)
+    replayed = incoming(
+        "payment_success", 5, offset=6, reference="c", transaction_id=71,
+        extra_headers=[(h.DLQ_REPLAY_COUNT, b"1")],
+    )  # fmt: skip
+    result = split([test_event, again, replayed], FakeState(seen={"5"}))
+    # The replay is emitted (an operator sent it on purpose); the others are decisions.
+    assert [o.topic for o in result.outgoing] == ["transactions"]
+    assert [(d.topic, d.key, d.headers) for d in result.decisions] == [
+        ("decisions", b"9", []),
+        ("decisions", b"5", []),
+    ]
+    ignored, duplicate = (decode_decision(d.value) for d in result.decisions)
+    assert ignored is not None and duplicate is not None
+    assert (ignored.webhook_id, ignored.decision, ignored.reason, ignored.event) == (
+        "9", "ignored", "test_event", "test",
+    )  # fmt: skip
+    assert (ignored.topic, ignored.partition, ignored.offset) == ("raw", 0, 4)
+    assert ignored.received_at == "2026-12-01T09:00:00Z"
+    assert (duplicate.decision, duplicate.reason, duplicate.offset) == ("duplicate", None, 5)

@@ -151,7 +151,9 @@ def payment(i: int) -> Transaction:
 def make_sink() -> tuple[Sink, FakeConsumer, FakeProducer]:
     fake_consumer, fake_producer = FakeConsumer(), FakeProducer()
     sink = Sink(
-        load_settings(kafka_topic_prefix="t."),
+        # These fakes of write_batch take no sources: the outcome log is tested on a
+        # real database (tests/integration/test_outcomes.py).
+        load_settings(kafka_topic_prefix="t.", outcome_log=False),
         consumer=cast(Any, fake_consumer),
         producer=cast(Any, fake_producer),
         connect=lambda: cast(Any, object()),
@@ -293,7 +295,7 @@ def run_sink(
     monkeypatch.setattr(consumer, "write_batch", write)
     monkeypatch.setattr(consumer.Sink, "_connection", lambda self: object())
     monkeypatch.setattr(consumer, "ensure_pipeline_topics", lambda *a, **k: None)
-    monkeypatch.setattr(consumer, "check_deadletter_topic", lambda *a, **k: [])
+    monkeypatch.setattr(consumer, "check_deadletter_topic", lambda *a, **k: [])  # no broker
     sink, _, _ = make_sink()
     scripted = batches if isinstance(batches, ScriptedConsumer) else ScriptedConsumer(batches)
     sink.consumer = cast(Any, scripted)
