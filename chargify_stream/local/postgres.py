@@ -23,6 +23,7 @@ from pathlib import Path
 import psycopg
 
 from chargify_stream.errors import ServiceError
+from chargify_stream.local.launch import LaunchError, spawn, terminate, wait_ready
 from chargify_stream.local.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -151,39 +152,33 @@ class LocalPostgres:
         if not self.log_file.exists():
             self.log_file.touch()
         self._chown(self.log_file)
-        logf = open(self.log_file, "ab")  # noqa: SIM115 - owned by the child process
         started = time.monotonic()
-        self._proc = subprocess.Popen(
-            args,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_demote(self._run_as),
-            start_new_session=True,
-            cwd="/",
-        )
-        logf.close()
+        self._proc = spawn(args, self.log_file, cwd="/", preexec_fn=_demote(self._run_as))
         self._wait_ready(timeout)
         log.info("Postgres ready on 127.0.0.1:%s in %.1fs", self.port, time.monotonic() - started)
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise ServiceError(f"postgres exited at start:\n{self._tail()}")
+        def answers() -> bool:
             try:
                 with psycopg.connect(self.dsn(), connect_timeout=1) as conn:
                     conn.execute("select 1")
-                return
+                return True
             except psycopg.OperationalError:
-                time.sleep(0.1)
-        self.kill()
-        raise ServiceError(f"Postgres not ready after {timeout:.0f}s:\n{self._tail()}")
+                return False
 
-    def _tail(self, lines: int = 20) -> str:
         try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+            wait_ready(
+                self._proc,
+                answers,
+                name="Postgres",
+                what="a query",
+                log_path=self.log_file,
+                timeout=timeout,
+                tail_lines=20,
+            )
+        except LaunchError:
+            self.kill()
+            raise
 
     def create_database(self, name: str) -> str:
         """Create database ``name`` (if missing) and return its DSN."""
@@ -198,21 +193,11 @@ class LocalPostgres:
     def stop(self, timeout: float = 20.0) -> None:
         """Fast shutdown (SIGINT), then SIGKILL after ``timeout`` seconds."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("postgres did not stop in %.0fs; killing it", timeout)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        terminate(proc, timeout, sig=signal.SIGINT, whole_group=False)
 
     def kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        terminate(proc, 0)
 
     @property
     def running(self) -> bool:
