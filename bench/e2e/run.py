@@ -62,6 +62,7 @@ import psycopg  # noqa: E402
 import workload as wl  # noqa: E402
 from confluent_kafka import Consumer, Message, Producer, TopicPartition  # noqa: E402
 
+from chargify_stream.delivery import Record, publish_and_wait  # noqa: E402
 from chargify_stream.kafka_admin import ensure_topics  # noqa: E402
 from chargify_stream.local.kafka import LocalKafka  # noqa: E402
 from chargify_stream.local.launch import (  # noqa: E402
@@ -532,31 +533,20 @@ def raw_producer(bootstrap: str, bodies: list[bytes]) -> float:
             "queue.buffering.max.kbytes": 2_000_000,
         }
     )
-    failed = 0
 
-    def report(err: object, _msg: Message) -> None:
-        nonlocal failed
-        if err is not None:
-            failed += 1
+    def record(raw: bytes) -> Record:
+        webhook = _field(raw, b"id=")
+        headers = [
+            (h.WEBHOOK_ID, webhook),
+            (h.EVENT, _field(raw, b"&event=")),
+            (h.RECEIVED_AT, b"2026-11-27T19:00:00.000Z"),
+            ("content-type", b"application/x-www-form-urlencoded"),
+            ("source-ip", b"127.0.0.1"),
+        ]
+        return _field(raw, b"&payload[subscription][id]=") or webhook, raw, headers
 
     started = time.perf_counter()
-    for raw in bodies:
-        webhook = _field(raw, b"id=")
-        producer.produce(
-            topic,
-            value=raw,
-            key=_field(raw, b"&payload[subscription][id]=") or webhook,
-            headers=[
-                (h.WEBHOOK_ID, webhook),
-                (h.EVENT, _field(raw, b"&event=")),
-                (h.RECEIVED_AT, b"2026-11-27T19:00:00.000Z"),
-                ("content-type", b"application/x-www-form-urlencoded"),
-                ("source-ip", b"127.0.0.1"),
-            ],
-            on_delivery=report,
-        )
-        producer.poll(0)
-    if producer.flush(120) or failed:
+    if publish_and_wait(producer, topic, map(record, bodies)):
         raise SystemExit("the raw producer baseline was not acknowledged")
     return len(bodies) / (time.perf_counter() - started)
 
