@@ -40,7 +40,7 @@ from loadgen import ensure_wrk, wrk  # bench/gateway/, the script's folder
 
 from chargify_stream.kafka_admin import ensure_topics
 from chargify_stream.local.kafka import LocalKafka
-from chargify_stream.local.launch import LaunchError, StageProcess
+from chargify_stream.local.launch import StageProcess
 from chargify_stream.local.ports import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -99,12 +99,7 @@ class Server(StageProcess):
         cmd = [sys.executable, str(HERE / "serve.py"), "--sink", sink, "--server", server]
         super().__init__(f"{sink} server", cmd, log, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.start()
-        try:
-            self.wait_http_ready(f"{self.url}/readyz", timeout=60)
-        except LaunchError as exc:
-            self.kill()
-            sys.exit(str(exc))
+        self.start_ready(f"{self.url}/readyz")
 
     def accepted(self) -> int:
         """Requests the server answered 200, from its own metrics."""
@@ -112,13 +107,6 @@ class Server(StageProcess):
             if line.startswith('gateway_requests_total{status="200"}'):
                 return int(float(line.split()[-1]))
         return 0
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        try:
-            return super().stop(timeout)
-        except LaunchError as exc:
-            print(exc, file=sys.stderr)
-            return self.returncode
 
 
 def end_offset(kafka: str, topic: str) -> int:

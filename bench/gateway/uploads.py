@@ -32,7 +32,7 @@ from typing import Any
 
 from chargify_stream.kafka_admin import ensure_topics
 from chargify_stream.local.kafka import LocalKafka
-from chargify_stream.local.launch import LaunchError, StageProcess, stage_command
+from chargify_stream.local.launch import StageProcess, stage_command
 from chargify_stream.local.ports import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -66,19 +66,7 @@ class Gateway(StageProcess):
             "PYTHONPATH": str(REPO),
         }
         super().__init__("gateway", stage_command("gateway"), log, env=env)
-        self.start()
-        try:
-            self.wait_http_ready(f"http://127.0.0.1:{self.port}/readyz", timeout=60)
-        except LaunchError as exc:
-            self.kill()
-            sys.exit(str(exc))
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        try:
-            return super().stop(timeout)
-        except LaunchError as exc:
-            print(exc, file=sys.stderr)
-            return self.returncode
+        self.start_ready(f"http://127.0.0.1:{self.port}/readyz")
 
 
 async def upload(port: int, head: bytes, body: bytes) -> str:

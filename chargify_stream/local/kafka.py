@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from chargify_stream.errors import ServiceError
-from chargify_stream.local.launch import LaunchError, spawn, terminate, wait_ready
+from chargify_stream.local.launch import spawn, terminate, wait_ready
 from chargify_stream.local.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -394,19 +394,16 @@ class LocalKafka:
             except Exception:
                 return False
 
-        try:
-            wait_ready(
-                self._proc,
-                registered,
-                name="Kafka",
-                what="a metadata answer",
-                log_path=self.log_file,
-                timeout=timeout,
-                interval=0.2,
-            )
-        except LaunchError:
-            self.kill()
-            raise
+        wait_ready(
+            self._proc,
+            registered,
+            name="Kafka",
+            what="a metadata answer",
+            log_path=self.log_file,
+            timeout=timeout,
+            interval=0.2,
+            give_up=self.kill,
+        )
 
     def stop(self, timeout: float = 20.0) -> None:
         """Controlled shutdown (SIGTERM), then SIGKILL after ``timeout`` seconds."""

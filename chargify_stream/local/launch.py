@@ -83,22 +83,23 @@ def wait_ready(
     timeout: float,
     interval: float = 0.1,
     tail_lines: int = 30,
+    give_up: Callable[[], None] | None = None,
 ) -> None:
-    """Poll ``ready()`` until it is true; ``LaunchError`` if ``proc`` exits or time runs out."""
+    """Poll ``ready()`` until it is true; ``LaunchError`` if ``proc`` exits or time runs out
+    (after calling ``give_up``, which kills what is left)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise LaunchError(
-                f"{name} exited with code {proc.returncode} while waiting for {what}; "
-                f"last log lines:\n{log_tail(log_path, tail_lines)}"
-            )
+            problem = f"{name} exited with code {proc.returncode} while waiting for {what}"
+            break
         if ready():
             return
         time.sleep(interval)
-    raise LaunchError(
-        f"{name}: timed out after {timeout:.0f}s waiting for {what}; "
-        f"last log lines:\n{log_tail(log_path, tail_lines)}"
-    )
+    else:
+        problem = f"{name}: timed out after {timeout:.0f}s waiting for {what}"
+    if give_up is not None:
+        give_up()
+    raise LaunchError(f"{problem}; last log lines:\n{log_tail(log_path, tail_lines)}")
 
 
 def http_ok(url: str) -> Callable[[], bool]:
@@ -229,6 +230,16 @@ class StageProcess:
 
     def wait_http_ready(self, url: str, timeout: float = 30.0) -> None:
         self.wait_until(http_ok(url), timeout, url)
+
+    def start_ready(self, url: str, timeout: float = 60.0) -> Self:
+        """Start, and wait until ``url`` answers 200; killed if it does not in time."""
+        self.start()
+        try:
+            self.wait_http_ready(url, timeout)
+        except LaunchError:
+            self.kill()
+            raise
+        return self
 
     def signal(self, sig: int) -> None:
         if self.running:

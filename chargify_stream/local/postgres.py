@@ -23,7 +23,7 @@ from pathlib import Path
 import psycopg
 
 from chargify_stream.errors import ServiceError
-from chargify_stream.local.launch import LaunchError, spawn, terminate, wait_ready
+from chargify_stream.local.launch import spawn, terminate, wait_ready
 from chargify_stream.local.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -166,19 +166,16 @@ class LocalPostgres:
             except psycopg.OperationalError:
                 return False
 
-        try:
-            wait_ready(
-                self._proc,
-                answers,
-                name="Postgres",
-                what="a query",
-                log_path=self.log_file,
-                timeout=timeout,
-                tail_lines=20,
-            )
-        except LaunchError:
-            self.kill()
-            raise
+        wait_ready(
+            self._proc,
+            answers,
+            name="Postgres",
+            what="a query",
+            log_path=self.log_file,
+            timeout=timeout,
+            tail_lines=20,
+            give_up=self.kill,
+        )
 
     def create_database(self, name: str) -> str:
         """Create database ``name`` (if missing) and return its DSN."""
