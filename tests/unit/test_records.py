@@ -14,6 +14,7 @@ from typing import Any
 import fastavro
 import pytest
 
+from chargify_stream import analytics
 from schemas import codec
 from schemas.records import AvroRecord, avro_record
 
@@ -35,7 +36,7 @@ def test_a_field_added_to_a_schema_reaches_the_record() -> None:
     class Transaction(AvroRecord):
         transaction_id: int
 
-    fields = {
+    fields: dict[str, Any] = {
         "transaction_id": 7,
         "kind": "payment",
         "amount_cents": 100,
@@ -46,10 +47,12 @@ def test_a_field_added_to_a_schema_reaches_the_record() -> None:
     }
     plain = Transaction(**fields)
     assert plain.gateway_note is None  # type: ignore[attr-defined]  # the schema's default
-    noted = Transaction(**fields, gateway_note="by hand")
+    noted = Transaction(**fields, gateway_note="by hand")  # type: ignore[call-arg]
     assert noted.to_avro()["gateway_note"] == "by hand"
     assert list(noted.to_avro()) == [f["name"] for f in schema["fields"]]
     assert Transaction.from_avro(noted.to_avro()) == noted
+    # ... and the plain form that ``tail`` prints and the analytics readers return.
+    assert analytics.transaction_dict(noted)["gateway_note"] == "by hand"  # type: ignore[arg-type]
 
     # The fast writer, built from the changed schema, writes the new field as fastavro does.
     parsed = fastavro.parse_schema(schema)
