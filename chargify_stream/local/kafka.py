@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from chargify_stream.errors import ServiceError
-from chargify_stream.local.launch import spawn, terminate, wait_ready
+from chargify_stream.local.launch import LocalService, spawn, wait_ready
 from chargify_stream.local.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def make_certificates(folder: Path) -> tuple[Path, Path]:
 
 
 @dataclass
-class LocalKafka:
+class LocalKafka(LocalService):
     """One broker+controller. Ports default to free ones; ``data_dir`` to a temp folder.
 
     ``start()`` formats storage on first use, launches the JVM and waits until a metadata
@@ -404,26 +404,6 @@ class LocalKafka:
             interval=0.2,
             give_up=self.kill,
         )
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """Controlled shutdown (SIGTERM), then SIGKILL after ``timeout`` seconds."""
-        terminate(self._proc, timeout)
-        self._proc = None
-
-    def kill(self) -> None:
-        """SIGKILL the broker at once (the data survives for a restart)."""
-        terminate(self._proc, 0)
-        self._proc = None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def cleanup(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
 
 
 class LocalKafkaCluster:

@@ -15,10 +15,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Self
+from typing import ClassVar, Self
 
 import httpx
 
@@ -27,6 +28,7 @@ from chargify_stream.settings import Settings
 
 __all__ = [
     "LaunchError",
+    "LocalService",
     "StageProcess",
     "http_ok",
     "log_tail",
@@ -143,6 +145,40 @@ def terminate(
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return timeout <= 0
+
+
+class LocalService:
+    """Stop, kill and clean up a service run by :func:`spawn` (the local Kafka, Postgres).
+
+    The service keeps its child in ``_proc`` and, when it made its data folder itself, the
+    temporary folder in ``_tmp``. ``stop()`` sends ``stop_signal`` and kills after a timeout.
+    """
+
+    _proc: subprocess.Popen[bytes] | None
+    _tmp: tempfile.TemporaryDirectory[str] | None
+    stop_signal: ClassVar[int] = signal.SIGTERM
+    stop_whole_group: ClassVar[bool] = True  # False: the signal goes to the main process
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """``stop_signal``, then SIGKILL after ``timeout`` seconds."""
+        proc, self._proc = self._proc, None
+        terminate(proc, timeout, sig=self.stop_signal, whole_group=self.stop_whole_group)
+
+    def kill(self) -> None:
+        """SIGKILL at once (the data survives for a restart)."""
+        proc, self._proc = self._proc, None
+        terminate(proc, 0)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def cleanup(self) -> None:
+        """Stop, and remove the data folder if it is a temporary one."""
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
 
 def stage_command(name: str, *args: str) -> list[str]:

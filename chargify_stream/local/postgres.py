@@ -23,7 +23,7 @@ from pathlib import Path
 import psycopg
 
 from chargify_stream.errors import ServiceError
-from chargify_stream.local.launch import spawn, terminate, wait_ready
+from chargify_stream.local.launch import LocalService, spawn, wait_ready
 from chargify_stream.local.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,17 @@ def _demote(user: str | None) -> Callable[[], None] | None:
 
 
 @dataclass
-class LocalPostgres:
+class LocalPostgres(LocalService):
     """One Postgres cluster on 127.0.0.1 with trust authentication for loopback.
 
     ``stop()`` asks for a *fast* shutdown (SIGINT: Postgres's SIGTERM is "smart" and waits
     for every client to leave, which a running sink never does), then SIGKILL after a
     timeout. ``kill()`` is SIGKILL at once; ``start()`` again recovers from the WAL.
     """
+
+    # To the postmaster alone, which shuts its backends down.
+    stop_signal = signal.SIGINT
+    stop_whole_group = False
 
     port: int = 0
     data_dir: Path | None = None
@@ -186,22 +190,3 @@ class LocalPostgres:
             if not exists:
                 conn.execute(f'create database "{name}"')  # name is ours, not user input
         return self.dsn(name)
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """Fast shutdown (SIGINT), then SIGKILL after ``timeout`` seconds."""
-        proc, self._proc = self._proc, None
-        terminate(proc, timeout, sig=signal.SIGINT, whole_group=False)
-
-    def kill(self) -> None:
-        proc, self._proc = self._proc, None
-        terminate(proc, 0)
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def cleanup(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
