@@ -147,6 +147,8 @@ def reconcile(
         have_webhook |= raw.event_ids
 
     try:
+        # Again: accepted replays re-enable a paused endpoint (API.md §4.4).
+        report.endpoints = api.endpoints()
         _check_events(api, window, have_webhook, report)
     except (ChargifyUnavailable, ChargifyApiError) as exc:
         done = (
@@ -155,7 +157,7 @@ def reconcile(
             if report.replayed
             else "nothing was replayed"
         )
-        raise _failed(exc, f"{done}; events were not checked") from None
+        raise _failed(exc, f"{done}; endpoints and events were not checked") from None
     return report
 
 

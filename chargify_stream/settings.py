@@ -23,6 +23,7 @@ from chargify_stream.errors import ConfigError
 # Local defaults: the addresses `chargify-stream up` starts Kafka and Postgres on.
 DEFAULT_KAFKA = "127.0.0.1:9092"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5433/chargify"
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 _SUBDOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 
 
@@ -173,6 +174,10 @@ class Settings(BaseSettings):
                 raise ValueError("expected an http(s):// base URL, e.g. https://acme.chargify.com")
             if parts.username or parts.password or parts.query:
                 raise ValueError("expected a base URL without credentials or query")
+            if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+                # The API key travels in every request: only over TLS, but for a local
+                # stand-in. Chargify itself drops connections without TLS 1.2.
+                raise ValueError("expected https:// (http:// only for a local stand-in)")
         return value
 
     @field_validator("log_level")

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from chargify_stream.delivery import publish_and_wait
 from chargify_stream.kafka_config import librdkafka_config
@@ -73,12 +73,21 @@ def end_offsets(bootstrap_servers: str | Settings, topic: str) -> int:
     """The number of records ever written to ``topic`` (sum of high watermarks)."""
     consumer = Consumer({**connection(bootstrap_servers), "group.id": "watermarks"})
     try:
-        md = consumer.list_topics(topic, timeout=10)
-        total = 0
-        for p in md.topics[topic].partitions:
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            total += high
-        return total
+        # Right after a broker restart a partition may briefly have no leader yet.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                md = consumer.list_topics(topic, timeout=10)
+                total = 0
+                for p in md.topics[topic].partitions:
+                    tp = TopicPartition(topic, p)
+                    _, high = consumer.get_watermark_offsets(tp, timeout=10)
+                    total += high
+                return total
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
     finally:
         consumer.close()
 

@@ -143,6 +143,32 @@ def test_reconcile_has_chargify_replay_what_an_outage_lost(
     assert "already received: 11" in text.stdout and "missing: 0" in text.stdout
 
 
+def test_webhooks_held_by_a_paused_endpoint_are_replayed(
+    make_settings: Callable[..., Settings], stages: Callable[..., Stage]
+) -> None:
+    with ChargifyStandIn(shared_key=TEST_SHARED_KEY, time_scale=0.01, pause_after=10) as site:
+        settings = make_settings(chargify_api_url=site.url, chargify_api_key=site.api_key)
+        base = f"http://127.0.0.1:{settings.gateway_port}"
+        endpoint_id = site.add_endpoint(f"{base}/webhooks/chargify", EVENTS)
+        failed = [pay(site, n) for n in range(2)]  # 2 x 5 attempts: 10 failures in a row
+        site.wait_idle()
+        assert site.endpoints[endpoint_id].status == "paused"
+        held = [pay(site, n) for n in range(2, 4)]  # made paused, never sent
+        assert [site.webhooks[i].status for i in held] == ["paused", "paused"]
+
+        code, report = reconcile(settings, "--dry-run")
+        assert code == 3 and "PAUSED" in report["endpoints"][0]["advice"]
+
+        gateway = stages("gateway", settings)
+        gateway.wait_http_ready(f"{base}/readyz")
+        code, report = reconcile(settings, "--wait", "60")
+        assert code == 0, report
+        assert sorted(report["replayed_ids"]) == sorted(failed + held)
+        assert report["still_missing"] == []
+        # The accepted replays re-enabled the endpoint, and the report says so.
+        assert [e["status"] for e in report["endpoints"]] == ["enabled"]
+
+
 def test_reconcile_reports_events_without_webhook_and_paused_endpoints(
     site_settings: Settings, site: ChargifyStandIn
 ) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
@@ -71,6 +73,33 @@ def test_a_wrong_key_is_a_configuration_error_naming_the_variable(site: Chargify
     assert isinstance(caught.value, ConfigError)
     assert "CHARGIFY_API_KEY" in str(caught.value)
     assert "not-the-key" not in str(caught.value) and "not-the-key" not in repr(api)
+
+
+def test_a_redirect_is_not_followed_with_the_key() -> None:
+    seen: list[str | None] = []
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/x")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        api = ChargifyApi(f"http://127.0.0.1:{server.server_address[1]}", "key")
+        with pytest.raises(ChargifyApiError, match="302"):
+            api.endpoints()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(seen) == 1  # the redirect was not followed
 
 
 def test_429_is_retried_with_growing_pauses(site: ChargifyStandIn) -> None:
@@ -216,6 +245,8 @@ def test_settings_for_the_api() -> None:
         load_settings(chargify_subdomain="https://acme.chargify.com")
     with pytest.raises(ConfigError, match="CHARGIFY_API_URL"):
         load_settings(chargify_api_url="acme.chargify.com")
+    with pytest.raises(ConfigError, match=r"CHARGIFY_API_URL.*https"):
+        load_settings(chargify_api_url="http://acme.chargify.com")
     with pytest.raises(ConfigError, match="CHARGIFY_SUBDOMAIN"):
         load_settings().chargify_base_url()
     with pytest.raises(ConfigError, match="CHARGIFY_API_KEY"):

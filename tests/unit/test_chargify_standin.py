@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -196,6 +197,23 @@ def test_endpoints_pause_after_failures_and_a_url_change_re_enables(
     assert c.post("/endpoints.json", json=bad).json() == {
         "errors": ["URL: invalid, only http and https supported"]
     }
+
+
+def test_a_paused_endpoint_is_probed_until_it_answers(receiver: Receiver) -> None:
+    with ChargifyStandIn(time_scale=0.001, pause_after=5, probe_every=50.0) as site:
+        endpoint_id = site.add_endpoint(receiver.url, ["payment_success"])
+        receiver.status = 503
+        [first] = site.emit("payment_success", body)  # 5 failures: paused
+        site.wait_idle()
+        assert site.endpoints[endpoint_id].status == "paused"
+        [held] = site.emit("payment_success", body)
+        receiver.status = 200
+        deadline = time.monotonic() + 10
+        while site.endpoints[endpoint_id].status != "enabled" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert site.endpoints[endpoint_id].status == "enabled"  # the probe got its 200
+        assert site.webhooks[first].status == "successful"
+        assert site.webhooks[held].status == "paused"  # held records wait for a replay
 
 
 def test_the_site_switch_off_makes_no_webhooks(
