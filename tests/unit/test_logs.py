@@ -48,3 +48,16 @@ def test_text_lines_start_with_utc_time_and_end_with_the_keys() -> None:
         "2026-12-05T07:14:15.250Z WARNING sink.consumer ignored webhook"
         " [webhook_id=9 event=test outcome=ignored]"
     )
+
+
+def test_dlq_progress_reaches_a_pipe_throttled() -> None:
+    import io
+
+    from chargify_stream.dlq import Progress
+
+    piped = io.StringIO()
+    progress = Progress("reading dlq", piped, delay=0.0, every=3600.0)
+    for done in range(0, 100_000, 1000):
+        progress.update(done, 100_000)
+    progress.finish()
+    assert piped.getvalue() == "reading dlq: 0 of 100,000 records (0%)\n"
