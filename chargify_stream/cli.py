@@ -27,7 +27,9 @@ log = logging.getLogger("chargify_stream")
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 # The commands that talk to Kafka: their credentials are checked before they start.
-KAFKA_COMMANDS = frozenset({"gateway", "processor", "sink", "dlq", "tail", "reconcile"})
+KAFKA_COMMANDS = frozenset(
+    {"gateway", "processor", "sink", "dlq", "tail", "reconcile", "trace", "console"}
+)
 
 
 def _gateway(args: argparse.Namespace, settings: Settings) -> int:

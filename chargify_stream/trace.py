@@ -21,6 +21,7 @@ import psycopg
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from chargify_stream.errors import ChargifyStreamError
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.codec import decode
@@ -143,7 +144,7 @@ def _fetch_all(
         return {}
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **librdkafka_config(settings),
             "group.id": f"chargify-trace-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,

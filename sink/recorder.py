@@ -38,6 +38,7 @@ from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.deadletter import parse_dead_letter
@@ -207,7 +208,7 @@ class Recorder:
         ensure_pipeline_topics(self.settings, self.topics)
         consumer = Consumer(
             {
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                **librdkafka_config(self.settings),
                 "group.id": self.group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",

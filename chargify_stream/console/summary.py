@@ -23,6 +23,7 @@ import psycopg
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings
 
 __all__ = ["AGE_BUCKETS", "gather"]
@@ -80,7 +81,7 @@ def _groups(settings: Settings) -> list[tuple[str, list[str]]]:
 
 def _lag(settings: Settings) -> list[dict[str, Any]]:
     """Per group and partition: committed offset, end offset, lag (end - committed)."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 3})
+    admin = AdminClient(librdkafka_config(settings, log_level=3))
     groups = _groups(settings)
     requests = [ConsumerGroupTopicPartitions(g) for g, _ in groups]
     committed: dict[tuple[str, str, int], int] = {}
@@ -92,7 +93,7 @@ def _lag(settings: Settings) -> list[dict[str, Any]]:
     metadata = admin.list_topics(timeout=TIMEOUT_S)
     probe = Consumer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **librdkafka_config(settings),
             "group.id": "chargify-console",
             "enable.auto.commit": False,
             "log_level": 3,
