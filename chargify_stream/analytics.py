@@ -42,8 +42,9 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from chargify_stream.dlq import parse_time
+from chargify_stream.dlq import message_headers, parse_time
 from chargify_stream.errors import ChargifyStreamError, TransientError
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings, load_settings
 from schemas import form
 from schemas import headers as h
@@ -82,8 +83,8 @@ class UndecodableRecord(ChargifyStreamError):
 
 
 def _connection_config(settings: Settings) -> dict[str, Any]:
-    """librdkafka's connection settings (brokers, and security once the settings carry it)."""
-    return {"bootstrap.servers": settings.kafka_bootstrap_servers}
+    """librdkafka's connection settings: brokers, TLS, SASL (see kafka_config)."""
+    return librdkafka_config(settings)
 
 
 def _reader_config(settings: Settings, errors: list[str]) -> dict[str, Any]:
@@ -120,13 +121,7 @@ def _text(value: bytes | None) -> str | None:
 
 def _header_list(msg: Message) -> list[tuple[str, bytes]]:
     """The record's headers as (lower-cased name, bytes) pairs, in order."""
-    raw: Any = msg.headers() or []
-    items = raw.items() if isinstance(raw, dict) else raw
-    return [
-        (name.lower(), value.encode() if isinstance(value, str) else value)
-        for name, value in items
-        if value is not None
-    ]
+    return [(name.lower(), value) for name, value in message_headers(msg)]
 
 
 def _headers(msg: Message) -> dict[str, str]:
@@ -281,22 +276,30 @@ def _customer(msg: Message) -> dict[str, Any]:
 def _deadletter(msg: Message) -> dict[str, Any]:
     headers = _headers(msg)
     info = parse_dead_letter(_header_list(msg))
-    value = msg.value() or b""
-    record = _record_dict(value) if value[:2] == b"\xc3\x01" else None
-    body = None if record is not None else _text(value)
+    value = msg.value()
+    # A pointer carries no value: the original is still on its source topic.
+    record = _record_dict(value) if value is not None and value[:2] == b"\xc3\x01" else None
+    body = _text(value) if value is not None and record is None else None
+    stage = info.stage if info else headers.get(h.DLQ_STAGE)
     if record is not None:
         customer = record.get("customer") or record.get("customer_key")
-    else:
+    elif value is not None:
         customer = body_reference(value)
+    else:
+        customer = None
+    if customer is None and stage == h.STAGE_SINK:
+        customer = _text(msg.key())  # the sink's inputs are keyed by customer reference
     return {
         "reason": info.reason if info else headers.get(h.DLQ_REASON),
-        "stage": info.stage if info else headers.get(h.DLQ_STAGE),
+        "stage": stage,
         "error": info.error if info else headers.get(h.DLQ_ERROR),
         "source_topic": info.source_topic if info else headers.get(h.DLQ_SOURCE_TOPIC),
         "source_partition": info.source_partition if info else None,
         "source_offset": info.source_offset if info else None,
         "failed_at": _iso(info.failed_at) if info else headers.get(h.DLQ_FAILED_AT),
         "replay_count": info.replay_count if info else 0,
+        "pointer": info.pointer if info else False,
+        "original_size": info.original_size if info else None,
         "webhook_id": _int_or_none(headers.get(h.WEBHOOK_ID)),
         "event": headers.get(h.EVENT),
         "customer": customer,
@@ -548,9 +551,10 @@ def read_deadletters(settings: Settings | None = None, **options: Any) -> Iterat
 
     Keys: ``reason``, ``stage``, ``error``, ``source_topic``, ``source_partition``,
     ``source_offset``, ``failed_at``, ``replay_count``, ``webhook_id``, ``event``,
-    ``customer``, ``key``, ``record`` (the decoded Avro value of a sink dead letter, as
-    the typed readers yield it), ``body`` (the webhook body of a processor dead letter),
-    ``partition``, ``offset``.
+    ``pointer`` (written without its value, which is still on the source topic; see
+    ``schemas/deadletter.py``), ``original_size``, ``customer``, ``key``, ``record`` (the
+    decoded Avro value of a sink dead letter, as the typed readers yield it), ``body`` (the
+    webhook body of a processor dead letter), ``partition``, ``offset``.
     """
     return read("deadletter", settings, **options)
 

@@ -13,7 +13,8 @@ section numbers below refer to it.
   and retries a 429 with growing pauses. A request that was not answered, or answered
   with a 5xx, is retried only when repeating it cannot do anything twice (GET, PUT).
 - A ``401`` is a wrong ``CHARGIFY_API_KEY``: :class:`ChargifyAuthError`, a configuration
-  error naming the variable. Nothing about the key is ever logged or put in a message.
+  error naming the variable. Nothing about the key is ever logged or put in a message, and
+  redirects are not followed (they would carry the key elsewhere).
 
 ::
 
@@ -241,9 +242,20 @@ class ChargifyApi:
             # Without it Chargify may take the request for a forgery (§1.3).
             request.add_header("Content-Type", "application/json")
         self.requests += 1
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+        with _OPENER.open(request, timeout=self.timeout) as response:
             raw = response.read()
         return json.loads(raw) if raw.strip() else None
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Chargify's API does not redirect; following one would carry the key (in the
+    ``Authorization`` header) to wherever it points. A 3xx is answered as an error."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def _read_error_body(exc: urllib.error.HTTPError) -> str:

@@ -26,6 +26,9 @@ log = logging.getLogger("chargify_stream")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
+# The commands that talk to Kafka: their credentials are checked before they start.
+KAFKA_COMMANDS = frozenset({"gateway", "processor", "sink", "dlq", "tail", "reconcile"})
+
 
 def _gateway(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.server import run
@@ -221,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
         setup_logging(settings.log_level)
         _dump_stacks_on_sigquit()
+        if args.command in KAFKA_COMMANDS:
+            from chargify_stream.kafka_config import check_credentials
+
+            check_credentials(settings)
         code: int = args.handler(args, settings)
         return code
     except ConfigError as exc:

@@ -57,6 +57,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from chargify_stream.errors import ChargifyStreamError, ConfigError, TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_config import describe, librdkafka_config
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
 from schemas import headers as h
@@ -366,7 +367,7 @@ def _kafka_config(settings: Settings, errors: list[str]) -> dict[str, Any]:
 
     # librdkafka's own log lines would repeat on stderr what the error message says.
     return {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **librdkafka_config(settings),
         "log_level": 0,
         "error_cb": on_error,
     }
@@ -459,8 +460,7 @@ def _read(
 def _unreachable(settings: Settings, exc: KafkaException, errors: Sequence[str]) -> TransientError:
     detail = errors[-1] if errors else str(exc.args[0].str() if exc.args else exc)
     return TransientError(
-        f"Kafka at {settings.kafka_bootstrap_servers} is unreachable ({detail}); "
-        "nothing was read or changed"
+        f"{describe(settings)} is unreachable ({detail}); nothing was read or changed"
     )
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from chargify_stream.errors import TransientError
+from chargify_stream.kafka_config import describe, librdkafka_config
 from chargify_stream.limits import deadletter_record_max, raw_record_max
 from chargify_stream.settings import Settings
 
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def ensure_topics(
-    bootstrap_servers: str,
+    kafka: Settings | Mapping[str, Any] | str,
     names: Iterable[str],
     *,
     partitions: int = 1,
@@ -33,16 +35,18 @@ def ensure_topics(
 ) -> None:
     """Create each missing topic; topics that already exist are left as they are.
 
+    ``kafka`` is the settings (their connection: see :mod:`chargify_stream.kafka_config`),
+    a librdkafka connection dict, or bare bootstrap servers of a PLAINTEXT broker.
     ``config`` is added to the new topics' configuration. Returns once every topic it
     created shows a leader for each partition in the broker's metadata (at most
     ``timeout`` seconds, then a warning): a client that asks for a topic the moment it
     is created can otherwise be told it does not exist.
     """
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 0})
+    admin = AdminClient(_admin_config(kafka))
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
-        raise TransientError(f"Kafka at {bootstrap_servers} is unreachable: {exc}") from exc
+        raise TransientError(f"{_where(kafka)} is unreachable: {exc}") from exc
     wanted = [n for n in dict.fromkeys(names) if n not in existing]
     if not wanted:
         return
@@ -101,13 +105,29 @@ def ensure_pipeline_topics(
         by_config.setdefault(config, []).append(name)
     for config, group in by_config.items():
         ensure_topics(
-            settings.kafka_bootstrap_servers,
+            settings,
             group,
             partitions=settings.topic_partitions if partitions is None else partitions,
             replication_factor=settings.topic_replication_factor,
             timeout=timeout,
             config=dict(config),
         )
+
+
+def _admin_config(kafka: Settings | Mapping[str, Any] | str) -> dict[str, Any]:
+    if isinstance(kafka, Settings):
+        return librdkafka_config(kafka, log_level=0)
+    if isinstance(kafka, str):
+        return {"bootstrap.servers": kafka, "log_level": 0}
+    return {"log_level": 0, **kafka}
+
+
+def _where(kafka: Settings | Mapping[str, Any] | str) -> str:
+    if isinstance(kafka, Settings):
+        return describe(kafka)
+    if isinstance(kafka, str):
+        return f"Kafka at {kafka}"
+    return f"Kafka at {kafka.get('bootstrap.servers')}"
 
 
 def check_deadletter_topic(settings: Settings, *, timeout: float = 10.0) -> list[str]:
@@ -121,7 +141,7 @@ def check_deadletter_topic(settings: Settings, *, timeout: float = 10.0) -> list
     logged and skipped (the stage starts anyway).
     """
     name = settings.topic("deadletter")
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0})
+    admin = AdminClient(librdkafka_config(settings, log_level=0))
     resource = ConfigResource(ResourceType.TOPIC, name)
     try:
         config = admin.describe_configs([resource], request_timeout=timeout)[resource].result(

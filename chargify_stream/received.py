@@ -29,6 +29,7 @@ import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from chargify_stream.errors import ChargifyStreamError, TransientError
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings
 from schemas import headers as h
 
@@ -119,7 +120,7 @@ class RawTopicReader:
 
             self._consumer = Consumer(
                 {
-                    "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                    **librdkafka_config(self.settings),
                     "log_level": 0,
                     "error_cb": on_error,
                     # Required by the client, never joined: partitions are assigned by hand.
@@ -167,13 +168,14 @@ class RawTopicReader:
                             pending.pop(partition, None)
                         continue
                     raise TransientError(f"reading {self.topic}: {err.str()}")
-                self._take(msg)
-                if stop_when is not None:
-                    stop_when -= self.ids
+                webhook_id = self._take(msg)
+                if stop_when is not None and webhook_id is not None:
+                    stop_when.discard(webhook_id)
                 if pending is not None and offset >= pending.get(partition, 0) - 1:
                     pending.pop(partition, None)
 
-    def _take(self, msg: Message) -> None:
+    def _take(self, msg: Message) -> int | None:
+        """Note one record; return its webhook id, if it has one."""
         self.records += 1
         if self.oldest is None:
             kind, millis = msg.timestamp()
@@ -189,9 +191,12 @@ class RawTopicReader:
         for name, value in raw:
             if name == h.WEBHOOK_ID and value:
                 try:
-                    self.ids.add(int(value))
+                    webhook_id = int(value)
                 except ValueError:
-                    continue
+                    return None
+                self.ids.add(webhook_id)
+                return webhook_id
+        return None
 
     def _unreachable(self, exc: KafkaException) -> TransientError:
         detail = self.errors[-1] if self.errors else str(exc)

@@ -6,7 +6,10 @@ Chargify retries a webhook 5 times over about 5 minutes, then marks it failed an
 1. lists every webhook record of the site created in the window, whatever its status
    (``GET /webhooks.json``, paged, oldest first; API.md §2). The API filters by *date* in
    an unconfirmed time zone, so the dates asked for are widened by a day on each side and
-   the records are then cut to the window by their ``created_at``;
+   the records are then cut to the window by their ``created_at``. The window ends 10
+   minutes ago unless ``--until`` says otherwise: younger webhooks are still in Chargify's
+   own retries. Records last sent to another endpoint of the site (another system's
+   copies) are left alone; ``--url`` says which endpoint is this pipeline's;
 2. reads which webhook ids the pipeline accepted: the raw topic from the window's start
    (an hour earlier, for clocks that disagree), and ``webhook_outcomes`` when that table
    exists (:mod:`chargify_stream.received`);
@@ -72,6 +75,9 @@ log = logging.getLogger(__name__)
 
 EXIT_ATTENTION = 3
 RAW_SLACK = timedelta(hours=1)
+# Chargify's own 5 attempts span about 5 minutes (WEBHOOKS.md §3.2): a younger webhook is
+# not lost yet, and replaying it would only add a duplicate (and noise to the metrics).
+DEFAULT_UNTIL = "10m"
 _INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -141,6 +147,8 @@ def reconcile(
         have_webhook |= raw.event_ids
 
     try:
+        # Again: accepted replays re-enable a paused endpoint (API.md §4.4).
+        report.endpoints = api.endpoints()
         _check_events(api, window, have_webhook, report)
     except (ChargifyUnavailable, ChargifyApiError) as exc:
         done = (
@@ -149,7 +157,7 @@ def reconcile(
             if report.replayed
             else "nothing was replayed"
         )
-        raise _failed(exc, f"{done}; events were not checked") from None
+        raise _failed(exc, f"{done}; endpoints and events were not checked") from None
     return report
 
 
@@ -238,13 +246,20 @@ def request_replays(api: ChargifyApi, ids: Sequence[int], requested: set[int]) -
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     api = ChargifyApi(settings.chargify_base_url(), settings.chargify_key())
+
+    def one_pass() -> Report:
+        window = window_for(args)
+        return reconcile(
+            api, settings, window, dry_run=args.dry_run, wait=args.wait, endpoint_url=args.url
+        )
+
     if args.every is not None:
         from chargify_stream.reconcile_metrics import run_forever
 
-        return run_forever(api, settings, args, window_for)
-    report = reconcile(
-        api, settings, window_for(args), dry_run=args.dry_run, wait=args.wait, endpoint_url=args.url
-    )
+        return run_forever(
+            one_pass, every=args.every, port=settings.reconcile_metrics_port, as_json=args.json
+        )
+    report = one_pass()
     if args.json:
         print(json.dumps(report.as_json(), indent=2, sort_keys=True))
     else:
@@ -256,7 +271,7 @@ def window_for(args: argparse.Namespace, now: datetime | None = None) -> Window:
     now = now or datetime.now(UTC)
     try:
         since = parse_time(args.since, now)
-        until = parse_time(args.until, now) if args.until else now
+        until = parse_time(args.until, now)
     except ValueError as exc:
         raise ConfigError(f"--since/--until: {exc}") from None
     if since >= until:
@@ -298,7 +313,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--since", default="2d",
         help="start of the window: an age (90m, 2d) or an RFC 3339 time (default 2d)",
     )  # fmt: skip
-    parser.add_argument("--until", help="end of the window (default now)")
+    parser.add_argument(
+        "--until",
+        default=DEFAULT_UNTIL,
+        help=f"end of the window (default {DEFAULT_UNTIL} ago: younger webhooks may still be "
+        "on their way, or in Chargify's own retries, which take about 5 minutes; 0s for now)",
+    )
     parser.add_argument(
         "--url",
         help="this pipeline's endpoint URL, as given to `connect`; needed only when the site "

@@ -17,7 +17,6 @@ ends the command: waiting will not fix it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -27,9 +26,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from chargify_stream.chargify_api import ChargifyApi
 from chargify_stream.errors import ChargifyStreamError, ConfigError
-from chargify_stream.settings import Settings
+from chargify_stream.reconcile_report import Report, print_report
 
 log = logging.getLogger("chargify_stream.reconcile")
 
@@ -56,52 +54,44 @@ class ReconcileMetrics:
             "reconcile_last_success_timestamp_seconds", "When a pass last completed", registry=r
         )
 
+    def record(self, report: Report) -> None:
+        """The figures of a completed pass."""
+        still = report.still_missing
+        self.missing.set(len(still) if still is not None else len(report.missing))
+        self.replayed.inc(len(report.replayed))
+        self.events_without_webhook.set(len(report.events_without_webhook))
+        self.inoperative.set(len(report.advice))
+        self.last_success.set_to_current_time()
+
 
 def run_forever(
-    api: ChargifyApi,
-    settings: Settings,
-    args: argparse.Namespace,
-    window_for: Callable[[argparse.Namespace], object],
+    one_pass: Callable[[], Report],
     *,
+    every: float,
+    port: int,
+    as_json: bool = False,
+    metrics: ReconcileMetrics | None = None,
     stop: threading.Event | None = None,
 ) -> int:
-    from chargify_stream.reconcile import reconcile
-    from chargify_stream.reconcile_report import Window, print_report
-
-    metrics = ReconcileMetrics()
-    if settings.reconcile_metrics_port:
-        start_http_server(settings.reconcile_metrics_port, "127.0.0.1", registry=metrics.registry)
+    """Run ``one_pass`` every ``every`` seconds until ``stop`` is set, serving metrics on
+    ``127.0.0.1:port`` (0: none). A failed pass is counted and logged; a configuration
+    error (a key Chargify rejects) ends the loop."""
+    metrics = metrics or ReconcileMetrics()
+    if port:
+        start_http_server(port, "127.0.0.1", registry=metrics.registry)
     stop = stop or threading.Event()
-    log.info(
-        "reconciling every %.0fs; metrics on 127.0.0.1:%s",
-        args.every,
-        settings.reconcile_metrics_port,
-    )
+    log.info("reconciling every %.0fs; metrics on 127.0.0.1:%s", every, port)
     while not stop.is_set():
         started = time.monotonic()
         try:
-            window = window_for(args)
-            assert isinstance(window, Window)
-            report = reconcile(
-                api,
-                settings,
-                window,
-                dry_run=args.dry_run,
-                wait=args.wait,
-                endpoint_url=args.url,
-            )
+            report = one_pass()
         except ConfigError:
             raise
         except ChargifyStreamError as exc:
             metrics.failures.inc()
             log.error("reconcile pass failed: %s", exc)
         else:
-            still = report.still_missing
-            metrics.missing.set(len(still) if still is not None else len(report.missing))
-            metrics.replayed.inc(len(report.replayed))
-            metrics.events_without_webhook.set(len(report.events_without_webhook))
-            metrics.inoperative.set(len(report.advice))
-            metrics.last_success.set_to_current_time()
+            metrics.record(report)
             log.info(
                 "reconcile pass: checked=%d received=%d missing=%d replayed=%d",
                 report.checked,
@@ -109,10 +99,10 @@ def run_forever(
                 len(report.missing),
                 len(report.replayed),
             )
-            if args.json:
+            if as_json:
                 print(json.dumps(report.as_json(), sort_keys=True))
             else:
                 print_report(report)
             sys.stdout.flush()
-        stop.wait(max(0.0, args.every - (time.monotonic() - started)))
+        stop.wait(max(0.0, every - (time.monotonic() - started)))
     return 0

@@ -74,6 +74,7 @@ class Webhook:
             "status": self.state,
             "created_at": self.created_at.isoformat(),
             "last_error": self.last_error,
+            "last_sent_url": self.sent_to,
         }
 
 

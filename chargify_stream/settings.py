@@ -10,8 +10,9 @@ libpq's own ``PG*`` variables are left to libpq: ``DATABASE_URL`` may be as shor
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -22,6 +23,7 @@ from chargify_stream.errors import ConfigError
 # Local defaults: the addresses `chargify-stream up` starts Kafka and Postgres on.
 DEFAULT_KAFKA = "127.0.0.1:9092"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5433/chargify"
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 _SUBDOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 
 # The pipeline's topics, by the short name :meth:`Settings.topic` takes.
@@ -34,6 +36,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
 
     kafka_bootstrap_servers: str = DEFAULT_KAFKA
+    # How every Kafka client connects (chargify_stream.kafka_config turns these into
+    # each client library's settings). PLAINTEXT is a local broker; managed clusters
+    # take SASL_SSL with a SCRAM or PLAIN mechanism.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    # A PEM file of the CA(s) that signed the brokers' certificates; empty: the system's.
+    kafka_ssl_ca_location: str = ""
     database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
     chargify_shared_keys: SecretStr = SecretStr("")
     gateway_host: str = "127.0.0.1"
@@ -106,6 +117,41 @@ class Settings(BaseSettings):
             raise ValueError("expected host:port[,host:port...]")
         return ",".join(servers)
 
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().upper()
+            return value or None
+        return value
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl and self.kafka_sasl_mechanism is None:
+            raise ValueError(
+                f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "KAFKA_SASL_MECHANISM (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)"
+            )
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password.get_secret_value()):
+            raise ValueError(
+                f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+            )
+        if not sasl and self.kafka_sasl_mechanism is not None:
+            raise ValueError(
+                f"KAFKA_SASL_MECHANISM is set but KAFKA_SECURITY_PROTOCOL is "
+                f"{self.kafka_security_protocol}: use SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        if self.kafka_ssl_ca_location and not self.kafka_security_protocol.endswith("SSL"):
+            raise ValueError(
+                f"KAFKA_SSL_CA_LOCATION is set but KAFKA_SECURITY_PROTOCOL is "
+                f"{self.kafka_security_protocol}: use SSL or SASL_SSL"
+            )
+        if self.kafka_ssl_ca_location and not os.path.isfile(self.kafka_ssl_ca_location):
+            raise ValueError(f"KAFKA_SSL_CA_LOCATION: no such file {self.kafka_ssl_ca_location!r}")
+        return self
+
     @field_validator("database_url")
     @classmethod
     def _database_url_scheme(cls, value: SecretStr) -> SecretStr:
@@ -132,6 +178,10 @@ class Settings(BaseSettings):
                 raise ValueError("expected an http(s):// base URL, e.g. https://acme.chargify.com")
             if parts.username or parts.password or parts.query:
                 raise ValueError("expected a base URL without credentials or query")
+            if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+                # The API key travels in every request: only over TLS, but for a local
+                # stand-in. Chargify itself drops connections without TLS 1.2.
+                raise ValueError("expected https:// (http:// only for a local stand-in)")
         return value
 
     @field_validator("log_level")
@@ -186,6 +236,8 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
+            elif value is None:
+                value = ""
             out[name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
         return out
 
@@ -222,6 +274,8 @@ def load_settings(**overrides: Any) -> Settings:
         problems = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
-            # A check across fields has no location: its message names the variables.
-            problems.append(f"{field.upper()}: {err['msg']}" if field else err["msg"])
+            if field:
+                problems.append(f"{field.upper()}: {err['msg']}")
+            else:  # a check across variables; its message names them
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -37,10 +37,12 @@ uvicorn names this module relies on (versions pinned in pyproject.toml; checked 
   ``(config, server_state, app_state, _loop)`` and the httptools parser callbacks it
   implements (``on_message_begin``, ``on_headers_complete``, ``on_body``,
   ``on_message_complete``), plus ``connection_made``, ``connection_lost`` and
-  ``on_response_complete``, each extended here and always calling uvicorn's own;
+  ``on_response_complete`` and ``data_received``, each extended here and always
+  calling uvicorn's own;
 - its attributes ``loop``, ``transport``, ``cycle`` (the current request) and ``flow``
-  (``FlowControl.pause_reading``: a body is read only once the app asks for it; uvicorn
-  would read up to 64 KiB ahead per request, memory a crowd of refused uploads held);
+  (``FlowControl.pause_reading``: the rest of a body is read only once the app asks for
+  it; uvicorn would read up to 64 KiB ahead per request, memory a crowd of refused
+  uploads held);
 - ``RequestResponseCycle.keep_alive``, ``.response_complete`` and ``.body``:
   ``keep_alive`` is set to True on every request so that the cycle never closes the
   connection itself after an answer; this protocol closes it once the request's body is
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,32 +90,59 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._timer: asyncio.TimerHandle | None = None
         self._phase = ""
+        self._deadline = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self._request_done = True  # the parser has the current request's whole body
         self._close_after = False  # the current request asked to close the connection
         self._drained = 0
 
     # -- deadlines -----------------------------------------------------------------------
+    #
+    # Setting a deadline only writes two attributes: one timer per connection checks it
+    # and moves itself on. A timer per phase (three or four per request) took the
+    # gateway from ~150 to ~185 us of CPU per request; this way it stays within noise.
 
     def _arm(self, phase: str, seconds: float) -> None:
-        self._disarm()
         self._phase = phase
-        self._timer = self.loop.call_later(seconds, self._expired)
+        self._deadline = self.loop.time() + seconds
+        if self._deadline < self._timer_at:
+            self._schedule(self._deadline)
 
     def _disarm(self) -> None:
+        """No deadline: the app has a whole request and answers within its own bound."""
+        self._phase = ""
+        self._deadline = math.inf
+
+    def _schedule(self, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
-        self._phase = ""
+        self._timer = self.loop.call_at(when, self._check)
+        self._timer_at = when
 
-    def _expired(self) -> None:
-        phase, self._timer = self._phase, None
-        if phase == "headers":
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, math.inf
+        self._disarm()
+
+    def _check(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        if self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if now < self._deadline:
+            # Not due (a later phase moved it on), or none now: look again then, or after
+            # the shortest deadline (a connection's timer never stops while it is open).
+            d = self.deadlines
+            tick = min(d.header_timeout_s, d.body_timeout_s, d.keep_alive_s)
+            self._schedule(min(self._deadline, now + tick))
+        elif self._phase == "headers":
             self._drop("header_timeout")
-        elif phase == "body":
+        elif self._phase == "body":
             self._drop("body_timeout")
-        elif phase == "drain":
+        elif self._phase == "drain":
             self._drop("drain_limit")
         else:  # idle: an ordinary end of a kept-alive connection
             self._close()
@@ -124,7 +154,7 @@ class GatewayProtocol(HttpToolsProtocol):
         self._close()
 
     def _close(self) -> None:
-        self._disarm()
+        self._stop_timer()
         if not self.transport.is_closing():
             self.transport.close()
 
@@ -135,7 +165,7 @@ class GatewayProtocol(HttpToolsProtocol):
         self._arm("headers", self.deadlines.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._stop_timer()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -150,9 +180,20 @@ class GatewayProtocol(HttpToolsProtocol):
         if cycle is not None:
             self._close_after = not cycle.keep_alive
             cycle.keep_alive = True
-            # Read the body only when the app asks for it (uvicorn would read ahead).
-            self.flow.pause_reading()
         self._arm("body", self.deadlines.body_timeout_s)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        cycle = self.cycle
+        if (
+            not self._request_done
+            and cycle is not None
+            and cycle.body
+            and not cycle.response_complete
+        ):
+            # Part of a body is waiting for the app: read more only once the app asks
+            # for it (its receive() resumes reading); uvicorn would read 64 KiB ahead.
+            self.flow.pause_reading()
 
     def on_body(self, body: bytes) -> None:
         if self.cycle is not None and self.cycle.response_complete:

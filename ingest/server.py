@@ -27,6 +27,7 @@ from confluent_kafka import KafkaException
 
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.limits import raw_record_max
 from chargify_stream.settings import Settings
 from ingest.app import WEBHOOK_PATH, GatewayApp, Sink
@@ -79,6 +80,7 @@ def build_app(settings: Settings, sink: Sink | None = None) -> GatewayApp:
         publisher = Publisher(
             settings.kafka_bootstrap_servers,
             timeout_s=settings.gateway_publish_timeout_s,
+            **librdkafka_config(settings),  # the connection: TLS, SASL
             max_record_bytes=raw_record_max(settings.gateway_max_body_bytes),
         )
         sink = publisher

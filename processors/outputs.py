@@ -32,6 +32,7 @@ from functools import partial
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
@@ -60,7 +61,7 @@ class Outputs:
         self.on_retry = on_retry
         self._producer = Producer(
             {
-                "bootstrap.servers": settings.kafka_bootstrap_servers,
+                **librdkafka_config(settings),
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 2,

@@ -72,6 +72,8 @@ from chargify_stream.kafka_admin import (
     ensure_pipeline_topics,
     ensure_topics,
 )
+from chargify_stream.kafka_config import faust_credentials, librdkafka_config
+from chargify_stream.logs import log_failure
 from chargify_stream.settings import Settings
 from processors.drain import Feed, deliver_in_batches, shorten_fetch_wait
 from processors.metrics import CONTENT_TYPE, ProcessorMetrics
@@ -145,11 +147,9 @@ class _KafkaPositions:
         from confluent_kafka.admin import AdminClient
 
         self._app = app
-        self._bootstrap = settings.kafka_bootstrap_servers
+        self._settings = settings
         self._group = settings.processor_app_id
-        self._admin = AdminClient(
-            {"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0}
-        )
+        self._admin = AdminClient(librdkafka_config(settings, log_level=0))
 
     async def committed(self, tps: Collection[TP]) -> dict[TP, int | None]:
         from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
@@ -198,7 +198,7 @@ class _KafkaPositions:
         def ask() -> int | None:
             consumer = Consumer(
                 {
-                    "bootstrap.servers": self._bootstrap,
+                    **librdkafka_config(self._settings),
                     "group.id": f"{self._group}-probe",  # never joined, never committed
                     "enable.auto.commit": False,
                     "isolation.level": "read_uncommitted",  # as Faust reads
@@ -248,6 +248,7 @@ def build_app(
     app = faust.App(
         settings.processor_app_id,
         broker=[f"kafka://{s}" for s in settings.kafka_bootstrap_servers.split(",")],
+        broker_credentials=faust_credentials(settings),
         store="memory://",
         datadir=settings.processor_data_dir,
         topic_partitions=partitions,
@@ -396,8 +397,8 @@ def build_app(
         try:
             actives = app.assignor.assigned_actives()
             forgotten = seen.expire({tp.partition for tp in actives if tp.topic == raw_topic})
-        except Exception:
-            log.exception("expiring the dedup table failed; trying again next time")
+        except Exception as exc:
+            log_failure(log, "expiring the dedup table failed; trying again next time", exc=exc)
             return
         if forgotten:
             log.info("forgot %d batches of webhook ids older than the dedup window", forgotten)
@@ -409,8 +410,8 @@ def build_app(
             actives = [tp for tp in app.assignor.assigned_actives() if tp.topic == raw_topic]
             highwaters = {tp: consumer.highwater(tp) for tp in actives}
             await positions.unstick(highwaters, app.consumer_generation_id)
-        except Exception:
-            log.exception("checking the raw partitions' progress failed; trying again")
+        except Exception as exc:
+            log_failure(log, "checking the raw partitions' progress failed; trying again", exc=exc)
 
     @app.timer(interval=60.0)
     async def report() -> None:
@@ -433,7 +434,7 @@ def build_app(
 def _partition_counts(settings: Settings, topics: Iterable[str]) -> dict[str, int]:
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0})
+    admin = AdminClient(librdkafka_config(settings, log_level=0))
     metadata = admin.list_topics(timeout=30).topics
     return {t: len(metadata[t].partitions) for t in topics if t in metadata}
 
@@ -470,7 +471,7 @@ def _create_changelogs(app: faust.App, settings: Settings) -> None:
         config = transport._topic_config(retention, topic.compacting, topic.deleting)
         config.update(topic.config or {})
         ensure_topics(
-            settings.kafka_bootstrap_servers,
+            settings,
             [topic.get_topic_name()],
             partitions=topic.partitions,
             replication_factor=settings.topic_replication_factor,

@@ -58,6 +58,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from chargify_stream.errors import ChargifyStreamError, RecordError, TransientError
 from chargify_stream.kafka_admin import check_deadletter_topic, ensure_pipeline_topics
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
@@ -594,7 +595,7 @@ def build_sink(settings: Settings, metrics: SinkMetrics | None = None) -> Sink:
 
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **librdkafka_config(settings),
             "group.id": settings.sink_group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
@@ -612,7 +613,7 @@ def build_sink(settings: Settings, metrics: SinkMetrics | None = None) -> Sink:
     )
     producer = Producer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **librdkafka_config(settings),
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,

@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings
 from schemas.codec import encode
 from schemas.records import Customer
@@ -159,7 +160,7 @@ class CustomerRelay:
         dsn = self.settings.database_dsn()
         producer = Producer(
             {
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                **librdkafka_config(self.settings),
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 5,

@@ -41,11 +41,13 @@ from datetime import datetime
 from typing import Any, cast
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_config import librdkafka_config
+from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
 from schemas import headers as h
@@ -353,7 +355,7 @@ class Redriver:
         dsn = self.settings.database_dsn()
         consumer = Consumer(
             {
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                **librdkafka_config(self.settings),
                 "group.id": self.group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
@@ -363,7 +365,7 @@ class Redriver:
         )
         producer = Producer(
             {
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                **librdkafka_config(self.settings),
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 5,
@@ -447,7 +449,7 @@ class Redriver:
             if not claimed:
                 return 0
             chosen = choose_redrives(claimed)
-            self._publish(producer, chosen)
+            refused = self._publish(producer, chosen)
             conn.execute(
                 _MARK,
                 (
@@ -456,7 +458,7 @@ class Redriver:
                     [c.dlq_offset for c in claimed],
                 ),
             )
-        self.metrics.redriven.inc(len(chosen))
+        self.metrics.redriven.inc(len(chosen) - refused)
         customers = sorted({c.customer_key for c in chosen})
         log.info(
             "re-drove %d parked events (%d dead letters) for customers %s",
@@ -466,23 +468,41 @@ class Redriver:
         )
         return len(claimed)
 
-    def _publish(self, producer: Producer, chosen: Sequence[_Claimed]) -> None:
-        """Re-publish each record and return once the broker acknowledged every one."""
-        errors: list[str] = []
+    def _publish(self, producer: Producer, chosen: Sequence[_Claimed]) -> int:
+        """Re-publish each record; return once the broker acknowledged every one, with the
+        number Kafka refused.
 
-        def report(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                errors.append(err.str())
+        A record Kafka refuses for itself (:mod:`chargify_stream.kafka_errors`) is logged
+        and left for an operator, not retried: raising would roll back every claim, and
+        the same record would be claimed first, and refused, for ever.
+        """
+        errors: list[str] = []
+        refused: list[tuple[_Claimed, str]] = []
 
         for row in chosen:
-            # Partitioned by key, as `dlq replay` does: one customer's retries stay in order.
-            producer.produce(
-                self.retry_topic,
-                value=row.value,
-                key=row.record_key,
-                headers=cast(list[tuple[str, str | bytes | None]], replay_headers(row.headers)),
-                on_delivery=report,
-            )
+
+            def report(err: KafkaError | None, _msg: Message, row: _Claimed = row) -> None:
+                if err is None:
+                    return
+                if refused_for_itself(err):
+                    refused.append((row, refusal(err)))
+                else:
+                    errors.append(err.str())
+
+            try:
+                # Partitioned by key, as `dlq replay` does: one customer's retries stay in
+                # order.
+                producer.produce(
+                    self.retry_topic,
+                    value=row.value,
+                    key=row.record_key,
+                    headers=cast(list[tuple[str, str | bytes | None]], replay_headers(row.headers)),
+                    on_delivery=report,
+                )
+            except KafkaException as exc:
+                if not refused_for_itself(exc):
+                    raise
+                refused.append((row, refusal(exc)))
         remaining = producer.flush(20)
         if errors or remaining:
             # Raising rolls back the claim: the rows stay waiting and are re-driven later.
@@ -490,6 +510,15 @@ class Redriver:
                 f"re-publish not acknowledged ({remaining} pending): "
                 + (errors[0] if errors else "timed out")
             )
+        for row, why in refused:
+            log.error(
+                "re-driver: Kafka refused the parked event %s for customer %s (%s); it is "
+                "not re-driven again: replay it with `chargify-stream dlq` once fixed",
+                row.webhook_id or f"{row.source_topic}[{row.source_partition}]@{row.source_offset}",
+                row.customer_key,
+                why,
+            )
+        return len(refused)
 
     def _measure(self, conn: psycopg.Connection[Any]) -> None:
         counts = dict(conn.execute(_WAITING, (self.max_attempts,)).fetchall())

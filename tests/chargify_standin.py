@@ -21,7 +21,9 @@ Chargify is unreachable from here. What it does:
   422 ``{"errors": [...]}`` for a bad URL or event key), with the inoperative-endpoint
   rule of §4.4: ``pause_after`` failures in a row pause it (its new webhooks are made
   ``paused`` and not sent), ``disable_after`` seconds paused disable it (no new records);
-  a success or a URL change re-enables it;
+  a paused endpoint is retried every ``probe_every`` seconds (2 hours) with the webhook
+  that paused it; a success or a URL change re-enables it (held ``paused`` records stay
+  unsent until replayed);
 - ``GET /events.json`` (``since_id``/``max_id`` inclusive, ``direction`` default desc,
   ``filter`` CSV, ``date_field`` with ``start_date``/``end_date`` or
   ``start_datetime``/``end_datetime``), ``/subscriptions/{id}/events.json`` (404 unknown
@@ -101,6 +103,7 @@ SUBSCRIPTION_KEYS = frozenset(
     }
 )
 STATUSES = ("successful", "failed", "pending", "paused")
+REPLAY, PROBE = 0, -1  # kinds of send besides the automatic attempts 1..5
 # A site time zone other than UTC, so that date filters are tested against one (§1.4).
 EASTERN = timezone(timedelta(hours=-5))
 
@@ -165,7 +168,7 @@ class _Due:
     at: float
     seq: int
     webhook_id: int = field(compare=False)
-    attempt: int = field(compare=False)  # 1..5, or 0 for a replay
+    attempt: int = field(compare=False)  # 1..5; REPLAY; PROBE (a paused endpoint's retry)
 
 
 class ChargifyStandIn:
@@ -181,6 +184,7 @@ class ChargifyStandIn:
         time_scale: float = 1.0,
         pause_after: int = 25,
         disable_after: float = 48 * 3600.0,
+        probe_every: float = 2 * 3600.0,
         max_concurrent: int = 4,
         request_delay: float = 0.0,
         delivery_timeout: float = 15.0,
@@ -193,6 +197,7 @@ class ChargifyStandIn:
         self.time_scale = time_scale
         self.pause_after = pause_after
         self.disable_after = disable_after
+        self.probe_every = probe_every
         self.max_concurrent = max_concurrent
         self.request_delay = request_delay
         self.delivery_timeout = delivery_timeout
@@ -327,10 +332,11 @@ class ChargifyStandIn:
             self._throttle_next = count
 
     def wait_idle(self, timeout: float = 60.0) -> None:
-        """Until no delivery is queued or being made."""
+        """Until no delivery is queued or being made (a paused endpoint's next probe,
+        hours away, does not count)."""
         deadline = time.monotonic() + timeout
         with self.lock:
-            while self._queue or self._busy:
+            while self._busy or any(d.attempt != PROBE for d in self._queue):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(f"stand-in still delivering: {len(self._queue)} queued")
@@ -362,6 +368,8 @@ class ChargifyStandIn:
                 endpoint = self.endpoints.get(webhook.endpoint_id)
                 if endpoint is None or endpoint.status == "disabled":
                     continue  # unconfirmed (§11.7): nothing is sent to a disabled endpoint
+                if due.attempt == PROBE and endpoint.status != "paused":
+                    continue  # re-enabled meanwhile
                 url, body = endpoint.url, webhook.body
                 self._busy += 1
             try:
@@ -405,12 +413,20 @@ class ChargifyStandIn:
             endpoint.failures, endpoint.status, endpoint.paused_at = 0, "enabled", None
             return
         webhook.status, webhook.successful = "failed", False
-        retry = f" (retry {attempt} of {len(RETRY_SCHEDULE)})" if attempt else ""
+        retry = f" (retry {attempt} of {len(RETRY_SCHEDULE)})" if attempt > 0 else ""
         webhook.last_error, webhook.last_error_at = error + retry, now
         endpoint.failures += 1
         if endpoint.status == "enabled" and endpoint.failures >= self.pause_after:
             endpoint.status, endpoint.paused_at = "paused", time.monotonic()
-        if attempt and attempt < len(RETRY_SCHEDULE):
+            self._schedule(webhook.id, PROBE, self.probe_every)
+        elif attempt == PROBE and endpoint.status == "paused":
+            # Still failing: probe again in 2 hours, until 48 hours paused disable it.
+            assert endpoint.paused_at is not None
+            if time.monotonic() - endpoint.paused_at >= self.disable_after * self.time_scale:
+                endpoint.status = "disabled"
+            else:
+                self._schedule(webhook.id, PROBE, self.probe_every)
+        if 0 < attempt < len(RETRY_SCHEDULE):
             self._schedule(webhook.id, attempt + 1, RETRY_SCHEDULE[attempt])
 
     def _now(self) -> datetime:
@@ -499,7 +515,7 @@ class ChargifyStandIn:
             webhook.accepted_at = None
             webhook.status = "pending"
             # Unconfirmed (§11.7): one send, not a new retry cycle.
-            self._schedule(webhook.id, 0, 0.05)
+            self._schedule(webhook.id, REPLAY, 0.05)
         return 200, {"status": "ok"}
 
     def _save_endpoint(self, endpoint_id: int | None, body: Any) -> tuple[int, Any]:

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from chargify_stream.kafka_admin import ensure_pipeline_topics, ensure_topics
+from chargify_stream.local.kafka import LocalKafka, Scram
 from chargify_stream.local.ports import free_port
 from chargify_stream.settings import Settings, load_settings
 from sink.migrate import migrate
@@ -31,6 +32,16 @@ def kafka_service() -> Iterator[KafkaService]:
     service = start_kafka()
     yield service
     service.close()
+
+
+@pytest.fixture(scope="session")
+def sasl_kafka() -> Iterator[LocalKafka]:
+    """A second broker, started only for the tests that ask for it: SASL_SSL only
+    (SCRAM-SHA-512 over TLS with a throwaway CA), like a managed cluster."""
+    kafka = LocalKafka(scram=Scram(users=(("chargify-test", "scram-test-secret"),)))
+    kafka.start()
+    yield kafka
+    kafka.cleanup()
 
 
 @pytest.fixture(scope="session")
@@ -78,27 +89,36 @@ def make_settings(
     """Settings for one test: unique topics (created), groups, app id and database."""
 
     def make(partitions: int = 1, **overrides: Any) -> Settings:
-        tag = unique("")
-        values: dict[str, Any] = {
-            "kafka_bootstrap_servers": kafka_service.bootstrap_servers,
-            "database_url": overrides.pop("database_url", None) or database_factory(),
-            "chargify_shared_keys": TEST_SHARED_KEY,
-            "kafka_topic_prefix": f"t{tag}.",
-            "topic_partitions": partitions,
-            "processor_app_id": f"processor-{tag}",
-            "sink_group_id": f"sink-{tag}",
-            "gateway_port": free_port(),
-            "processor_web_port": free_port(),
-            "sink_metrics_port": free_port(),
-            "processor_data_dir": str(tmp_path / f"processor-{tag}"),
-            "sink_batch_timeout_ms": 50,
-        }
+        values = settings_values(
+            tmp_path,
+            kafka_bootstrap_servers=kafka_service.bootstrap_servers,
+            database_url=overrides.pop("database_url", None) or database_factory(),
+            topic_partitions=partitions,
+        )
         values.update(overrides)
         settings = load_settings(**values)
         ensure_pipeline_topics(settings, partitions=partitions)
         return settings
 
     return make
+
+
+def settings_values(tmp_path: Path, **values: Any) -> dict[str, Any]:
+    """One test's own names and ports (unique topics, groups, app id), plus ``values``."""
+    tag = unique("")
+    return {
+        "chargify_shared_keys": TEST_SHARED_KEY,
+        "kafka_topic_prefix": f"t{tag}.",
+        "topic_partitions": 1,
+        "processor_app_id": f"processor-{tag}",
+        "sink_group_id": f"sink-{tag}",
+        "gateway_port": free_port(),
+        "processor_web_port": free_port(),
+        "sink_metrics_port": free_port(),
+        "processor_data_dir": str(tmp_path / f"processor-{tag}"),
+        "sink_batch_timeout_ms": 50,
+        **values,
+    }
 
 
 @pytest.fixture

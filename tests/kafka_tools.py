@@ -1,15 +1,30 @@
-"""Small, blocking Kafka helpers for tests: read what a topic holds, write test records."""
+"""Small, blocking Kafka helpers for tests: read what a topic holds, write test records.
+
+Each takes the broker as bootstrap servers (a PLAINTEXT broker) or as the test's
+settings (any broker, through :mod:`chargify_stream.kafka_config`).
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+
+from chargify_stream.kafka_config import librdkafka_config
+from chargify_stream.settings import Settings
+
+
+def connection(kafka: str | Settings) -> dict[str, Any]:
+    """The librdkafka connection config of ``kafka``."""
+    if isinstance(kafka, Settings):
+        return librdkafka_config(kafka)
+    return {"bootstrap.servers": kafka}
 
 
 def consume(
-    bootstrap_servers: str,
+    bootstrap_servers: str | Settings,
     topic: str,
     *,
     count: int,
@@ -23,7 +38,7 @@ def consume(
     """
     consumer = Consumer(
         {
-            "bootstrap.servers": bootstrap_servers,
+            **connection(bootstrap_servers),
             "group.id": f"test-reader-{uuid.uuid4().hex}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
@@ -53,22 +68,31 @@ def consume(
     return out
 
 
-def end_offsets(bootstrap_servers: str, topic: str) -> int:
+def end_offsets(bootstrap_servers: str | Settings, topic: str) -> int:
     """The number of records ever written to ``topic`` (sum of high watermarks)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "watermarks"})
+    consumer = Consumer({**connection(bootstrap_servers), "group.id": "watermarks"})
     try:
-        md = consumer.list_topics(topic, timeout=10)
-        total = 0
-        for p in md.topics[topic].partitions:
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            total += high
-        return total
+        # Right after a broker restart a partition may briefly have no leader yet.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                md = consumer.list_topics(topic, timeout=10)
+                total = 0
+                for p in md.topics[topic].partitions:
+                    tp = TopicPartition(topic, p)
+                    _, high = consumer.get_watermark_offsets(tp, timeout=10)
+                    total += high
+                return total
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
     finally:
         consumer.close()
 
 
 def produce(
-    bootstrap_servers: str,
+    bootstrap_servers: str | Settings,
     topic: str,
     records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
     *,
@@ -80,7 +104,7 @@ def produce(
     a test writes records as large as the pipeline's budget allows).
     """
     producer = Producer(
-        {"bootstrap.servers": bootstrap_servers, "acks": "all", "message.max.bytes": max_bytes}
+        {**connection(bootstrap_servers), "acks": "all", "message.max.bytes": max_bytes}
     )
     errors: list[str] = []
 

@@ -53,6 +53,13 @@ def run(settings: Settings, *, data_dir: str, fresh: bool = False) -> int:
     if fresh and root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
+    if settings.kafka_security_protocol != "PLAINTEXT":
+        # The broker `up` starts listens in PLAINTEXT on loopback; credentials meant for
+        # another cluster would only make every stage fail to log in.
+        raise ConfigError(
+            "KAFKA_SECURITY_PROTOCOL must be PLAINTEXT for `up` (it starts a local broker "
+            "without TLS or SASL); unset it, or run the stages against your cluster"
+        )
     if "," in settings.kafka_bootstrap_servers:
         raise ConfigError("KAFKA_BOOTSTRAP_SERVERS must name one local broker for `up`")
     kafka_port = _local_port(settings.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")

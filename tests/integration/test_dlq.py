@@ -195,7 +195,7 @@ def test_list_stats_and_replay_show_each_event_once_and_refuse_what_they_must(
     )
     assert (a["source_offset"], a["event"]) == (7, "payment_success")
     assert a["first_failed_at"] == format_timestamp(NOW - timedelta(hours=3))
-    # NOW is taken when the module is imported, maybe minutes before this test runs.
+    # NOW is taken when the module is imported, possibly minutes before this test runs.
     since_now = (datetime.now(UTC) - NOW).total_seconds()
     assert 3 * 3600 <= a["age_seconds"] < 3 * 3600 + since_now + 60
     assert by_webhook["102"]["customer"] is None  # a processor dead letter: key = subscription

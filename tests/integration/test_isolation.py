@@ -28,11 +28,15 @@ from processors.splitter import Incoming, split
 from schemas import headers as h
 from schemas.codec import decode
 from schemas.deadletter import dead_letter_headers
+from schemas.records import Transaction
+from tests.builders import build_body
 from tests.conftest import unique
-from tests.integration.test_dlq import cli_json
+from tests.integration.test_dlq import carried, cli_json
+from tests.integration.test_dlq import payment as dlq_payment
 from tests.integration.test_processor import Raw, raw, webhook
 from tests.integration.test_sink import carried_headers, payment, publish, query, seed
 from tests.kafka_tools import alter_topic, consume, headers_of, produce
+from tests.pipeline import Pipeline
 from tests.stages import Stage, run_cli
 
 pytestmark = pytest.mark.integration
@@ -447,3 +451,65 @@ def _check_sink(settings: Settings, stages: Any, sizes: list[int], *, pointers: 
             assert_whole(letter, value)
     assert sink.running
     return sink
+
+
+def test_a_parked_event_kafka_refuses_does_not_hold_up_the_others(
+    settings: Settings, stages: Any
+) -> None:
+    """The re-driver claims waiting events together; one Kafka refuses (too large for the
+    transactions topic, though the dead-letter topic took it) used to roll the claim back,
+    so the re-driver faulted and re-published the whole claim again, for ever."""
+    seed(settings, customers=["cust-r"])
+    big = (b"cust-r", undecodable(1_100_000), carried(4_400_000_001, "payment_success"))
+    ordinary = dlq_payment("cust-r")
+    letters = []
+    for offset, (key, value, original) in enumerate([big, ordinary]):
+        headers = dead_letter_headers(
+            reason=h.CUSTOMER_NOT_FOUND,
+            stage=h.STAGE_SINK,
+            error="no customer with customer_key 'cust-r'",
+            source_topic=settings.topic("transactions"),
+            source_partition=0,
+            source_offset=offset,
+            original_headers=original,
+        )
+        letters.append((key, value, headers))
+    produce(
+        settings.kafka_bootstrap_servers,
+        settings.topic("deadletter"),
+        letters,
+        max_bytes=2 * BROKER_DEFAULT_MAX,
+    )
+
+    sink = stages("sink", settings)
+    expected = decode(ordinary[1])
+    assert isinstance(expected, Transaction)
+    wait_for_transactions(sink, settings, [expected.transaction_id])
+    sink.wait_for_log("Kafka refused the parked event 4400000001 for customer cust-r")
+    assert query(settings, "select count(*) from parked_events where redriven_at is null") == [(0,)]
+
+
+def test_a_signed_body_of_the_gateways_limit_goes_through_the_whole_pipeline(
+    settings: Settings, stages: Any
+) -> None:
+    """The reported case, end to end: the gateway accepts a signed 1 MiB body, the
+    processor dead-letters it whole, and the webhooks after it still land."""
+    seed(settings)
+    budget = settings.gateway_max_body_bytes
+    head = b"id=9300000001&event=payment_success&payload[junk]="
+    big = head + token(budget - len(head)).encode()  # no transaction: malformed
+    assert len(big) == budget
+    pipeline = Pipeline(settings, stages)
+    try:
+        assert pipeline.post(big) == 200
+        assert pipeline.post(big + b"x") == 413  # one byte over: refused, never a 503
+        after = build_body("payment_success", webhook_id=9300000002, subscription_id=11,
+                           reference="c1", transaction_id=7003)  # fmt: skip
+        assert pipeline.post(after) == 200
+        wait_for_transactions(pipeline.sinks[0], settings, [7003])
+    finally:
+        pipeline.close()
+    [letter] = consume(settings.kafka_bootstrap_servers, settings.topic("deadletter"), count=1)
+    assert_whole(letter, big)
+    assert headers_of(letter)[h.DLQ_REASON] == b"malformed_payload"
+    assert all(p.running for p in pipeline.processors)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
+from confluent_kafka import Producer
 
 from chargify_stream.connect import EVENTS
 from chargify_stream.local.ports import free_port
+from chargify_stream.received import RawTopicReader
 from chargify_stream.settings import Settings
 from sink.admin import add_customer, add_partner, connect
 from tests.builders import build_body
@@ -65,7 +68,7 @@ def pay(site: ChargifyStandIn, n: int, *, lost: bool = False) -> int:
 
 
 def reconcile(settings: Settings, *args: str) -> tuple[int, dict[str, Any]]:
-    done = run_cli(settings, "reconcile", "--since", "1h", "--json", *args)
+    done = run_cli(settings, "reconcile", "--since", "1h", "--until", "0s", "--json", *args)
     assert done.returncode in (0, 3), done.stderr
     return done.returncode, json.loads(done.stdout)
 
@@ -135,9 +138,35 @@ def test_reconcile_has_chargify_replay_what_an_outage_lost(
     assert report["missing"] == [] and report["replay_requested"] == 0
     assert len(site.replays) == 1  # nothing asked again
 
-    text = run_cli(settings, "reconcile", "--since", "1h")
+    text = run_cli(settings, "reconcile", "--since", "1h", "--until", "0s")
     assert text.returncode == 0, text.stderr
     assert "already received: 11" in text.stdout and "missing: 0" in text.stdout
+
+
+def test_webhooks_held_by_a_paused_endpoint_are_replayed(
+    make_settings: Callable[..., Settings], stages: Callable[..., Stage]
+) -> None:
+    with ChargifyStandIn(shared_key=TEST_SHARED_KEY, time_scale=0.01, pause_after=10) as site:
+        settings = make_settings(chargify_api_url=site.url, chargify_api_key=site.api_key)
+        base = f"http://127.0.0.1:{settings.gateway_port}"
+        endpoint_id = site.add_endpoint(f"{base}/webhooks/chargify", EVENTS)
+        failed = [pay(site, n) for n in range(2)]  # 2 x 5 attempts: 10 failures in a row
+        site.wait_idle()
+        assert site.endpoints[endpoint_id].status == "paused"
+        held = [pay(site, n) for n in range(2, 4)]  # made paused, never sent
+        assert [site.webhooks[i].status for i in held] == ["paused", "paused"]
+
+        code, report = reconcile(settings, "--dry-run")
+        assert code == 3 and "PAUSED" in report["endpoints"][0]["advice"]
+
+        gateway = stages("gateway", settings)
+        gateway.wait_http_ready(f"{base}/readyz")
+        code, report = reconcile(settings, "--wait", "60")
+        assert code == 0, report
+        assert sorted(report["replayed_ids"]) == sorted(failed + held)
+        assert report["still_missing"] == []
+        # The accepted replays re-enabled the endpoint, and the report says so.
+        assert [e["status"] for e in report["endpoints"]] == ["enabled"]
 
 
 def test_reconcile_reports_events_without_webhook_and_paused_endpoints(
@@ -166,7 +195,7 @@ def test_reconcile_reports_events_without_webhook_and_paused_endpoints(
     assert endpoint["status"] == "paused" and "PAUSED" in endpoint["advice"]
     assert site.mutations() == []
 
-    text = run_cli(settings, "reconcile", "--since", "1h", "--dry-run")
+    text = run_cli(settings, "reconcile", "--since", "1h", "--until", "0s", "--dry-run")
     assert text.returncode == 3
     assert f"event {orphan.id}  refund_success" in text.stdout
     assert "replay cannot bring it" in text.stdout and "is PAUSED" in text.stdout
@@ -180,7 +209,7 @@ def test_reconcile_leaves_the_other_endpoints_webhooks_alone(
     site.add_endpoint(f"http://127.0.0.1:{free_port()}/partners", ["payment_success"])
     mine, theirs = payment(site, 1, lost=True)  # one copy per endpoint, each its own id
 
-    done = run_cli(site_settings, "reconcile", "--since", "1h")
+    done = run_cli(site_settings, "reconcile", "--since", "1h", "--until", "0s")
     assert done.returncode == 2 and "--url" in done.stderr
     assert site.mutations() == []
 
@@ -189,6 +218,17 @@ def test_reconcile_leaves_the_other_endpoints_webhooks_alone(
     assert [w["id"] for w in report["missing"]] == [mine]
     assert (report["checked"], report["other_endpoints_webhooks"]) == (1, 1)
     assert site.replays == [[mine]] and theirs not in site.replays[0]
+
+
+def test_replays_that_do_not_arrive_are_reported_still_missing(
+    site_settings: Settings, site: ChargifyStandIn
+) -> None:
+    site.add_endpoint(f"http://127.0.0.1:{free_port()}/webhooks/chargify", EVENTS)  # down
+    lost = pay(site, 1, lost=True)
+    code, report = reconcile(site_settings, "--wait", "2")
+    assert code == 3
+    assert report["replayed_ids"] == [lost] and report["still_missing"] == [lost]
+    assert report["waited_s"] >= 2
 
 
 def test_reconcile_errors_name_the_key_and_say_what_was_done(
@@ -206,6 +246,13 @@ def test_reconcile_errors_name_the_key_and_say_what_was_done(
 
     done = run_cli(site_settings, "reconcile", "--since", "tomorrow")
     assert done.returncode == 2 and "--since" in done.stderr
+
+    # By default the last 10 minutes are left to Chargify's own retries.
+    site.add_endpoint(f"http://127.0.0.1:{free_port()}/webhooks/chargify", EVENTS)
+    pay(site, 1, lost=True)
+    done = run_cli(site_settings, "reconcile", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["checked"] == 0
 
 
 def test_connect_points_the_site_at_the_gateway_once(
@@ -247,7 +294,7 @@ def test_reconcile_every_serves_metrics(
     settings = site_settings.model_copy(update={"reconcile_metrics_port": port})
     site.add_endpoint(f"http://127.0.0.1:{free_port()}/webhooks/chargify", EVENTS)
     lost = pay(site, 1, lost=True)
-    stage = stages("reconcile", settings, "--every", "1s", "--since", "1h")
+    stage = stages("reconcile", settings, "--every", "1s", "--since", "1h", "--until", "0s")
 
     def metric(name: str) -> float | None:
         try:
@@ -260,3 +307,26 @@ def test_reconcile_every_serves_metrics(
     stage.wait_until(lambda: (metric("reconcile_replayed_total") or 0) >= 2, 60, "two passes")
     assert metric("reconcile_missing") == 1
     assert all(batch == [lost] for batch in site.replays)  # once per pass
+
+
+def test_raw_topic_reader_reads_from_since_and_follows(settings: Settings) -> None:
+    now = datetime.now(UTC)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
+
+    def raw(webhook_id: int, at: datetime) -> None:
+        producer.produce(
+            settings.topic("raw"), build_body("payment_success", webhook_id=webhook_id,
+            event_id=webhook_id + 1), timestamp=int(at.timestamp() * 1000),
+            headers=[("chargify-webhook-id", str(webhook_id).encode())],
+        )  # fmt: skip
+        producer.flush(10)
+
+    raw(11, now - timedelta(days=3))  # before the window
+    raw(12, now - timedelta(hours=1))
+    with RawTopicReader(settings) as reader:
+        assert reader.read(now - timedelta(days=2)) == {12}
+        assert reader.event_ids == {13}
+        assert not reader.truncated
+        raw(14, now)
+        assert reader.follow([14, 15], timeout=5) == {15}
+        assert reader.ids == {12, 14}

@@ -32,7 +32,7 @@ from chargify_stream.local.ports import free_port
 from chargify_stream.settings import Settings, load_settings
 from schemas import headers as h
 from schemas.codec import encode
-from schemas.deadletter import dead_letter_headers
+from schemas.deadletter import dead_letter_headers, pointer
 from schemas.records import ComponentAllocation, Customer, SubscriptionChange, Transaction
 from tests.builders import build_body
 from tests.conftest import unique
@@ -256,15 +256,27 @@ def test_deadletters_and_raw_webhooks(settings: Settings) -> None:
         source_topic=settings.topic("raw"), source_partition=0, source_offset=0,
         original_headers=raw_headers,
     )  # fmt: skip
-    write(settings, "deadletter", [(b"cust-2", encode(REFUND), parked), (b"601", body, malformed)])
+    big_key, big = pointer(b"cust-3", 5_000_000, parked, refusal="Message size too large")
+    write(
+        settings,
+        "deadletter",
+        [(b"cust-2", encode(REFUND), parked), (b"601", body, malformed), (big_key, None, big)],
+    )
 
     (webhook,) = analytics.read_raw(settings, from_beginning=True, customer="cust-7")
     assert webhook["webhook_id"] == 9101 and webhook["event"] == "payment_success"
     assert webhook["key"] == "601" and webhook["source_ip"] == "192.0.2.1"
     assert webhook["body"] == body.decode()
 
-    letters = {d["stage"]: d for d in analytics.read_deadletters(settings, from_beginning=True)}
-    sink, processor = letters["sink"], letters["processor"]
+    letters = {
+        (d["stage"], d["pointer"]): d
+        for d in analytics.read_deadletters(settings, from_beginning=True)
+    }
+    sink, processor = letters[("sink", False)], letters[("processor", False)]
+    too_big = letters[("sink", True)]
+    assert too_big["record"] is None and too_big["body"] is None
+    assert too_big["original_size"] == 5_000_000 and too_big["customer"] == "cust-3"
+    assert too_big["webhook_id"] == 9002 and "pointer" in too_big["error"]
     assert sink["reason"] == "customer_not_found" and sink["customer"] == "cust-2"
     assert sink["record"]["transaction_id"] == 70002 and sink["body"] is None
     assert sink["source_partition"] == 1 and sink["replay_count"] == 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
@@ -73,6 +75,33 @@ def test_a_wrong_key_is_a_configuration_error_naming_the_variable(site: Chargify
     assert "not-the-key" not in str(caught.value) and "not-the-key" not in repr(api)
 
 
+def test_a_redirect_is_not_followed_with_the_key() -> None:
+    seen: list[str | None] = []
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/x")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        api = ChargifyApi(f"http://127.0.0.1:{server.server_address[1]}", "key")
+        with pytest.raises(ChargifyApiError, match="302"):
+            api.endpoints()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(seen) == 1  # the redirect was not followed
+
+
 def test_429_is_retried_with_growing_pauses(site: ChargifyStandIn) -> None:
     pauses: list[float] = []
     api = ChargifyApi(site.url, site.api_key, backoff=1.0, max_backoff=3.0, sleep=pauses.append)
@@ -90,13 +119,15 @@ def test_429_after_every_retry_is_unavailable(site: ChargifyStandIn) -> None:
 
 
 def test_more_than_four_requests_at_once_are_throttled_and_retried() -> None:
-    with ChargifyStandIn(request_delay=0.2) as site:
+    with ChargifyStandIn(request_delay=0.5) as site:
         site.add_endpoint("http://127.0.0.1:1/", ["payment_success"])
         results: list[object] = []
+        together = threading.Barrier(10)
 
         def call() -> None:
+            api = ChargifyApi(site.url, site.api_key, retries=10, backoff=0.1, max_backoff=1.0)
+            together.wait(10)
             try:
-                api = ChargifyApi(site.url, site.api_key, backoff=0.1, max_backoff=1.0)
                 results.append(len(api.endpoints()))
             except Exception as exc:
                 results.append(exc)
@@ -105,8 +136,8 @@ def test_more_than_four_requests_at_once_are_throttled_and_retried() -> None:
         for t in threads:
             t.start()
         for t in threads:
-            t.join(30)
-    assert site.throttled > 0
+            t.join(60)
+    assert site.throttled >= 6  # 10 at once, 4 answered: the other 6 were throttled first
     assert results == [1] * 10
 
 
@@ -214,6 +245,8 @@ def test_settings_for_the_api() -> None:
         load_settings(chargify_subdomain="https://acme.chargify.com")
     with pytest.raises(ConfigError, match="CHARGIFY_API_URL"):
         load_settings(chargify_api_url="acme.chargify.com")
+    with pytest.raises(ConfigError, match=r"CHARGIFY_API_URL.*https"):
+        load_settings(chargify_api_url="http://acme.chargify.com")
     with pytest.raises(ConfigError, match="CHARGIFY_SUBDOMAIN"):
         load_settings().chargify_base_url()
     with pytest.raises(ConfigError, match="CHARGIFY_API_KEY"):

@@ -36,6 +36,7 @@ def test_the_uvicorn_names_the_seam_extends_exist() -> None:
         "on_body",
         "on_message_complete",
         "on_response_complete",
+        "data_received",
     ):
         assert callable(getattr(base, name)), name
         assert name in GatewayProtocol.__dict__, name

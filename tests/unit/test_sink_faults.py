@@ -293,6 +293,7 @@ def run_sink(
     monkeypatch.setattr(consumer, "write_batch", write)
     monkeypatch.setattr(consumer.Sink, "_connection", lambda self: object())
     monkeypatch.setattr(consumer, "ensure_pipeline_topics", lambda *a, **k: None)
+    monkeypatch.setattr(consumer, "check_deadletter_topic", lambda *a, **k: [])
     sink, _, _ = make_sink()
     scripted = batches if isinstance(batches, ScriptedConsumer) else ScriptedConsumer(batches)
     sink.consumer = cast(Any, scripted)
