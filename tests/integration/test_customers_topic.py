@@ -55,9 +55,14 @@ def test_insert_update_and_delete_by_plain_sql_reach_the_topic(
         "insert into customers (customer_key, partner_key, email, name)"
         " values ('c-1', 'p-1', 'ada@example.com', 'Ada') returning 1",
     )
+    topic = settings.topic("customers")
+    wait_for(lambda: end_offsets(settings.kafka_bootstrap_servers, topic) == 1, "the insert")
+    changed = time.monotonic()
     query(
         settings, "update customers set partner_key = 'p-2' where customer_key = 'c-1' returning 1"
     )
+    wait_for(lambda: end_offsets(settings.kafka_bootstrap_servers, topic) == 2, "the update")
+    print(f"an update reached the topic {time.monotonic() - changed:.2f}s after its commit")
     # Rolled back: never happened, never published.
     with psycopg.connect(settings.database_dsn()) as conn:
         conn.execute("insert into customers (customer_key) values ('c-ghost')")
