@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import random
 import signal
 import sys
 import threading
@@ -62,6 +61,7 @@ from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.logs import fields
+from chargify_stream.retry import RetryStopped, retry
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.codec import decode
@@ -70,6 +70,9 @@ from sink.health import serve_health
 from sink.migrate import pending
 from sink.outcomes import source_of
 from sink.upsert import BatchResult, Record, RejectedRecord, classify, write_batch
+
+# write_batch's shape: a connection, the records, and (with the outcome log) their sources.
+WriteBatch = Callable[..., BatchResult]
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +177,11 @@ class Sink:
     """One sink instance; several share the topics' partitions as a consumer group.
 
     The clients are handed in (see :func:`build_sink`); ``connect`` opens a new database
-    connection, called again after the previous one failed.
+    connection, called again after the previous one failed. The rest defaults to the real
+    thing: ``write`` writes one batch in one transaction (:func:`sink.upsert.write_batch`),
+    ``pending`` names the migrations a connection's database lacks, ``prepare_topics``
+    creates and checks the topics before consuming, and ``backoff_first`` is the first
+    pause after a transient fault (seconds).
     """
 
     def __init__(
@@ -185,11 +192,19 @@ class Sink:
         producer: Producer,
         connect: Callable[[], psycopg.Connection[Any]],
         metrics: SinkMetrics,
+        write: WriteBatch = write_batch,
+        pending: Callable[[psycopg.Connection[Any]], list[str]] = pending,
+        prepare_topics: Callable[[Settings, list[str]], object] | None = None,
+        backoff_first: float = BACKOFF_FIRST_S,
     ) -> None:
         self.settings = settings
         self.consumer = consumer
         self.producer = producer
         self.metrics = metrics
+        self._write_batch = write
+        self._pending = pending
+        self._prepare_topics = prepare_topics or _prepare_topics
+        self._backoff_first = backoff_first
         self.topics = [
             settings.topic("transactions"),
             settings.topic("subscriptions"),
@@ -227,22 +242,28 @@ class Sink:
         Waits between attempts grow from 0.2 s to 5 s, with jitter so that several sinks
         do not reconnect in step. Raises :class:`Stopping` when asked to stop meanwhile.
         """
-        delay = BACKOFF_FIRST_S
-        while True:
-            try:
-                result = step()
-                self._waiting_on = None
-                return result
-            except TransientError as exc:
-                self._waiting_on = target
-                self.metrics.retries.labels(target).inc()
-                wait = delay * random.uniform(0.5, 1.0)
-                log.warning("%s unavailable (%s); retrying in %.1fs", target, exc, wait)
-                if target == "database":
-                    self._drop_connection()
-                if self._stop.wait(wait):
-                    raise Stopping from exc
-                delay = min(delay * 2, BACKOFF_MAX_S)
+
+        def waiting(exc: BaseException, pause: float) -> None:
+            self._waiting_on = target
+            self.metrics.retries.labels(target).inc()
+            log.warning("%s unavailable (%s); retrying in %.1fs", target, exc, pause)
+            if target == "database":
+                self._drop_connection()
+
+        try:
+            result = retry(
+                step,
+                retry_on=TransientError,
+                first=self._backoff_first,
+                most=BACKOFF_MAX_S,
+                jitter=True,
+                stop=self._stop,
+                on_retry=waiting,
+            )
+        except RetryStopped as stopped:
+            raise Stopping from stopped.__cause__
+        self._waiting_on = None
+        return result
 
     # -- database -------------------------------------------------------------------
 
@@ -256,7 +277,7 @@ class Sink:
         try:
             conn = self._connect()
             if not self._schema_checked:
-                missing = pending(conn)
+                missing = self._pending(conn)
                 conn.rollback()
                 if missing:
                     raise SchemaNotReady(
@@ -299,9 +320,9 @@ class Sink:
             started = time.perf_counter()
             conn = self._connection()
             result = (
-                write_batch(conn, records)
+                self._write_batch(conn, records)
                 if sources is None
-                else write_batch(conn, records, sources)
+                else self._write_batch(conn, records, sources)
             )
             self.metrics.write_seconds.observe(time.perf_counter() - started)
             return result
@@ -507,8 +528,7 @@ class Sink:
         order-independent, subscriptions are locked in id order, and a deadlock between
         replayed transactions is a transient fault (retried).
         """
-        ensure_pipeline_topics(self.settings, [*self.topics, self.settings.topic("deadletter")])
-        check_deadletter_topic(self.settings)
+        self._prepare_topics(self.settings, [*self.topics, self.settings.topic("deadletter")])
         timeout = self.settings.sink_batch_timeout_ms / 1000
         # A writer thread gets the interpreter back soon after each of its database round
         # trips (six a batch) completes, not up to 5 ms later (the default slice of the
@@ -664,6 +684,12 @@ def build_sink(settings: Settings, metrics: SinkMetrics | None = None) -> Sink:
         connect=connect,
         metrics=metrics,
     )
+
+
+def _prepare_topics(settings: Settings, topics: list[str]) -> None:
+    """Create the sink's topics when missing; check the dead-letter topic's size limit."""
+    ensure_pipeline_topics(settings, topics)
+    check_deadletter_topic(settings)
 
 
 def _headers(msg: Message) -> list[tuple[str, bytes]]:
