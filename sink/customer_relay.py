@@ -32,13 +32,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from chargify_stream.delivery import publish_and_wait
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.kafka_config import librdkafka_config
@@ -46,7 +47,13 @@ from chargify_stream.settings import Settings
 from schemas.codec import encode
 from schemas.records import Customer
 
-__all__ = ["NOTIFY_CHANNEL", "CustomerRelay", "RelayMetrics", "start_customer_relay"]
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "CustomerRelay",
+    "RelayClients",
+    "RelayMetrics",
+    "start_customer_relay",
+]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +110,13 @@ def record_of(row: Sequence[Any]) -> tuple[bytes, bytes | None]:
 
 
 class CustomerRelay:
-    """The background relay of one sink process; see the module docstring."""
+    """The background relay of one sink process; see the module docstring.
+
+    Its clients are handed in as factories, called afresh for every session (a session
+    ends on a fault): ``producer`` publishes, ``connect`` opens an autocommit database
+    connection (two a session: one listens), ``prepare_topics`` creates the customers
+    topic. Each defaults to the real one built from ``settings`` (:class:`RelayClients`).
+    """
 
     def __init__(
         self,
@@ -112,12 +125,19 @@ class CustomerRelay:
         *,
         poll_interval: float = POLL_INTERVAL_S,
         batch_limit: int = BATCH_LIMIT,
+        producer: Callable[[], Producer] | None = None,
+        connect: Callable[[], psycopg.Connection[Any]] | None = None,
+        prepare_topics: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or RelayMetrics()
         self.poll_interval = poll_interval
         self.batch_limit = batch_limit
         self.topic = settings.topic("customers")
+        real = RelayClients(settings)
+        self._new_producer = producer or real.producer
+        self._connect = connect or real.connect
+        self._prepare_topics = prepare_topics or real.prepare_topics
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="customer-relay", daemon=True)
 
@@ -156,30 +176,10 @@ class CustomerRelay:
             delay = min(delay * 2, _BACKOFF_MAX_S)
 
     def _session(self) -> None:
-        ensure_pipeline_topics(self.settings, [self.topic])
-        dsn = self.settings.database_dsn()
-        producer = Producer(
-            {
-                **librdkafka_config(self.settings),
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "message.timeout.ms": 15_000,
-                # Kafka's own (Java) partitioner, as the processor's outputs use: a customer
-                # and its transactions land on the same partition number.
-                "partitioner": "murmur2_random",
-                "log_level": 3,
-            }
-        )
+        self._prepare_topics()
+        producer = self._new_producer()
         try:
-            with (
-                psycopg.connect(
-                    dsn, autocommit=True, connect_timeout=5, application_name="chargify-relay"
-                ) as listener,
-                psycopg.connect(
-                    dsn, autocommit=True, connect_timeout=5, application_name="chargify-relay"
-                ) as conn,
-            ):
+            with self._connect() as listener, self._connect() as conn:
                 # Listen before the first drain, so a change made in between is seen.
                 listener.execute(f"listen {NOTIFY_CHANNEL}")
                 log.info("customer relay publishing to %s", self.topic)
@@ -225,27 +225,45 @@ class CustomerRelay:
 
     def _publish(self, producer: Producer, rows: Sequence[Sequence[Any]]) -> None:
         """Produce ``rows`` in order; return once the broker acknowledged every one."""
-        errors: list[str] = []
-
-        def report(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                errors.append(err.str())
-
-        for row in rows:
-            key, value = record_of(row)
-            producer.produce(
-                self.topic,
-                key=key,
-                value=value,  # None: a tombstone
-                on_delivery=report,
-            )
-        remaining = producer.flush(20)
-        if errors or remaining:
+        # value None: a tombstone.
+        records = ((*record_of(row), None) for row in rows)
+        errors = publish_and_wait(producer, self.topic, records, timeout=20)
+        if errors:
             # Raising rolls back: the rows stay in the outbox and are published again.
-            raise TransientError(
-                f"customer records not acknowledged ({remaining} pending): "
-                + (errors[0] if errors else "timed out")
-            )
+            raise TransientError(f"customer records not acknowledged: {errors[0]}")
+
+
+class RelayClients:
+    """The real clients of a customer relay, built from the settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def prepare_topics(self) -> None:
+        ensure_pipeline_topics(self.settings, [self.settings.topic("customers")])
+
+    def producer(self) -> Producer:
+        return Producer(
+            {
+                **librdkafka_config(self.settings),
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "message.timeout.ms": 15_000,
+                # Kafka's own (Java) partitioner, as the processor's outputs use: a customer
+                # and its transactions land on the same partition number.
+                "partitioner": "murmur2_random",
+                "log_level": 3,
+            }
+        )
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            self.settings.database_dsn(),
+            autocommit=True,
+            connect_timeout=5,
+            application_name="chargify-relay",
+        )
 
 
 def start_customer_relay(
@@ -254,6 +272,13 @@ def start_customer_relay(
     """Start the customer relay thread of a sink process; call ``.stop()`` on the result.
 
     ``registry`` is the sink's Prometheus registry, so the relay's metrics are served on the
-    sink's metrics port.
+    sink's metrics port. The composition root of the relay: its real clients.
     """
-    return CustomerRelay(settings, RelayMetrics(registry)).start()
+    clients = RelayClients(settings)
+    return CustomerRelay(
+        settings,
+        RelayMetrics(registry),
+        producer=clients.producer,
+        connect=clients.connect,
+        prepare_topics=clients.prepare_topics,
+    ).start()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,7 +53,7 @@ from sink.outcomes import (
     write_deliveries,
 )
 
-__all__ = ["Recorder", "RecorderMetrics", "delivery_of", "start_recorder"]
+__all__ = ["Recorder", "RecorderClients", "RecorderMetrics", "delivery_of", "start_recorder"]
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +166,31 @@ def delivery_of(
 
 
 class Recorder:
-    """The background outcome recorder of one sink process; see the module docstring."""
+    """The background outcome recorder of one sink process; see the module docstring.
 
-    def __init__(self, settings: Settings, metrics: RecorderMetrics | None = None) -> None:
+    Its clients are handed in as factories, called afresh for every session (a session
+    ends on a fault): ``consumer`` reads the topics as the recorder's group, ``connect``
+    opens an autocommit database connection, ``prepare_topics`` creates the topics. Each
+    defaults to the real one built from ``settings`` (:class:`RecorderClients`).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: RecorderMetrics | None = None,
+        *,
+        consumer: Callable[[], Consumer] | None = None,
+        connect: Callable[[], psycopg.Connection[Any]] | None = None,
+        prepare_topics: Callable[[], object] | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or RecorderMetrics()
         self.group_id = f"{settings.sink_group_id}-outcomes"
         self.topics = [settings.topic(n) for n in ("deadletter", "decisions")]
+        real = RecorderClients(settings, self.group_id)
+        self._new_consumer = consumer or real.consumer
+        self._connect = connect or real.connect
+        self._prepare_topics = prepare_topics or real.prepare_topics
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outcome-recorder", daemon=True)
 
@@ -205,24 +223,10 @@ class Recorder:
             delay = min(delay * 2, _BACKOFF_MAX_S)
 
     def _session(self) -> None:
-        ensure_pipeline_topics(self.settings, self.topics)
-        consumer = Consumer(
-            {
-                **librdkafka_config(self.settings),
-                "group.id": self.group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                "log_level": 3,
-            }
-        )
+        self._prepare_topics()
+        consumer = self._new_consumer()
         try:
-            with psycopg.connect(
-                self.settings.database_dsn(),
-                autocommit=True,
-                connect_timeout=5,
-                application_name="chargify-sink-outcomes",
-            ) as conn:
+            with self._connect() as conn:
                 consumer.subscribe(self.topics)
                 log.info(
                     "outcome recorder reading %s as group %s", ", ".join(self.topics), self.group_id
@@ -287,6 +291,49 @@ def _ok(msg: Message) -> bool:
     return False
 
 
+class RecorderClients:
+    """The real clients of an outcome recorder, built from the settings."""
+
+    def __init__(self, settings: Settings, group_id: str) -> None:
+        self.settings = settings
+        self.group_id = group_id
+
+    def prepare_topics(self) -> None:
+        ensure_pipeline_topics(
+            self.settings, [self.settings.topic(n) for n in ("deadletter", "decisions")]
+        )
+
+    def consumer(self) -> Consumer:
+        return Consumer(
+            {
+                **librdkafka_config(self.settings),
+                "group.id": self.group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                "log_level": 3,
+            }
+        )
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            self.settings.database_dsn(),
+            autocommit=True,
+            connect_timeout=5,
+            application_name="chargify-sink-outcomes",
+        )
+
+
 def start_recorder(settings: Settings, registry: CollectorRegistry | None = None) -> Recorder:
-    """Start the recorder thread of a sink process; ``.stop()`` the result to end it."""
-    return Recorder(settings, RecorderMetrics(registry)).start()
+    """Start the recorder thread of a sink process; ``.stop()`` the result to end it.
+
+    The composition root of the recorder: its real clients.
+    """
+    clients = RecorderClients(settings, f"{settings.sink_group_id}-outcomes")
+    return Recorder(
+        settings,
+        RecorderMetrics(registry),
+        consumer=clients.consumer,
+        connect=clients.connect,
+        prepare_topics=clients.prepare_topics,
+    ).start()

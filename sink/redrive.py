@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -58,6 +58,7 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "REDRIVE_MAX_ATTEMPTS",
     "ParkedEvent",
+    "RedriveClients",
     "RedriveMetrics",
     "Redriver",
     "choose_redrives",
@@ -290,7 +291,14 @@ select bucket, count(distinct ident) from (
 
 
 class Redriver:
-    """The background re-driver of one sink process; see the module docstring."""
+    """The background re-driver of one sink process; see the module docstring.
+
+    Its clients are handed in as factories, called afresh for every session (a session
+    ends on a fault): ``consumer`` reads the dead-letter topic as the re-driver's group,
+    ``producer`` re-publishes, ``connect`` opens an autocommit database connection (two a
+    session: one listens), ``prepare_topics`` creates the topics it uses. Each defaults to
+    the real one built from ``settings`` (:func:`redrive_clients`).
+    """
 
     def __init__(
         self,
@@ -299,6 +307,10 @@ class Redriver:
         *,
         poll_interval: float = POLL_INTERVAL_S,
         max_attempts: int = REDRIVE_MAX_ATTEMPTS,
+        consumer: Callable[[], Consumer] | None = None,
+        producer: Callable[[], Producer] | None = None,
+        connect: Callable[[], psycopg.Connection[Any]] | None = None,
+        prepare_topics: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or RedriveMetrics()
@@ -312,6 +324,11 @@ class Redriver:
             settings.topic("subscriptions"),
             self.retry_topic,
         )
+        real = RedriveClients(settings, self.group_id)
+        self._new_consumer = consumer or real.consumer
+        self._new_producer = producer or real.producer
+        self._connect = connect or real.connect
+        self._prepare_topics = prepare_topics or real.prepare_topics
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redriver", daemon=True)
 
@@ -351,34 +368,11 @@ class Redriver:
             delay = min(delay * 2, _BACKOFF_MAX_S)
 
     def _session(self) -> None:
-        ensure_pipeline_topics(self.settings, [self.deadletter_topic, self.retry_topic])
-        dsn = self.settings.database_dsn()
-        consumer = Consumer(
-            {
-                **librdkafka_config(self.settings),
-                "group.id": self.group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                "log_level": 3,
-            }
-        )
-        producer = Producer(
-            {
-                **librdkafka_config(self.settings),
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "message.timeout.ms": 15_000,
-                "message.max.bytes": deadletter_record_max(self.settings.gateway_max_body_bytes),
-                "log_level": 3,
-            }
-        )
+        self._prepare_topics()
+        consumer = self._new_consumer()
+        producer = self._new_producer()
         try:
-            with (
-                psycopg.connect(dsn, autocommit=True, connect_timeout=5) as listener,
-                psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn,
-            ):
+            with self._connect() as listener, self._connect() as conn:
                 # Listen before the first claim, so a customer created in between is seen.
                 listener.execute(f"listen {NOTIFY_CHANNEL}")
                 consumer.subscribe([self.deadletter_topic])
@@ -558,10 +552,60 @@ def _failed(msg: Message) -> bool:
     return True
 
 
+class RedriveClients:
+    """The real clients of a re-driver, built from the settings (one factory per client)."""
+
+    def __init__(self, settings: Settings, group_id: str) -> None:
+        self.settings = settings
+        self.group_id = group_id
+
+    def prepare_topics(self) -> None:
+        ensure_pipeline_topics(
+            self.settings, [self.settings.topic("deadletter"), self.settings.topic("sink_retry")]
+        )
+
+    def consumer(self) -> Consumer:
+        return Consumer(
+            {
+                **librdkafka_config(self.settings),
+                "group.id": self.group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                "log_level": 3,
+            }
+        )
+
+    def producer(self) -> Producer:
+        return Producer(
+            {
+                **librdkafka_config(self.settings),
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "message.timeout.ms": 15_000,
+                "message.max.bytes": deadletter_record_max(self.settings.gateway_max_body_bytes),
+                "log_level": 3,
+            }
+        )
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.settings.database_dsn(), autocommit=True, connect_timeout=5)
+
+
 def start_redriver(settings: Settings, registry: CollectorRegistry | None = None) -> Redriver:
     """Start the re-driver thread of a sink process; call ``.stop()`` on the result to end it.
 
     ``registry`` is the sink's Prometheus registry, so the re-driver's metrics are served on
-    the sink's metrics port.
+    the sink's metrics port. The composition root of the re-driver: its real clients.
     """
-    return Redriver(settings, RedriveMetrics(registry)).start()
+    metrics = RedriveMetrics(registry)
+    clients = RedriveClients(settings, f"{settings.sink_group_id}-redrive")
+    return Redriver(
+        settings,
+        metrics,
+        consumer=clients.consumer,
+        producer=clients.producer,
+        connect=clients.connect,
+        prepare_topics=clients.prepare_topics,
+    ).start()
