@@ -46,6 +46,7 @@ from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings
 from schemas.codec import encode
 from schemas.records import Customer
+from sink.sessions import run_sessions
 
 __all__ = [
     "NOTIFY_CHANNEL",
@@ -62,7 +63,6 @@ POLL_INTERVAL_S = 5.0
 BATCH_LIMIT = 500
 # Serialises the relays of every sink process: any constant shared by all of them.
 RELAY_LOCK_ID = 0x63757374
-_BACKOFF_MAX_S = 30.0
 
 _SELECT = (
     "select change_id, customer_key, deleted, partner_key, email, name, changed_at"
@@ -154,26 +154,14 @@ class CustomerRelay:
     # -- lifecycle ------------------------------------------------------------------
 
     def _run(self) -> None:
-        delay = 1.0
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self._session()
-            except psycopg.errors.UndefinedTable:
-                self.metrics.faults.inc()
-                log.error(
-                    "customer relay: table customer_changes is missing;"
-                    " run `chargify-stream migrate`"
-                )
-                delay = _BACKOFF_MAX_S
-            except Exception as exc:
-                self.metrics.faults.inc()
-                log.warning("customer relay fault (%s: %s); restarting", type(exc).__name__, exc)
-                if time.monotonic() - started > 60:
-                    delay = 1.0
-            if self._stop.wait(delay):
-                break
-            delay = min(delay * 2, _BACKOFF_MAX_S)
+        run_sessions(
+            self._session,
+            stop=self._stop,
+            faults=self.metrics.faults,
+            log=log,
+            name="customer relay",
+            missing="table customer_changes is missing",
+        )
 
     def _session(self) -> None:
         self._prepare_topics()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -52,6 +51,7 @@ from sink.outcomes import (
     parse_time,
     write_deliveries,
 )
+from sink.sessions import run_sessions
 
 __all__ = ["Recorder", "RecorderClients", "RecorderMetrics", "delivery_of", "start_recorder"]
 
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 2000
 BATCH_TIMEOUT_S = 0.2
-_BACKOFF_MAX_S = 30.0
 
 Headers = list[tuple[str, bytes]]
 
@@ -204,23 +203,14 @@ class Recorder:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        delay = 1.0
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self._session()
-            except psycopg.errors.UndefinedTable:
-                self.metrics.faults.inc()
-                log.error("outcome recorder: tables missing; run `chargify-stream migrate`")
-                delay = _BACKOFF_MAX_S
-            except Exception as exc:
-                self.metrics.faults.inc()
-                log.warning("outcome recorder fault (%s: %s); restarting", type(exc).__name__, exc)
-                if time.monotonic() - started > 60:
-                    delay = 1.0
-            if self._stop.wait(delay):
-                break
-            delay = min(delay * 2, _BACKOFF_MAX_S)
+        run_sessions(
+            self._session,
+            stop=self._stop,
+            faults=self.metrics.faults,
+            log=log,
+            name="outcome recorder",
+            missing="tables missing",
+        )
 
     def _session(self) -> None:
         self._prepare_topics()

@@ -52,6 +52,7 @@ from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.deadletter import parse_dead_letter, replay_headers
+from sink.sessions import run_sessions
 
 __all__ = [
     "AGE_BUCKETS",
@@ -82,7 +83,6 @@ AGE_BUCKETS: tuple[tuple[str, int | None], ...] = (
     ("1d-7d", 7 * 86400),
     ("7d+", None),
 )
-_BACKOFF_MAX_S = 30.0
 
 Headers = list[tuple[str, bytes]]
 
@@ -345,27 +345,14 @@ class Redriver:
     # -- lifecycle ------------------------------------------------------------------
 
     def _run(self) -> None:
-        delay = 1.0
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self._session()
-            except psycopg.errors.UndefinedTable:
-                self.metrics.faults.inc()
-                log.error(
-                    "re-driver: table parked_events is missing; run `chargify-stream migrate`"
-                )
-                delay = _BACKOFF_MAX_S
-            except Exception as exc:
-                # Whatever went wrong, the sink keeps running: start over from the committed
-                # state (Postgres rows, Kafka offsets) after a backoff.
-                self.metrics.faults.inc()
-                log.warning("re-driver fault (%s: %s); restarting", type(exc).__name__, exc)
-                if time.monotonic() - started > 60:
-                    delay = 1.0
-            if self._stop.wait(delay):
-                break
-            delay = min(delay * 2, _BACKOFF_MAX_S)
+        run_sessions(
+            self._session,
+            stop=self._stop,
+            faults=self.metrics.faults,
+            log=log,
+            name="re-driver",
+            missing="table parked_events is missing",
+        )
 
     def _session(self) -> None:
         self._prepare_topics()
