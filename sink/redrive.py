@@ -35,9 +35,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import psycopg
@@ -50,8 +48,8 @@ from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
-from schemas import headers as h
 from schemas.deadletter import parse_dead_letter, replay_headers
+from sink.parked import Claimed, Headers, ParkedEvent, choose_redrives, parkable
 from sink.sessions import run_sessions
 
 __all__ = [
@@ -83,136 +81,6 @@ AGE_BUCKETS: tuple[tuple[str, int | None], ...] = (
     ("1d-7d", 7 * 86400),
     ("7d+", None),
 )
-
-Headers = list[tuple[str, bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class ParkedEvent:
-    """One ``customer_not_found`` dead letter, as a ``parked_events`` row."""
-
-    dlq_topic: str
-    dlq_partition: int
-    dlq_offset: int
-    customer_key: str
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    record_key: bytes
-    value: bytes
-    headers: Headers
-    webhook_id: str | None
-    event: str | None
-    replay_count: int
-    failed_at: datetime | None
-
-    def row(self) -> tuple[Any, ...]:
-        return (
-            self.dlq_topic,
-            self.dlq_partition,
-            self.dlq_offset,
-            self.customer_key,
-            self.source_topic,
-            self.source_partition,
-            self.source_offset,
-            self.record_key,
-            self.value,
-            [name for name, _ in self.headers],
-            [value for _, value in self.headers],
-            self.webhook_id,
-            self.event,
-            self.replay_count,
-            self.failed_at,
-        )
-
-
-def parkable(
-    *,
-    topic: str,
-    partition: int,
-    offset: int,
-    key: bytes | None,
-    value: bytes | None,
-    headers: Sequence[tuple[str, bytes | None]],
-    sink_topics: Iterable[str],
-) -> ParkedEvent | None:
-    """The parked event for one dead-letter record, or ``None`` when it is not one to re-drive.
-
-    Only ``customer_not_found`` dead letters written by the sink qualify: their key is the
-    customer reference and their source is one of the sink's input topics (the typed topics,
-    or the retry topic for a retry that failed again). A record without
-    readable ``dlq-*`` headers (written by hand, by another tool) is never replayed blindly.
-    """
-    info = parse_dead_letter(headers)
-    if info is None or info.reason != h.CUSTOMER_NOT_FOUND or info.stage != h.STAGE_SINK:
-        return None
-    if info.source_topic not in set(sink_topics) or not key or value is None:
-        return None
-    try:
-        customer = key.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    kept: Headers = [(name, v) for name, v in headers if v is not None]
-    found = dict(kept)
-    return ParkedEvent(
-        dlq_topic=topic,
-        dlq_partition=partition,
-        dlq_offset=offset,
-        customer_key=customer,
-        source_topic=info.source_topic,
-        source_partition=info.source_partition,
-        source_offset=info.source_offset,
-        record_key=key,
-        value=value,
-        headers=kept,
-        webhook_id=_text(found.get(h.WEBHOOK_ID)),
-        event=_text(found.get(h.EVENT)),
-        replay_count=info.replay_count,
-        failed_at=info.failed_at,
-    )
-
-
-def _text(value: bytes | None) -> str | None:
-    return value.decode("utf-8", errors="replace") if value else None
-
-
-@dataclass(frozen=True, slots=True)
-class _Claimed:
-    """A claimed ``parked_events`` row: what is needed to re-publish it and mark it."""
-
-    dlq_topic: str
-    dlq_partition: int
-    dlq_offset: int
-    customer_key: str
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    record_key: bytes
-    value: bytes
-    headers: Headers
-    webhook_id: str | None
-    replay_count: int
-
-    @property
-    def identity(self) -> tuple[str, ...]:
-        """One Chargify event: its webhook id, else the position of the failed record."""
-        if self.webhook_id:
-            return ("webhook", self.webhook_id)
-        return ("source", self.source_topic, str(self.source_partition), str(self.source_offset))
-
-
-def choose_redrives(claimed: Sequence[_Claimed]) -> list[_Claimed]:
-    """One record per event: the one replayed most (its latest failure), in claim order.
-
-    The same event can be parked several times (a manual replay that failed again); one
-    re-publication is enough, and its ``dlq-replay-count`` must be the highest seen.
-    """
-    best: dict[tuple[str, ...], _Claimed] = {}
-    for row in claimed:
-        current = best.get(row.identity)
-        if current is None or row.replay_count > current.replay_count:
-            best[row.identity] = row
-    return list(best.values())
 
 
 class RedriveMetrics:
@@ -449,7 +317,7 @@ class Redriver:
         )
         return len(claimed)
 
-    def _publish(self, producer: Producer, chosen: Sequence[_Claimed]) -> int:
+    def _publish(self, producer: Producer, chosen: Sequence[Claimed]) -> int:
         """Re-publish each record; return once the broker acknowledged every one, with the
         number Kafka refused.
 
@@ -458,11 +326,11 @@ class Redriver:
         the same record would be claimed first, and refused, for ever.
         """
         errors: list[str] = []
-        refused: list[tuple[_Claimed, str]] = []
+        refused: list[tuple[Claimed, str]] = []
 
         for row in chosen:
 
-            def report(err: KafkaError | None, _msg: Message, row: _Claimed = row) -> None:
+            def report(err: KafkaError | None, _msg: Message, row: Claimed = row) -> None:
                 if err is None:
                     return
                 if refused_for_itself(err):
@@ -507,8 +375,8 @@ class Redriver:
             self.metrics.waiting.labels(bucket).set(counts.get(bucket, 0))
 
 
-def _claimed(row: Sequence[Any]) -> _Claimed:
-    return _Claimed(
+def _claimed(row: Sequence[Any]) -> Claimed:
+    return Claimed(
         dlq_topic=row[0],
         dlq_partition=row[1],
         dlq_offset=row[2],
