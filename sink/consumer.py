@@ -48,8 +48,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar, cast
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -57,14 +57,17 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from chargify_stream.errors import ChargifyStreamError, RecordError, TransientError
 from chargify_stream.kafka_admin import check_deadletter_topic, ensure_pipeline_topics
 from chargify_stream.kafka_config import librdkafka_config
-from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.limits import deadletter_record_max
-from chargify_stream.logs import fields
 from chargify_stream.retry import RetryStopped, retry
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.codec import decode
-from schemas.deadletter import dead_letter_headers, pointer
+from sink.deadletters import (
+    DeadLetter,
+    DeadLetterUnacknowledged,
+    message_headers,
+    produce_dead_letters,
+)
 from sink.health import serve_health
 from sink.metrics import SinkMetrics
 from sink.migrate import pending
@@ -102,21 +105,6 @@ class Stopping(Exception):
 
 class SchemaNotReady(ChargifyStreamError):
     """The database lacks migrations this build needs: run ``chargify-stream migrate``."""
-
-
-class DeadLetterUnacknowledged(TransientError):
-    """The broker did not acknowledge a dead letter; publish it again."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A consumed record to dead-letter; ``refusal`` set: Kafka refused it whole, so it is
-    written as a pointer (why Kafka refused it)."""
-
-    msg: Message
-    reason: str
-    error: str
-    refusal: str | None = None
 
 
 @dataclass(slots=True)
@@ -195,7 +183,8 @@ class Sink:
         """Run ``step`` until it does not raise :class:`TransientError`.
 
         Waits between attempts grow from 0.2 s to 5 s, with jitter so that several sinks
-        do not reconnect in step. Raises :class:`Stopping` when asked to stop meanwhile.
+        do not reconnect in step. Raises :class:`Stopping` when asked to stop meanwhile,
+        or when ``step`` itself raises :class:`RetryStopped` (a stop while it waited).
         """
 
         def waiting(exc: BaseException, pause: float) -> None:
@@ -264,7 +253,7 @@ class Sink:
         records = [rec for _, rec in items]
         sources = (
             [
-                source_of(m.topic() or "", m.partition() or 0, m.offset() or 0, _headers(m))
+                source_of(m.topic() or "", m.partition() or 0, m.offset() or 0, message_headers(m))
                 for m, _ in items
             ]
             if self.settings.outcome_log
@@ -317,7 +306,9 @@ class Sink:
 
         def attempt() -> None:
             while remaining:
-                failed, refused = self._produce(remaining)
+                failed, refused = produce_dead_letters(
+                    self.producer, self.settings.topic("deadletter"), remaining, stop=self._stop
+                )
                 # Refused for themselves: written again at once, as pointers.
                 remaining[:] = failed + refused
                 if failed:
@@ -326,78 +317,6 @@ class Sink:
         self._retrying("dead-letter topic", attempt)
         for dl in letters:
             self.metrics.dead.labels(dl.reason).inc()
-
-    def _produce(self, letters: Sequence[DeadLetter]) -> tuple[list[DeadLetter], list[DeadLetter]]:
-        """Publish ``letters`` and wait for the broker.
-
-        Returns the letters the broker did not take (to send again after a backoff) and
-        those Kafka refused for themselves (too large, invalid), marked to be written again
-        as pointers (see ``schemas.deadletter``), so that one record never stops the sink.
-        """
-        failed: list[DeadLetter] = []
-        refused: list[DeadLetter] = []
-        for dl in letters:
-            headers = dead_letter_headers(
-                reason=dl.reason,
-                stage=h.STAGE_SINK,
-                error=dl.error,
-                source_topic=dl.msg.topic() or "",
-                source_partition=dl.msg.partition() or 0,
-                source_offset=dl.msg.offset() or 0,
-                original_headers=_headers(dl.msg),
-            )
-            key, value = dl.msg.key(), dl.msg.value()
-            if dl.refusal is not None:
-                key, headers = pointer(key, len(value or b""), headers, refusal=dl.refusal)
-                value = None
-            log.warning(
-                "dead-lettering %s[%d]@%d%s: %s: %s",
-                dl.msg.topic(),
-                dl.msg.partition(),
-                dl.msg.offset(),
-                " as a pointer" if dl.refusal is not None else "",
-                dl.reason,
-                dl.error,
-                extra=_log_fields(dl),
-            )
-
-            def report(err: KafkaError | None, _m: Message, dl: DeadLetter = dl) -> None:
-                if err is None:
-                    return
-                if refused_for_itself(err) and dl.refusal is None:
-                    _log_refused(dl, refusal(err))
-                    refused.append(replace(dl, refusal=refusal(err)))
-                else:
-                    log.warning("dead letter not acknowledged: %s", err.str())
-                    failed.append(dl)
-
-            try:
-                self.producer.produce(
-                    self.settings.topic("deadletter"),
-                    value=value,
-                    key=key,
-                    headers=cast(list[tuple[str, str | bytes | None]], headers),
-                    on_delivery=report,
-                )
-            except KafkaException as exc:
-                if not refused_for_itself(exc):
-                    raise
-                if dl.refusal is None:
-                    _log_refused(dl, refusal(exc))
-                    refused.append(replace(dl, refusal=refusal(exc)))
-                else:  # even a pointer: the topic, not the record
-                    log.error(
-                        "the dead-letter topic refused even a pointer (%s); check its "
-                        "max.message.bytes",
-                        refusal(exc),
-                    )
-                    failed.append(dl)
-        # The producer retries on its own until delivery.timeout.ms; wait for every ack,
-        # but let a stop request through.
-        while self.producer.flush(1.0) > 0:
-            if self._stop.is_set():
-                raise Stopping
-        return failed, refused
 
     def _commit(self, msgs: Sequence[Message]) -> None:
         """Commit the offsets after ``msgs``: the batch is in Postgres and its dead letters
@@ -645,36 +564,6 @@ def _prepare_topics(settings: Settings, topics: list[str]) -> None:
     """Create the sink's topics when missing; check the dead-letter topic's size limit."""
     ensure_pipeline_topics(settings, topics)
     check_deadletter_topic(settings)
-
-
-def _headers(msg: Message) -> list[tuple[str, bytes]]:
-    raw: Any = msg.headers() or []
-    items = raw.items() if isinstance(raw, dict) else raw
-    return [(k, v.encode() if isinstance(v, str) else v) for k, v in items if v is not None]
-
-
-def _log_fields(dl: DeadLetter) -> dict[str, str]:
-    """The stable log keys of a dead letter (webhook id and event from its headers)."""
-    found = {k: v for k, v in _headers(dl.msg) if k in (h.WEBHOOK_ID, h.EVENT)}
-    outcome = "parked" if dl.reason == h.CUSTOMER_NOT_FOUND else "dead_lettered"
-    return fields(
-        found.get(h.WEBHOOK_ID, b"").decode(errors="replace") or None,
-        found.get(h.EVENT, b"").decode(errors="replace") or None,
-        outcome,
-        dl.reason,
-    )
-
-
-def _log_refused(dl: DeadLetter, why: str) -> None:
-    size = len(dl.msg.value() or b"") + len(dl.msg.key() or b"")
-    log.warning(
-        "Kafka refused the dead letter of %s[%d]@%d (%d bytes): %s; writing a pointer to it",
-        dl.msg.topic(),
-        dl.msg.partition(),
-        dl.msg.offset(),
-        size,
-        why,
-    )
 
 
 def _skip(msg: Message) -> bool:
