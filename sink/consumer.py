@@ -34,6 +34,14 @@ Faults are told apart by type, for the database by SQLSTATE class
   record (``schemas.deadletter``), which stays on its source topic;
 - anything else (an unknown table: the schema was not migrated; a bug) stops the sink:
   retrying cannot fix it and dead-lettering would park every record.
+
+Why one module of about 600 lines: the loop's guarantees (offsets committed only after the
+database commit and the dead letters' acknowledgement, in batch order, across writer
+threads, rebalances and stop requests) are held by :class:`Sink`'s methods together, and
+read as one. What stands on its own is elsewhere: the writes (:mod:`sink.upsert`), the
+dead-letter publishing (:mod:`sink.deadletters`), the metrics (:mod:`sink.metrics`), and
+the background threads beside the loop (:mod:`sink.redrive`, :mod:`sink.customer_relay`,
+:mod:`sink.recorder`).
 """
 
 from __future__ import annotations

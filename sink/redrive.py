@@ -28,6 +28,11 @@ operator (``chargify-stream dlq``), so a record that keeps failing cannot loop.
 
 The thread never takes the sink down: a fault (database or broker away, the migration not
 run yet) is logged, and the re-driver starts over after a backoff from the committed state.
+
+The decisions (which dead letters to park, which claimed row to re-publish) are pure and
+live in :mod:`sink.parked`; the restart loop is :func:`sink.sessions.run_sessions`. This
+module stays over 400 lines because the three steps, their SQL and the clients they share
+(:class:`RedriveClients`) are one thread's work, read together.
 """
 
 from __future__ import annotations
