@@ -30,7 +30,6 @@ run yet) is logged, and the relay starts over after a backoff from what the tabl
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,7 +45,7 @@ from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings
 from schemas.codec import encode
 from schemas.records import Customer
-from sink.sessions import run_sessions
+from sink.sessions import SessionThread
 
 __all__ = [
     "NOTIFY_CHANNEL",
@@ -109,7 +108,7 @@ def record_of(row: Sequence[Any]) -> tuple[bytes, bytes | None]:
     return customer_key.encode(), value
 
 
-class CustomerRelay:
+class CustomerRelay(SessionThread):
     """The background relay of one sink process; see the module docstring.
 
     Its clients are handed in as factories, called afresh for every session (a session
@@ -131,6 +130,13 @@ class CustomerRelay:
     ) -> None:
         self.settings = settings
         self.metrics = metrics or RelayMetrics()
+        super().__init__(
+            thread_name="customer-relay",
+            name="customer relay",
+            missing="table customer_changes is missing",
+            faults=self.metrics.faults,
+            log=log,
+        )
         self.poll_interval = poll_interval
         self.batch_limit = batch_limit
         self.topic = settings.topic("customers")
@@ -138,30 +144,6 @@ class CustomerRelay:
         self._new_producer = producer or real.producer
         self._connect = connect or real.connect
         self._prepare_topics = prepare_topics or real.prepare_topics
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="customer-relay", daemon=True)
-
-    def start(self) -> CustomerRelay:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """Ask the thread to finish its current batch, and wait for it (bounded)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    # -- lifecycle ------------------------------------------------------------------
-
-    def _run(self) -> None:
-        run_sessions(
-            self._session,
-            stop=self._stop,
-            faults=self.metrics.faults,
-            log=log,
-            name="customer relay",
-            missing="table customer_changes is missing",
-        )
 
     def _session(self) -> None:
         self._prepare_topics()

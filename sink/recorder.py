@@ -27,7 +27,6 @@ recorder starts over from the committed state after a backoff.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -51,7 +50,7 @@ from sink.outcomes import (
     parse_time,
     write_deliveries,
 )
-from sink.sessions import run_sessions
+from sink.sessions import SessionThread
 
 __all__ = ["Recorder", "RecorderClients", "RecorderMetrics", "delivery_of", "start_recorder"]
 
@@ -164,7 +163,7 @@ def delivery_of(
     )
 
 
-class Recorder:
+class Recorder(SessionThread):
     """The background outcome recorder of one sink process; see the module docstring.
 
     Its clients are handed in as factories, called afresh for every session (a session
@@ -184,33 +183,19 @@ class Recorder:
     ) -> None:
         self.settings = settings
         self.metrics = metrics or RecorderMetrics()
+        super().__init__(
+            thread_name="outcome-recorder",
+            name="outcome recorder",
+            missing="tables missing",
+            faults=self.metrics.faults,
+            log=log,
+        )
         self.group_id = f"{settings.sink_group_id}-outcomes"
         self.topics = [settings.topic(n) for n in ("deadletter", "decisions")]
         real = RecorderClients(settings, self.group_id)
         self._new_consumer = consumer or real.consumer
         self._connect = connect or real.connect
         self._prepare_topics = prepare_topics or real.prepare_topics
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="outcome-recorder", daemon=True)
-
-    def start(self) -> Recorder:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        run_sessions(
-            self._session,
-            stop=self._stop,
-            faults=self.metrics.faults,
-            log=log,
-            name="outcome recorder",
-            missing="tables missing",
-        )
 
     def _session(self) -> None:
         self._prepare_topics()

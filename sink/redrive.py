@@ -38,7 +38,6 @@ module stays over 400 lines because the three steps, their SQL and the clients t
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -55,7 +54,7 @@ from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
 from schemas.deadletter import parse_dead_letter, replay_headers
 from sink.parked import Claimed, Headers, ParkedEvent, choose_redrives, parkable
-from sink.sessions import run_sessions
+from sink.sessions import SessionThread
 
 __all__ = [
     "AGE_BUCKETS",
@@ -163,7 +162,7 @@ select bucket, count(distinct ident) from (
 """
 
 
-class Redriver:
+class Redriver(SessionThread):
     """The background re-driver of one sink process; see the module docstring.
 
     Its clients are handed in as factories, called afresh for every session (a session
@@ -187,6 +186,13 @@ class Redriver:
     ) -> None:
         self.settings = settings
         self.metrics = metrics or RedriveMetrics()
+        super().__init__(
+            thread_name="redriver",
+            name="re-driver",
+            missing="table parked_events is missing",
+            faults=self.metrics.faults,
+            log=log,
+        )
         self.poll_interval = poll_interval
         self.max_attempts = max_attempts
         self.group_id = f"{settings.sink_group_id}-redrive"
@@ -202,30 +208,6 @@ class Redriver:
         self._new_producer = producer or real.producer
         self._connect = connect or real.connect
         self._prepare_topics = prepare_topics or real.prepare_topics
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="redriver", daemon=True)
-
-    def start(self) -> Redriver:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """Ask the thread to finish its current step, and wait for it (bounded)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    # -- lifecycle ------------------------------------------------------------------
-
-    def _run(self) -> None:
-        run_sessions(
-            self._session,
-            stop=self._stop,
-            faults=self.metrics.faults,
-            log=log,
-            name="re-driver",
-            missing="table parked_events is missing",
-        )
 
     def _session(self) -> None:
         self._prepare_topics()

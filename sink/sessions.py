@@ -14,13 +14,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Self
 
 import psycopg
 from prometheus_client import Counter
 
 from chargify_stream.retry import backoff
 
-__all__ = ["run_sessions"]
+__all__ = ["SessionThread", "run_sessions"]
 
 FIRST_PAUSE_S = 1.0
 MOST_PAUSE_S = 30.0
@@ -60,3 +61,40 @@ def run_sessions(
                 pauses = backoff(first, most)
         if stop.wait(next(pauses)):
             break
+
+
+class SessionThread:
+    """A daemon thread running :meth:`_session` under :func:`run_sessions` until stopped.
+
+    Subclasses implement ``_session``, which returns once ``self._stop`` is set.
+    """
+
+    def __init__(
+        self, *, thread_name: str, name: str, missing: str, faults: Counter, log: logging.Logger
+    ) -> None:
+        self._name, self._missing, self._faults, self._log = name, missing, faults, log
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Ask the thread to finish its current step, and wait for it (bounded)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        run_sessions(
+            self._session,
+            stop=self._stop,
+            faults=self._faults,
+            log=self._log,
+            name=self._name,
+            missing=self._missing,
+        )
+
+    def _session(self) -> None:
+        raise NotImplementedError
