@@ -41,6 +41,7 @@ from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.deadletter import parse_dead_letter
 from schemas.decisions import decode_decision
+from sink.deadletters import message_headers
 from sink.outcomes import (
     DEAD_LETTERED,
     PARKED,
@@ -227,7 +228,7 @@ class Recorder(SessionThread):
                 offset=msg.offset() or 0,
                 key=msg.key(),
                 value=msg.value(),
-                headers=_headers(msg),
+                headers=message_headers(msg),
                 timestamp=datetime.fromtimestamp(stamp / 1000, UTC) if kind else datetime.now(UTC),
             )
             if delivery is not None:
@@ -249,12 +250,6 @@ class Recorder(SessionThread):
                 continue
             if high >= 0:
                 self.metrics.lag.labels(topic, str(partition)).set(max(high - end, 0))
-
-
-def _headers(msg: Message) -> Headers:
-    raw: Any = msg.headers() or []
-    items = raw.items() if isinstance(raw, dict) else raw
-    return [(k, v.encode() if isinstance(v, str) else v) for k, v in items if v is not None]
 
 
 def _ok(msg: Message) -> bool:

@@ -53,7 +53,8 @@ from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
 from schemas.deadletter import parse_dead_letter, replay_headers
-from sink.parked import Claimed, Headers, ParkedEvent, choose_redrives, parkable
+from sink.deadletters import message_headers
+from sink.parked import Claimed, ParkedEvent, choose_redrives, parkable
 from sink.sessions import SessionThread
 
 __all__ = [
@@ -257,7 +258,7 @@ class Redriver(SessionThread):
         rows = []
         labels: list[tuple[str, str]] = []
         for msg in msgs:
-            headers = _headers(msg)
+            headers = message_headers(msg)
             info = parse_dead_letter(headers)
             labels.append((info.reason, info.stage) if info else ("none", "none"))
             parked = parkable(
@@ -377,12 +378,6 @@ def _claimed(row: Sequence[Any]) -> Claimed:
         webhook_id=row[11],
         replay_count=row[12],
     )
-
-
-def _headers(msg: Message) -> Headers:
-    raw: Any = msg.headers() or []
-    items = raw.items() if isinstance(raw, dict) else raw
-    return [(k, v.encode() if isinstance(v, str) else v) for k, v in items if v is not None]
 
 
 def _failed(msg: Message) -> bool:
