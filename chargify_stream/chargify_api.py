@@ -39,6 +39,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from chargify_stream.errors import ChargifyStreamError, ConfigError, TransientError
+from chargify_stream.retry import backoff
 
 __all__ = [
     "MAX_PER_PAGE",
@@ -187,6 +188,8 @@ class ChargifyApi:
             url += "?" + urlencode({k: v for k, v in query.items() if v is not None})
         data = None if body is None else json.dumps(body).encode()
         throttled = faults = 0
+        throttle_pauses = backoff(self.backoff, self.max_backoff)
+        fault_pauses = backoff(self.fault_pause)
         while True:
             try:
                 return self._once(method, url, data)
@@ -199,7 +202,8 @@ class ChargifyApi:
                         f"(401 {text or 'Unauthorized'}): set the site's API key"
                     ) from None
                 if status == 429 and throttled < self.retries:
-                    delay = _retry_after(exc) or min(self.backoff * 2**throttled, self.max_backoff)
+                    pause = next(throttle_pauses)
+                    delay = _retry_after(exc) or pause
                     throttled += 1
                     log.warning(
                         "chargify throttled (429) %s %s; retrying in %.1fs", method, path, delay
@@ -208,7 +212,7 @@ class ChargifyApi:
                     continue
                 retry = method in _IDEMPOTENT and faults < self.fault_retries
                 if status in _RETRY_STATUSES and retry:
-                    self._sleep(self.fault_pause * 2**faults)
+                    self._sleep(next(fault_pauses))
                     faults += 1
                     continue
                 if status == 429 or status >= 500:
@@ -227,7 +231,7 @@ class ChargifyApi:
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 reason = getattr(exc, "reason", exc)
                 if method in _IDEMPOTENT and faults < self.fault_retries:
-                    self._sleep(self.fault_pause * 2**faults)
+                    self._sleep(next(fault_pauses))
                     faults += 1
                     continue
                 raise ChargifyUnavailable(

@@ -27,7 +27,9 @@ log = logging.getLogger("chargify_stream")
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 # The commands that talk to Kafka: their credentials are checked before they start.
-KAFKA_COMMANDS = frozenset({"gateway", "processor", "sink", "dlq", "tail", "reconcile"})
+KAFKA_COMMANDS = frozenset(
+    {"gateway", "processor", "sink", "dlq", "tail", "reconcile", "trace", "console"}
+)
 
 
 def _gateway(args: argparse.Namespace, settings: Settings) -> int:
@@ -107,6 +109,18 @@ def _dlq(action: str) -> Handler:
     return run
 
 
+def _trace(args: argparse.Namespace, settings: Settings) -> int:
+    from chargify_stream.trace import run
+
+    return run(args.webhook_id, settings, as_json=args.json)
+
+
+def _console(args: argparse.Namespace, settings: Settings) -> int:
+    from chargify_stream.console.app import run
+
+    return run(settings)
+
+
 def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from chargify_stream import reconcile
 
@@ -155,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument(
         "--data-dir", default=".local/up", help="where `up` keeps its local shared key"
     )
+
+    trace = add("trace", _trace, "show what happened to one webhook, stage by stage")
+    trace.add_argument("webhook_id", metavar="WEBHOOK_ID", help="Chargify's webhook id")
+    trace.add_argument("--json", action="store_true", help="print JSON")
+
+    add("console", _console, "serve the operators' web page (CONSOLE_HOST:CONSOLE_PORT)")
 
     from sink.admin import add_arguments
 
@@ -222,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
-        setup_logging(settings.log_level)
+        setup_logging(settings.log_level, settings.log_format)
         _dump_stacks_on_sigquit()
         if args.command in KAFKA_COMMANDS:
             from chargify_stream.kafka_config import check_credentials

@@ -23,10 +23,15 @@ dead letter; processor dead letters are keyed by subscription id and carry no re
 customer), ``--since``/``--until`` (on the latest ``dlq-failed-at``; inclusive/exclusive).
 
 ``replay`` re-publishes each selected event's latest record (value, key and original
-headers, with ``dlq-replay-count`` + 1) to its ``dlq-source-topic`` and source partition,
-and reports what the broker acknowledged. It refuses records without ``dlq-*`` headers,
-records whose source is not an input topic of this pipeline, and events that already failed
-``--max-attempts`` times. Every stage is idempotent, so replaying twice never double-counts.
+headers, with ``dlq-replay-count`` + 1) and reports what the broker acknowledged. Where to:
+a ``dlq-stage=processor`` record back to its ``dlq-source-topic`` and source partition (the
+raw topic); a ``dlq-stage=sink`` record to the sink's retry topic (``chargify.sink.retry``),
+partitioned by key, never to the typed topics again (their readers see each record once).
+A sink dead letter whose source is the retry topic (a retry that failed again) is the same
+event as its first failure and goes back there too. It refuses records without ``dlq-*``
+headers, records whose source is not an input topic of this pipeline, and events that
+already failed ``--max-attempts`` times. Every stage is idempotent, so replaying twice never
+double-counts.
 
 A **pointer** (a dead letter Kafka could not take whole: ``schemas.deadletter``) has no
 value; ``list`` marks it, and ``replay`` reads its original back from its source topic,
@@ -43,7 +48,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TextIO, cast
@@ -51,8 +56,10 @@ from typing import Any, Protocol, TextIO, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from chargify_stream.errors import ChargifyStreamError, ConfigError, TransientError
+from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.kafka_config import describe, librdkafka_config
 from chargify_stream.limits import deadletter_record_max
+from chargify_stream.resolved import Resolution, resolutions
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.deadletter import DeadLetterInfo, format_timestamp, parse_dead_letter, replay_headers
@@ -67,6 +74,7 @@ __all__ = [
     "group_events",
     "parse_time",
     "plan_replay",
+    "replay_destination",
     "run",
     "send_replays",
 ]
@@ -323,16 +331,21 @@ def parse_time(text: str, now: datetime) -> datetime:
 
 
 class Progress:
-    """``scanned N of M records`` on a terminal's stderr, for scans that take a while.
+    """``scanned N of M records`` on stderr, for scans that take a while.
 
-    Silent when stderr is not a terminal (scripts, pipes), and for the first ``delay``
-    seconds, so short scans print nothing.
+    On a terminal, one line rewritten in place five times a second; otherwise (a pipe, a
+    cron job's log) a plain line every ``every`` seconds, so a long scan shows it is alive
+    without flooding the log. Nothing for the first ``delay`` seconds: short scans print
+    nothing.
     """
 
-    def __init__(self, label: str, stream: TextIO | None = None, *, delay: float = 1.0) -> None:
+    def __init__(
+        self, label: str, stream: TextIO | None = None, *, delay: float = 1.0, every: float = 10.0
+    ) -> None:
         self.label = label
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty()
+        self.terminal = self.stream.isatty()
+        self.interval = 0.2 if self.terminal else every
         self.started = time.monotonic()
         self.delay = delay
         self.last = 0.0
@@ -340,16 +353,17 @@ class Progress:
 
     def update(self, done: int, total: int) -> None:
         now = time.monotonic()
-        if not self.enabled or now - self.started < self.delay or now - self.last < 0.2:
+        if now - self.started < self.delay or now - self.last < self.interval:
             return
         self.last = now
         percent = 100 * done // total if total else 100
-        self.stream.write(f"\r{self.label}: {done:,} of {total:,} records ({percent}%)")
+        line = f"{self.label}: {done:,} of {total:,} records ({percent}%)"
+        self.stream.write(f"\r{line}" if self.terminal else f"{line}\n")
         self.stream.flush()
         self.shown = True
 
     def finish(self) -> None:
-        if self.shown:
+        if self.shown and self.terminal:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
 
@@ -469,6 +483,17 @@ class Scan:
 # -- replay ----------------------------------------------------------------------------
 
 
+def replay_destination(info: DeadLetterInfo, sink_retry_topic: str) -> tuple[str, int | None]:
+    """The topic and partition a replay of this dead letter goes to (``None``: by key).
+
+    A sink dead letter goes to the sink's retry topic, whatever topic it was read from; a
+    processor dead letter back where it was read (the raw topic), on the same partition.
+    """
+    if info.stage == h.STAGE_SINK:
+        return sink_retry_topic, None
+    return info.source_topic, info.source_partition
+
+
 @dataclass(frozen=True, slots=True)
 class ReplayPlan:
     """The selected events, split into those to replay and those refused (with why)."""
@@ -482,9 +507,16 @@ def plan_replay(
     *,
     max_attempts: int,
     input_topics: Iterable[str],
+    sink_retry_topic: str,
     existing_topics: Iterable[str] | None = None,
+    resolved: Mapping[str, Resolution] | None = None,
 ) -> ReplayPlan:
-    """Decide, for each selected event, whether it may be replayed (pure)."""
+    """Decide, for each selected event, whether it may be replayed (pure).
+
+    ``input_topics`` are the topics a dead letter may have been read from;
+    ``existing_topics`` (when given) those a replay may go to; ``resolved`` the webhooks a
+    later delivery already took to a good outcome (:mod:`chargify_stream.resolved`).
+    """
     inputs = set(input_topics)
     existing = None if existing_topics is None else set(existing_topics)
     replay: list[DeadLetterEvent] = []
@@ -494,6 +526,11 @@ def plan_replay(
         if info is None:
             refused.append(
                 (event, "no dlq-* headers (not written by this pipeline): never replayed blindly")
+            )
+        elif resolved and (done := resolved.get(event.webhook_id or "")):
+            outcome, at = done
+            refused.append(
+                (event, f"resolved: {outcome} at {_time(at)} (--include-resolved to replay it)")
             )
         elif event.latest.value is None and info.pointer:
             refused.append(
@@ -513,8 +550,11 @@ def plan_replay(
             refused.append(
                 (event, f"source topic {info.source_topic} is not an input of this pipeline")
             )
-        elif existing is not None and info.source_topic not in existing:
-            refused.append((event, f"source topic {info.source_topic} does not exist"))
+        elif (
+            existing is not None
+            and (target := replay_destination(info, sink_retry_topic)[0]) not in existing
+        ):
+            refused.append((event, f"topic {target} does not exist"))
         else:
             replay.append(event)
     return ReplayPlan(replay, refused)
@@ -616,11 +656,13 @@ def send_replays(
     events: Sequence[DeadLetterEvent],
     producer: ProducerLike,
     *,
+    sink_retry_topic: str,
     rate: float | None = None,
     flush_timeout: float = 45.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> ReplayOutcome:
-    """Re-publish each event's latest dead letter to its source; wait for the broker.
+    """Re-publish each event's latest dead letter (to :func:`replay_destination`); wait for
+    the broker.
 
     At most ``rate`` records per second. Ctrl-C stops sending; what was already handed to
     the producer is still flushed, and the outcome says which records were never sent.
@@ -643,14 +685,17 @@ def send_replays(
                 slot = started + index / rate
                 while (wait := slot - clock()) > 0:
                     producer.poll(wait)
-            info = cast(DeadLetterInfo, event.info)
+            topic, partition = replay_destination(
+                cast(DeadLetterInfo, event.info), sink_retry_topic
+            )
+            placement = {} if partition is None else {"partition": partition}
             producer.produce(
-                info.source_topic,
+                topic,
                 value=event.latest.value,
                 key=event.latest.key,
-                partition=info.source_partition,
                 headers=replay_headers(event.latest.headers),
                 on_delivery=report_for(index),
+                **placement,
             )
             sent = index + 1
             producer.poll(0)
@@ -748,8 +793,20 @@ def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
         help="how long to wait for Kafka before giving up (default 10)",
     )
     if action == "replay":
+        parser.epilog = (
+            "Exit status: 0 every selected event was replayed (with --dry-run: would be); "
+            "1 some were not acknowledged by the broker or not sent; 3 some were refused "
+            "(resolved, failed too often, no dlq headers, ...) or none matched; 2 a usage "
+            "error. A cron job can alert on anything but 0."
+        )
         parser.add_argument(
             "--dry-run", action="store_true", help="print what would be replayed; change nothing"
+        )
+        parser.add_argument(
+            "--include-resolved",
+            action="store_true",
+            help="replay events whose webhook a later delivery already recorded, found "
+            "unchanged or ignored (webhook_outcomes); skipped by default",
         )
         parser.add_argument(
             "--rate", type=_positive_float, metavar="N", help="at most N records per second"
@@ -791,27 +848,55 @@ def run(action: str, args: argparse.Namespace, settings: Settings) -> int:
     )
     events = group_events(found.records)
     chosen = [e for e in events if selection.matches(e)]
+    resolved = _resolved(settings, chosen)
     if action == "list":
-        _print_list(found, events, chosen, selection, now, as_json=args.json)
+        _print_list(found, events, chosen, selection, now, resolved, as_json=args.json)
         return 0
     if action == "stats":
-        _print_stats(found, events, chosen, now, as_json=args.json)
+        _print_stats(found, events, chosen, now, resolved, as_json=args.json)
         return 0
-    return _replay(settings, args, found, chosen)
+    return _replay(settings, args, found, chosen, {} if args.include_resolved else resolved)
+
+
+def _resolved(settings: Settings, chosen: Sequence[DeadLetterEvent]) -> dict[str, Resolution]:
+    """The resolved ones among ``chosen`` (by webhook id); a note on stderr when unknown."""
+    found = resolutions(
+        settings, [(e.webhook_id, e.last_failed_at) for e in chosen if e.webhook_id]
+    )
+    if found is None:
+        print(
+            "chargify-stream: webhook_outcomes cannot be read: resolved events are not told "
+            "apart (they are listed, and replayed, like the others)",
+            file=sys.stderr,
+        )
+        return {}
+    return found
 
 
 def _replay(
-    settings: Settings, args: argparse.Namespace, found: Scan, chosen: list[DeadLetterEvent]
+    settings: Settings,
+    args: argparse.Namespace,
+    found: Scan,
+    chosen: list[DeadLetterEvent],
+    resolved: Mapping[str, Resolution],
 ) -> int:
+    retry_topic = settings.topic("sink_retry")
     plan = plan_replay(
         read_originals(settings, chosen, timeout=args.timeout),
         max_attempts=args.max_attempts,
-        input_topics=[settings.topic(n) for n in ("raw", "transactions", "subscriptions")],
-        existing_topics=found.existing_topics,
+        input_topics=[
+            settings.topic(n) for n in ("raw", "transactions", "subscriptions", "sink_retry")
+        ],
+        sink_retry_topic=retry_topic,
+        # The retry topic is created below when missing (no sink has run since it exists).
+        existing_topics=found.existing_topics | {retry_topic},
+        resolved=resolved,
     )
     if args.dry_run or not plan.replay:
         outcome = ReplayOutcome(acked=list(plan.replay))
     else:
+        if retry_topic not in found.existing_topics:
+            ensure_pipeline_topics(settings, [retry_topic], timeout=args.timeout)
         errors: list[str] = []
         producer = Producer(
             {
@@ -826,9 +911,13 @@ def _replay(
             }
         )
         outcome = send_replays(
-            plan.replay, producer, rate=args.rate, flush_timeout=max(args.timeout, 5) * 3 + 15
+            plan.replay,
+            producer,
+            sink_retry_topic=retry_topic,
+            rate=args.rate,
+            flush_timeout=max(args.timeout, 5) * 3 + 15,
         )
-    summary = _replay_summary(plan, outcome, dry_run=args.dry_run)
+    summary = _replay_summary(plan, outcome, retry_topic, dry_run=args.dry_run)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -842,6 +931,8 @@ def _replay(
             file=sys.stderr,
         )
         return 130 if outcome.interrupted else 1
+    if plan.refused or not plan.replay:
+        return 3  # something refused, or nothing matched: see --help
     return 0
 
 
@@ -898,11 +989,12 @@ def _print_list(
     chosen: list[DeadLetterEvent],
     selection: Filters,
     now: datetime,
+    resolved: Mapping[str, Resolution],
     *,
     as_json: bool,
 ) -> None:
     if as_json:
-        print(json.dumps([e.as_json(now) for e in chosen], indent=2))
+        print(json.dumps([_with_resolution(e, now, resolved) for e in chosen], indent=2))
         return
     rows = []
     for e in chosen:
@@ -922,6 +1014,7 @@ def _print_list(
                 if info
                 else e.latest.position,
                 _short(info.error if info else "", _ERROR_COLUMN) or "-",
+                resolved.get(e.webhook_id or "", ("-",))[0],
             ]
         )
     if rows:
@@ -938,6 +1031,7 @@ def _print_list(
                     "WEBHOOK",
                     "SOURCE",
                     "ERROR",
+                    "RESOLVED",
                 ],
                 rows,
                 right=[4],
@@ -946,6 +1040,9 @@ def _print_list(
     bare = sum(1 for e in chosen if e.info is None)
     matched = f"{len(chosen)} of {len(events)}" if selection.active else f"{len(chosen)}"
     note = f"; {bare} without dlq-* headers, never replayed" if bare else ""
+    done = sum(1 for e in chosen if e.webhook_id in resolved)
+    if done:
+        note += f"; {done} resolved by a later delivery, not replayed unless asked"
     pointers = sum(1 for e in chosen if e.info is not None and e.info.pointer)
     if pointers:
         note += (
@@ -959,7 +1056,11 @@ def _print_list(
 
 
 def _stats(
-    found: Scan, events: list[DeadLetterEvent], chosen: list[DeadLetterEvent], now: datetime
+    found: Scan,
+    events: list[DeadLetterEvent],
+    chosen: list[DeadLetterEvent],
+    now: datetime,
+    resolved: Mapping[str, Resolution],
 ) -> dict[str, Any]:
     by_reason: dict[str, dict[str, int]] = {}
     by_stage: dict[str, dict[str, int]] = {}
@@ -983,6 +1084,7 @@ def _stats(
         "events": len(chosen),
         "records": sum(len(e.records) for e in chosen),
         "without_dlq_headers": sum(1 for e in chosen if e.info is None),
+        "resolved": sum(1 for e in chosen if e.webhook_id in resolved),
         "pointers": sum(1 for e in chosen if e.info is not None and e.info.pointer),
         "by_reason": dict(sorted(by_reason.items())),
         "by_stage": dict(sorted(by_stage.items())),
@@ -991,15 +1093,25 @@ def _stats(
     }
 
 
+def _with_resolution(
+    event: DeadLetterEvent, now: datetime, resolved: Mapping[str, Resolution]
+) -> dict[str, Any]:
+    out = event.as_json(now)
+    found = resolved.get(event.webhook_id or "")
+    out["resolved"] = {"outcome": found[0], "at": _time(found[1])} if found else None
+    return out
+
+
 def _print_stats(
     found: Scan,
     events: list[DeadLetterEvent],
     chosen: list[DeadLetterEvent],
     now: datetime,
+    resolved: Mapping[str, Resolution],
     *,
     as_json: bool,
 ) -> None:
-    stats = _stats(found, events, chosen, now)
+    stats = _stats(found, events, chosen, now, resolved)
     if as_json:
         print(json.dumps(stats, indent=2))
         return
@@ -1010,7 +1122,8 @@ def _print_stats(
     )
     print(
         f"{found.topic}: {scope} dead-lettered events, {stats['records']} records "
-        f"({stats['records_read']} read; {stats['without_dlq_headers']} without dlq-* headers)"
+        f"({stats['records_read']} read; {stats['without_dlq_headers']} without dlq-* headers;"
+        f" {stats['resolved']} resolved by a later delivery)"
     )
     if stats["oldest_failed_at"]:
         print(
@@ -1024,7 +1137,9 @@ def _print_stats(
             print(_table([title, "EVENTS", "RECORDS"], rows, right=[1, 2]))
 
 
-def _replay_summary(plan: ReplayPlan, outcome: ReplayOutcome, *, dry_run: bool) -> dict[str, Any]:
+def _replay_summary(
+    plan: ReplayPlan, outcome: ReplayOutcome, retry_topic: str, *, dry_run: bool
+) -> dict[str, Any]:
     lines: list[dict[str, Any]] = []
     failed = dict((id(e), why) for e, why in outcome.failed)
     not_sent = {id(e) for e in outcome.not_sent}
@@ -1035,8 +1150,8 @@ def _replay_summary(plan: ReplayPlan, outcome: ReplayOutcome, *, dry_run: bool) 
             action, why = "not_sent", "interrupted before sending"
         else:
             action, why = ("would_replay" if dry_run else "replayed"), None
-        lines.append(_replay_line(e, action, why))
-    lines.extend(_replay_line(e, "refused", why) for e, why in plan.refused)
+        lines.append(_replay_line(e, action, why, retry_topic))
+    lines.extend(_replay_line(e, "refused", why, retry_topic) for e, why in plan.refused)
     per_reason: dict[str, Counter[str]] = {}
     for line in lines:
         per_reason.setdefault(line["reason"] or NO_HEADERS, Counter())[line["action"]] += 1
@@ -1051,7 +1166,8 @@ def _replay_summary(plan: ReplayPlan, outcome: ReplayOutcome, *, dry_run: bool) 
         "by_reason": {
             reason: {
                 "selected": sum(c.values()),
-                "replayed": c["replayed"] + c["would_replay"],
+                "replayed": c["replayed"],
+                "would_replay": c["would_replay"],
                 "refused": c["refused"],
                 "failed": c["failed"] + c["not_sent"],
             }
@@ -1061,8 +1177,11 @@ def _replay_summary(plan: ReplayPlan, outcome: ReplayOutcome, *, dry_run: bool) 
     }
 
 
-def _replay_line(event: DeadLetterEvent, action: str, why: str | None) -> dict[str, Any]:
+def _replay_line(
+    event: DeadLetterEvent, action: str, why: str | None, retry_topic: str
+) -> dict[str, Any]:
     info = event.info
+    to_topic, to_partition = replay_destination(info, retry_topic) if info else (None, None)
     return {
         "action": action,
         "why": why,
@@ -1073,8 +1192,8 @@ def _replay_line(event: DeadLetterEvent, action: str, why: str | None) -> dict[s
         "webhook_id": event.webhook_id,
         "key": _text(event.latest.key),
         "dead_letter": event.latest.position,
-        "to_topic": info.source_topic if info else None,
-        "to_partition": info.source_partition if info else None,
+        "to_topic": to_topic,
+        "to_partition": to_partition,
         "replay_count": info.replay_count if info else None,
         "new_replay_count": info.replay_count + 1 if info else None,
     }
@@ -1094,8 +1213,9 @@ def _print_replay(summary: dict[str, Any]) -> None:
             f"customer {line['customer'] or '-'}) from {line['dead_letter']}"
         )
         if line["action"] in ("would_replay", "replayed"):
+            partition = "" if line["to_partition"] is None else f"[{line['to_partition']}]"
             what += (
-                f" -> {line['to_topic']}[{line['to_partition']}] key {line['key']!r}"
+                f" -> {line['to_topic']}{partition} key {line['key']!r}"
                 f" dlq-replay-count {line['new_replay_count']}"
             )
         if line["why"]:
@@ -1112,8 +1232,9 @@ def _print_replay(summary: dict[str, Any]) -> None:
         head += " (dry run: nothing was published)"
     print(head)
     if summary["by_reason"]:
+        key = "would_replay" if summary["dry_run"] else "replayed"
         rows = [
-            [r, str(v["selected"]), str(v["replayed"]), str(v["refused"]), str(v["failed"])]
+            [r, str(v["selected"]), str(v[key]), str(v["refused"]), str(v["failed"])]
             for r, v in summary["by_reason"].items()
         ]
         print(

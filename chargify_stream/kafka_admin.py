@@ -72,12 +72,16 @@ def pipeline_topic_config(settings: Settings, name: str) -> dict[str, str]:
 
     The raw and dead-letter topics take records up to the size budget of
     :mod:`chargify_stream.limits`; dead letters are kept until dealt with
-    (``DEADLETTER_RETENTION_MS``, unlimited by default) instead of the broker's 7 days.
+    (``DEADLETTER_RETENTION_MS``, unlimited by default) instead of the broker's 7 days. The
+    sink's retry topic carries dead letters back to the sink, so it is configured alike.
+    The customers topic is compacted: the latest record of each customer is kept for good.
     """
     body_max = settings.gateway_max_body_bytes
     if name == settings.topic("raw"):
         return {"max.message.bytes": str(raw_record_max(body_max))}
-    if name == settings.topic("deadletter"):
+    if name == settings.topic("customers"):
+        return {"cleanup.policy": "compact"}
+    if name in (settings.topic("deadletter"), settings.topic("sink_retry")):
         return {
             "max.message.bytes": str(deadletter_record_max(body_max)),
             "retention.ms": str(settings.deadletter_retention_ms),
@@ -173,6 +177,38 @@ def check_deadletter_topic(settings: Settings, *, timeout: float = 10.0) -> list
     for problem in problems:
         log.warning("%s", problem)
     return problems
+
+
+def check_raw_topic(settings: Settings, *, timeout: float = 10.0) -> list[str]:
+    """Warn if the existing raw topic takes smaller records than the gateway accepts.
+
+    A raw topic created by hand or by an older release may keep the broker's default
+    ``max.message.bytes`` (1 MiB + 12 bytes): a body near ``GATEWAY_MAX_BODY_BYTES`` is
+    then refused by the broker on every retry (503 for ever). The problem is logged as a
+    warning and returned; a broker that does not answer is logged and skipped.
+    """
+    name = settings.topic("raw")
+    admin = AdminClient(librdkafka_config(settings, log_level=0))
+    resource = ConfigResource(ResourceType.TOPIC, name)
+    try:
+        config = admin.describe_configs([resource], request_timeout=timeout)[resource].result(
+            timeout=timeout
+        )
+        limit = int(config["max.message.bytes"].value)
+    except (KafkaException, TimeoutError, KeyError, ValueError, TypeError) as exc:
+        log.warning("could not read the configuration of topic %s: %s", name, exc)
+        return []
+    planned = raw_record_max(settings.gateway_max_body_bytes)
+    if limit >= planned:
+        return []
+    problem = (
+        f"raw topic {name} takes records up to {limit:,} bytes (max.message.bytes), less "
+        f"than the {planned:,} the gateway's body limit needs (GATEWAY_MAX_BODY_BYTES="
+        f"{settings.gateway_max_body_bytes}): larger webhooks get 503 on every retry; set "
+        f"max.message.bytes={planned} on the topic"
+    )
+    log.warning("%s", problem)
+    return [problem]
 
 
 def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> None:

@@ -257,7 +257,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         from chargify_stream.reconcile_metrics import run_forever
 
         return run_forever(
-            one_pass, every=args.every, port=settings.reconcile_metrics_port, as_json=args.json
+            one_pass,
+            every=args.every,
+            port=settings.reconcile_metrics_port,
+            host=settings.metrics_host,
+            as_json=args.json,
         )
     report = one_pass()
     if args.json:

@@ -1,6 +1,6 @@
 """``chargify-stream reconcile --every 15m``: reconcile forever, with metrics to alert on.
 
-Prometheus text on ``http://127.0.0.1:RECONCILE_METRICS_PORT/metrics``:
+Prometheus text on ``http://METRICS_HOST:RECONCILE_METRICS_PORT/metrics``:
 
 - ``reconcile_missing``: webhooks Chargify holds that the pipeline had not received at the
   end of the last pass (after ``--wait``, if given; else before the replays arrived);
@@ -69,18 +69,19 @@ def run_forever(
     *,
     every: float,
     port: int,
+    host: str = "127.0.0.1",
     as_json: bool = False,
     metrics: ReconcileMetrics | None = None,
     stop: threading.Event | None = None,
 ) -> int:
     """Run ``one_pass`` every ``every`` seconds until ``stop`` is set, serving metrics on
-    ``127.0.0.1:port`` (0: none). A failed pass is counted and logged; a configuration
+    ``host:port`` (port 0: none). A failed pass is counted and logged; a configuration
     error (a key Chargify rejects) ends the loop."""
     metrics = metrics or ReconcileMetrics()
     if port:
-        start_http_server(port, "127.0.0.1", registry=metrics.registry)
+        start_http_server(port, host, registry=metrics.registry)
     stop = stop or threading.Event()
-    log.info("reconciling every %.0fs; metrics on 127.0.0.1:%s", every, port)
+    log.info("reconciling every %.0fs; metrics on %s:%s", every, host, port)
     while not stop.is_set():
         started = time.monotonic()
         try:

@@ -26,6 +26,17 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5433/chargify"
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 _SUBDOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 
+# The pipeline's topics, by the short name :meth:`Settings.topic` takes.
+TOPICS = (
+    "raw",
+    "transactions",
+    "subscriptions",
+    "deadletter",
+    "sink_retry",
+    "decisions",
+    "customers",
+)
+
 
 class Settings(BaseSettings):
     """Effective configuration. Field names map to upper-case environment variables."""
@@ -67,6 +78,10 @@ class Settings(BaseSettings):
     topic_transactions: str = "chargify.transactions"
     topic_subscriptions: str = "chargify.subscriptions"
     topic_deadletter: str = "chargify.deadletter"
+    topic_sink_retry: str = "chargify.sink.retry"
+    # The processor's decisions that leave no other record (ignored, duplicate): read by
+    # the sink's outcome recorder into webhook_outcomes.
+    topic_decisions: str = "chargify.processor.decisions"
     # Compacted mirror of the customers table, for in-stream attribution joins.
     topic_customers: str = "chargify.customers"
     topic_partitions: int = Field(default=3, ge=1)
@@ -85,6 +100,17 @@ class Settings(BaseSettings):
     sink_batch_size: int = Field(default=1000, ge=1)
     sink_batch_timeout_ms: int = Field(default=50, ge=1)
     sink_metrics_port: int = Field(default=9108, ge=0, le=65535)
+    # Whether the sink keeps webhook_outcomes (what happened to every webhook); off only
+    # to measure what it costs.
+    outcome_log: bool = True
+
+    # Where the processor's and the sink's metrics and health endpoints listen (0.0.0.0
+    # for Prometheus in another container); the gateway's are on GATEWAY_HOST.
+    metrics_host: str = "127.0.0.1"
+
+    # The operators' web page (`chargify-stream console`).
+    console_host: str = "127.0.0.1"
+    console_port: int = Field(default=8090, ge=1, le=65535)
 
     # Chargify's management API, for `reconcile` and `connect`. The base URL is
     # https://<CHARGIFY_SUBDOMAIN>.chargify.com unless CHARGIFY_API_URL says otherwise
@@ -95,6 +121,7 @@ class Settings(BaseSettings):
     reconcile_metrics_port: int = Field(default=9110, ge=0, le=65535)
 
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
     @model_validator(mode="after")
     def _inflight_holds_a_body(self) -> Settings:
@@ -195,13 +222,13 @@ class Settings(BaseSettings):
         return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
 
     def topic(self, name: str) -> str:
-        """The full name of topic ``raw``, ``transactions``, ``subscriptions``, ``deadletter``
-        or ``customers``."""
+        """The full name of topic ``raw``, ``transactions``, ``subscriptions``, ``deadletter``,
+        ``sink_retry``, ``decisions`` or ``customers``."""
         return self.kafka_topic_prefix + str(getattr(self, f"topic_{name}"))
 
     @property
     def all_topics(self) -> tuple[str, ...]:
-        return tuple(self.topic(n) for n in ("raw", "transactions", "subscriptions", "deadletter"))
+        return tuple(self.topic(n) for n in TOPICS)
 
     def chargify_base_url(self) -> str:
         """The base URL of Chargify's API for this site; :class:`ConfigError` if unknown."""

@@ -39,7 +39,8 @@ uvicorn names this module relies on (versions pinned in pyproject.toml; checked 
   ``on_message_complete``), plus ``connection_made``, ``connection_lost`` and
   ``on_response_complete`` and ``data_received``, each extended here and always
   calling uvicorn's own;
-- its attributes ``loop``, ``transport``, ``cycle`` (the current request) and ``flow``
+- its attributes ``loop``, ``transport``, ``expect_100_continue`` (the current request
+  asked for ``100 Continue``), ``cycle`` (the current request) and ``flow``
   (``FlowControl.pause_reading``: the rest of a body is read only once the app asks for
   it; uvicorn would read up to 64 KiB ahead per request, memory a crowd of refused
   uploads held);
@@ -95,6 +96,7 @@ class GatewayProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._request_done = True  # the parser has the current request's whole body
+        self._body_seen = False  # a byte of the current request's body has arrived
         self._close_after = False  # the current request asked to close the connection
         self._drained = 0
 
@@ -171,6 +173,7 @@ class GatewayProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._request_done = False
+        self._body_seen = False
         if self._phase == "idle":
             self._arm("headers", self.deadlines.header_timeout_s)
 
@@ -196,6 +199,7 @@ class GatewayProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
 
     def on_body(self, body: bytes) -> None:
+        self._body_seen = True
         if self.cycle is not None and self.cycle.response_complete:
             # Answered already: discard the rest, within the drain bound.
             self._drained += len(body)
@@ -219,6 +223,10 @@ class GatewayProtocol(HttpToolsProtocol):
             return
         if self._request_done:
             self._after_request()
+        elif self.expect_100_continue and not self._body_seen:
+            # Answered before "100 Continue": the client sends no body, so there is
+            # nothing to discard, and the rest of the request will never come.
+            self._close()
         else:
             self._drained = 0
             self.cycle.body = bytearray()  # what was read ahead is discarded too

@@ -79,8 +79,9 @@ class Publisher:
         }
         if max_record_bytes is not None:
             # librdkafka refuses a record (value, key and headers) over message.max.bytes
-            # (1,000,000 by default) before sending it: the gateway passes the raw
-            # record limit of chargify_stream.limits, so every body it accepts fits.
+            # (1,000,000 by default) before sending it, and never sends a batch larger:
+            # the gateway passes the raw topic's own limit (chargify_stream.limits), so
+            # every body it accepts fits, and so does every batch of them.
             self._conf["message.max.bytes"] = max_record_bytes
         self._conf.update(config)
         self._producer: Producer | None = None

@@ -18,6 +18,7 @@ raw topic in the background until the broker is back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -26,9 +27,10 @@ import uvicorn
 from confluent_kafka import KafkaException
 
 from chargify_stream.errors import TransientError
-from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_admin import check_raw_topic, ensure_pipeline_topics
 from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.limits import raw_record_max
+from chargify_stream.retry import RetryStopped, retry
 from chargify_stream.settings import Settings
 from ingest.app import WEBHOOK_PATH, GatewayApp, Sink
 from ingest.connection import Deadlines, protocol_class, raise_open_files
@@ -48,7 +50,8 @@ _SHUTDOWN_GRACE_S = 5.0
 
 
 class _TopicKeeper:
-    """Creates the raw topic, retrying in a daemon thread while the broker is away."""
+    """Creates the raw topic (or warns if an existing one takes too small records),
+    retrying in a daemon thread while the broker is away."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -62,15 +65,23 @@ class _TopicKeeper:
 
     def _run(self) -> None:
         s = self._settings
-        delay = 0.5
-        while not self._stop.is_set():
-            try:
-                ensure_pipeline_topics(s, [s.topic("raw")], timeout=10.0)
-                return
-            except (TransientError, KafkaException) as exc:
-                log.warning("cannot reach Kafka to check topic %s yet: %s", s.topic("raw"), exc)
-            self._stop.wait(delay)
-            delay = min(delay * 2, 10.0)
+
+        def prepare() -> None:
+            ensure_pipeline_topics(s, [s.topic("raw")], timeout=10.0)
+            check_raw_topic(s)
+
+        def unreachable(exc: BaseException, _pause: float) -> None:
+            log.warning("cannot reach Kafka to check topic %s yet: %s", s.topic("raw"), exc)
+
+        with contextlib.suppress(RetryStopped):
+            retry(
+                prepare,
+                retry_on=(TransientError, KafkaException),
+                first=0.5,
+                most=10.0,
+                stop=self._stop,
+                on_retry=unreachable,
+            )
 
 
 def build_app(settings: Settings, sink: Sink | None = None) -> GatewayApp:

@@ -142,7 +142,8 @@ class Pipeline:
     ) -> None:
         self.raw = settings.topic("raw")
         self.topics = {
-            name: settings.topic(name) for name in ("transactions", "subscriptions", "deadletter")
+            name: settings.topic(name)
+            for name in ("transactions", "subscriptions", "deadletter", "decisions")
         }
         self.consumer = consumer
         self.make_producer = make_producer
@@ -233,7 +234,7 @@ class Pipeline:
         for record in batch:
             ends[record.partition] = record.offset + 1
         now = time.time()
-        outgoing: list[Outgoing] | None = result.outgoing
+        outgoing: list[Outgoing] | None = [*result.outgoing, *result.decisions]
         attempts = 0
         try:
             while outgoing is not None:

@@ -15,6 +15,8 @@ The touchpoints, all public, and why:
 - ``faust.Worker(app, *services, loglevel=, quiet=, override_logging=)`` and its
   ``execute_from_commandline()``, which ends with ``SystemExit``: signal handling and a
   graceful stop of the app and of the pipeline's service.
+- ``Worker.spinner`` (set to ``None``): the start-up spinner, which writes terminal escape
+  sequences into a log that is no terminal.
 - ``mode.Service`` with ``on_start``/``on_stop``: the pipeline's thread as a service
   (:class:`ThreadService`).
 
@@ -61,6 +63,9 @@ class ProcessorApp(faust.App):
 
 def execute(worker: Any) -> int:
     """Run ``worker`` until it stops; its exit status."""
+    # Faust's start-up spinner writes a terminal escape sequence (show cursor) even when
+    # its output is no terminal, into the log.
+    worker.spinner = None
     try:
         worker.execute_from_commandline()
     except SystemExit as done:  # how mode's worker always ends
@@ -74,8 +79,8 @@ def build_app(settings: Settings, metrics: ProcessorMetrics) -> faust.App:
         settings.processor_app_id,
         broker=[f"kafka://{s}" for s in settings.kafka_bootstrap_servers.split(",")],
         datadir=settings.processor_data_dir,
-        web_host="127.0.0.1",
-        web_bind="127.0.0.1",
+        web_host=settings.metrics_host,
+        web_bind=settings.metrics_host,
         web_port=settings.processor_web_port,
         web_tables_enabled=False,
         web_graph_enabled=False,

@@ -20,6 +20,10 @@ Per record, in order:
    keys are Chargify's event id (the same under every webhook id and retry) and the webhook
    id (for a body without an event id). The keys of a batch are looked up in one query.
 
+A webhook ignored or dropped as a duplicate also gets a decision record
+(:mod:`schemas.decisions`) in ``Split.decisions``, published with the outputs (in the same
+transaction), so that ``webhook_outcomes`` learns what became of it.
+
 Only emitted records are remembered: a webhook that was dead-lettered, say for an unknown
 subscription, gets a fresh chance if Chargify sends it again or an operator replays it.
 A dead-letter replay of an emitted webhook is a duplicate like any other: the typed topics
@@ -34,11 +38,12 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, NamedTuple, Protocol
 
-from chargify_stream.logs import log_failure
+from chargify_stream.logs import fields, log_failure
 from processors.routing import SUPPORTED_EVENTS, DeadLetter, Emit, Ignore, route
 from schemas import headers as h
 from schemas.codec import encode
 from schemas.deadletter import dead_letter_headers, pointer
+from schemas.decisions import Decision, encode_decision, now
 from schemas.records import Transaction
 
 __all__ = ["Incoming", "Outgoing", "Split", "State", "Tally", "dedup_keys", "fallback", "split"]
@@ -46,7 +51,7 @@ __all__ = ["Incoming", "Outgoing", "Split", "State", "Tally", "dedup_keys", "fal
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
-OutputTopic = Literal["transactions", "subscriptions", "deadletter"]
+OutputTopic = Literal["transactions", "subscriptions", "deadletter", "decisions"]
 
 # Event labels for metrics: the events we act on and the test event; anything else is
 # "other", so a body cannot grow the label set.
@@ -134,10 +139,54 @@ class Split:
     # raw partition -> offset of the batch's first record from it (names a dedup record).
     first_offsets: dict[int, int] = field(default_factory=dict)
     tally: Tally = field(default_factory=Tally)
+    # Records for the decisions topic (ignored, duplicate), to publish with ``outgoing``.
+    decisions: list[Outgoing] = field(default_factory=list)
+
+    def note(
+        self,
+        record: Incoming,
+        webhook_id: str | None,
+        decision: str,
+        reason: str | None,
+        event: str | None,
+        received_at: str | None,
+        replay_count: int,
+    ) -> None:
+        """Add a decision record for ``record`` (none without a webhook id to key it)."""
+        if not webhook_id:
+            return
+        value = encode_decision(
+            Decision(
+                webhook_id,
+                decision,
+                reason,
+                event,
+                received_at,
+                now(),
+                record.topic,
+                record.partition,
+                record.offset,
+                replay_count,
+            )
+        )
+        self.decisions.append(Outgoing("decisions", webhook_id.encode(), value, []))
 
 
 def _event_label(event: str | None) -> str:
     return event if event in _EVENT_LABELS else "other"
+
+
+def raw_position(record: Incoming) -> bytes:
+    """The ``chargify-raw-position`` header value of a record split from ``record``."""
+    return f"{record.topic}/{record.partition}/{record.offset}".encode()
+
+
+def _replay_count(value: bytes) -> int:
+    """A ``dlq-replay-count`` header's count (above 0: a dead-letter replay)."""
+    try:
+        return max(int(value), 0)
+    except ValueError:
+        return 0
 
 
 # A dedup key is a Chargify id times 4 plus its kind, so ids of different kinds never meet;
@@ -162,18 +211,34 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
     result = Split()
     tally = result.tally
     learned_now: dict[tuple[int, str], str] = {}  # (partition, subscription id) -> reference
-    # In order: (output, (partition, dedup keys) of an Avro record, event, webhook id).
-    decided: list[tuple[Outgoing, tuple[int, tuple[int, ...]] | None, str | None, str | None]] = []
+    # In order: (output, (partition, dedup keys) of an Avro record, event, webhook id,
+    # the raw record, its received-at, its replay count).
+    decided: list[
+        tuple[
+            Outgoing,
+            tuple[int, tuple[int, ...]] | None,
+            str | None,
+            str | None,
+            Incoming,
+            str | None,
+            int,
+        ]
+    ] = []
 
     for record in batch:
         partition = record.partition
         result.first_offsets.setdefault(partition, record.offset)
-        header_id = event_header = None
+        header_id = event_header = received_at = None
+        replays = 0
         for name, value in record.headers:
             if name == h.WEBHOOK_ID:
                 header_id = value.decode(errors="replace")
             elif name == h.EVENT:
                 event_header = value.decode(errors="replace")
+            elif name == h.RECEIVED_AT:
+                received_at = value.decode(errors="replace")
+            elif name == h.DLQ_REPLAY_COUNT:
+                replays = _replay_count(value)
 
         def lookup(subscription_id: int, partition: int = partition) -> str | None:
             sid = str(subscription_id)
@@ -187,7 +252,10 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
                     action.topic,
                     action.key.encode(),
                     encode(action.record),
-                    [(k, v) for k, v in record.headers if k in h.CARRIED_TO_OUTPUTS],
+                    [
+                        *((k, v) for k, v in record.headers if k in h.CARRIED_TO_OUTPUTS),
+                        (h.RAW_POSITION, raw_position(record)),
+                    ],
                     record,
                 )
                 if isinstance(action, Emit)
@@ -210,11 +278,19 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
                 learned_now[partition, sid] = reference
                 result.learned[partition, sid] = reference
         if isinstance(action, Emit) and outgoing is not None:
-            decided.append((outgoing, (partition, dedup_keys(action)), event, webhook_id))
+            emit = (partition, dedup_keys(action))
+            decided.append((outgoing, emit, event, webhook_id, record, received_at, replays))
         elif isinstance(action, Ignore):
             tally.events[_event_label(event), IGNORED] += 1
             tally.ignored[action.reason] += 1
-            log.info("ignored webhook %s (%s): %s", webhook_id, event, action.reason)
+            log.info(
+                "ignored webhook %s (%s): %s",
+                webhook_id,
+                event,
+                action.reason,
+                extra=fields(webhook_id, event, IGNORED, action.reason),
+            )
+            result.note(record, webhook_id, IGNORED, action.reason, event, received_at, replays)
         else:
             assert isinstance(action, DeadLetter)
             tally.events[_event_label(event), DEAD_LETTERED] += 1
@@ -229,18 +305,24 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
                 record.offset,
                 action.reason,
                 action.error,
+                extra=fields(webhook_id, event, DEAD_LETTERED, action.reason),
             )
-            decided.append(
-                (_dead_letter(record, action.reason, action.error), None, event, webhook_id)
-            )
+            dead = _dead_letter(record, action.reason, action.error)
+            decided.append((dead, None, event, webhook_id, record, received_at, replays))
 
-    already = state.seen({key for _, keyed, _, _ in decided if keyed for key in keyed[1]})
-    for outgoing, keyed, event, webhook_id in decided:
+    already = state.seen({key for _, keyed, *_ in decided if keyed for key in keyed[1]})
+    for outgoing, keyed, event, webhook_id, record, received_at, replays in decided:
         if keyed is not None:
             partition, keys = keyed
             if any(key in already for key in keys):
                 tally.events[_event_label(event), DUPLICATE] += 1
-                log.info("dropped duplicate webhook %s (%s)", webhook_id, event)
+                log.info(
+                    "dropped duplicate webhook %s (%s)",
+                    webhook_id,
+                    event,
+                    extra=fields(webhook_id, event, DUPLICATE),
+                )
+                result.note(record, webhook_id, DUPLICATE, None, event, received_at, replays)
                 continue
             already.update(keys)
             result.emitted.setdefault(partition, []).extend(keys)

@@ -86,11 +86,12 @@ def _run(settings: Settings, transactional: bool) -> int:
     )
     log.info(
         "processor %s reading %s (%d partitions, transactional id %s); "
-        "metrics on http://127.0.0.1:%d/metrics",
+        "metrics on http://%s:%d/metrics",
         settings.processor_app_id,
         settings.topic("raw"),
         partitions,
         clients.transactional_id(settings, slot.number),
+        settings.metrics_host,
         settings.processor_web_port,
     )
     if not NATIVE_SCAN:

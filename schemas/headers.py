@@ -11,6 +11,9 @@ RECEIVED_AT: Final = "received-at"
 CONTENT_TYPE: Final = "content-type"
 SOURCE_IP: Final = "source-ip"
 CARRIED_OVER: Final = (WEBHOOK_ID, EVENT, RECEIVED_AT)
+# Added by the processor to its typed records: the raw record they came from, as
+# ``topic/partition/offset``, so the outcome log can tell which delivery a record was.
+RAW_POSITION: Final = "chargify-raw-position"
 
 # Dead-letter headers.
 DLQ_REASON: Final = "dlq-reason"

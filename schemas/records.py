@@ -1,18 +1,190 @@
 """The records on ``chargify.transactions``, ``chargify.subscriptions``, ``chargify.customers``.
 
-Each dataclass mirrors its ``.avsc`` file in ``schemas/avro/`` field for field, in the same
-order and with the same defaults (a unit test checks this). Construction is keyword-only.
-``occurred_at`` and ``updated_at`` are timezone-aware UTC datetimes; on the wire they are
-Avro ``timestamp-micros``.
+The ``.avsc`` files in ``schemas/avro/`` are the one definition of each record: the field
+list, its order, which fields are optional and their defaults, and the Avro datum
+(:meth:`to_avro`, :meth:`from_avro`) all come from the schema, through :func:`avro_record`.
+A class here adds only what Avro cannot say: the Python type of each field (for mypy) and
+checks on construction (``__post_init__``). A field the class does not declare is added
+from its schema, so a field added to a schema reaches the record, the writer in
+:mod:`schemas.codec` and the datum without touching this module; declare it here to give it
+a type. A declared field the schema does not have, or a default the schema does not give,
+fails at import.
+
+Construction is keyword-only. ``occurred_at`` and ``updated_at`` are timezone-aware UTC
+datetimes; on the wire they are Avro ``timestamp-micros``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import inspect
+import json
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any, Literal
+from importlib import resources
+from typing import Any, ClassVar, Literal, Self, TypeVar, dataclass_transform
 
-__all__ = ["ComponentAllocation", "Customer", "SubscriptionChange", "Transaction"]
+__all__ = [
+    "AvroRecord",
+    "ComponentAllocation",
+    "Customer",
+    "SubscriptionChange",
+    "Transaction",
+    "avro_record",
+    "record_schemas",
+]
+
+_NAMESPACE = "io.chargifystream"
+
+# Turns one field's value from the Python form to the Avro datum form, or back.
+_Convert = Callable[[Any], Any]
+
+
+def _named_records(schema: Any, namespace: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every record type defined in ``schema`` (a parsed ``.avsc``), by full name."""
+    if isinstance(schema, list):
+        for branch in schema:
+            yield from _named_records(branch, namespace)
+    elif isinstance(schema, dict):
+        if schema.get("type") == "record":
+            namespace = schema.get("namespace", namespace)
+            name = schema["name"]
+            yield (name if "." in name else f"{namespace}.{name}"), schema
+            for field in schema["fields"]:
+                yield from _named_records(field["type"], namespace)
+        elif schema.get("type") == "array":
+            yield from _named_records(schema["items"], namespace)
+
+
+def record_schemas() -> dict[str, dict[str, Any]]:
+    """The record types of the current schemas (``schemas/avro/*.avsc``), by full name.
+
+    Nested records (``ComponentAllocation`` inside ``SubscriptionChange``) are listed too.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    folder = resources.files("schemas").joinpath("avro")
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".avsc"):
+            found.update(_named_records(json.loads(entry.read_text(encoding="utf-8")), ""))
+    return found
+
+
+_SCHEMAS = record_schemas()
+_CLASSES: dict[str, type[AvroRecord]] = {}  # the record classes built so far, by full name
+
+
+class AvroRecord:
+    """Base of the records: the Avro datum, both ways, from the schema's field list."""
+
+    __slots__ = ()
+    avro_name: ClassVar[str]
+    # (field name, to the datum, from the datum); None where the value is the same.
+    _avro_fields: ClassVar[tuple[tuple[str, _Convert | None, _Convert | None], ...]]
+
+    def to_avro(self) -> dict[str, Any]:
+        """The Avro datum (field name -> value) for the current schema."""
+        return {
+            name: getattr(self, name) if out is None else out(getattr(self, name))
+            for name, out, _ in self._avro_fields
+        }
+
+    @classmethod
+    def from_avro(cls, datum: dict[str, Any]) -> Self:
+        """Build from a datum read with the current schema."""
+        return cls(
+            **{
+                name: datum[name] if into is None else into(datum[name])
+                for name, _, into in cls._avro_fields
+            }
+        )
+
+
+_PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
+
+
+def _optional(convert: _Convert | None) -> _Convert | None:
+    if convert is None:
+        return None
+    return lambda value: None if value is None else convert(value)
+
+
+def _each(convert: _Convert | None, container: _Convert) -> _Convert:
+    """An array (a list in the datum, a tuple in the record), item by item."""
+    if convert is None:
+        return container
+    return lambda values: container(convert(value) for value in values)
+
+
+def _converters(avro_type: Any, namespace: str) -> tuple[_Convert | None, _Convert | None]:
+    """How a value of ``avro_type`` goes to the datum and back; None: unchanged."""
+    if isinstance(avro_type, list):  # ["null", T]
+        inner = [t for t in avro_type if t != "null"]
+        if len(inner) != 1:
+            return None, None
+        out, into = _converters(inner[0], namespace)
+        return _optional(out), _optional(into)
+    if isinstance(avro_type, dict) and avro_type.get("type") == "array":
+        out, into = _converters(avro_type["items"], namespace)
+        return _each(out, list), _each(into, tuple)
+    if isinstance(avro_type, dict) and avro_type.get("type") == "record":
+        name = avro_type["name"]
+        avro_type = name if "." in name else f"{avro_type.get('namespace', namespace)}.{name}"
+    if isinstance(avro_type, str) and avro_type not in _PRIMITIVES:  # a named record
+        full_name = avro_type if "." in avro_type else f"{namespace}.{avro_type}"
+        nested = _CLASSES.get(full_name)
+        if nested is None:
+            raise TypeError(f"record {full_name} must be defined before the records using it")
+        return (lambda v: v.to_avro()), nested.from_avro
+    return None, None
+
+
+def _default(avro_field: dict[str, Any]) -> Any:
+    default = avro_field["default"]
+    return tuple(default) if isinstance(default, list) else default
+
+
+_R = TypeVar("_R", bound=type)
+
+
+@dataclass_transform(kw_only_default=True, frozen_default=True)
+def avro_record(schema: str | dict[str, Any]) -> Callable[[_R], _R]:
+    """Make a class the frozen, keyword-only dataclass of an Avro record schema.
+
+    ``schema`` is a record's full name in the current schemas, or a parsed record schema
+    (as tests pass a changed copy). The fields are the schema's, in its order; the class's
+    annotations type them, and a field it does not annotate is added as ``Any`` with the
+    schema's default.
+    """
+    spec = _SCHEMAS[schema] if isinstance(schema, str) else schema
+    namespace = spec.get("namespace", _NAMESPACE)
+    full_name = spec["name"] if "." in spec["name"] else f"{namespace}.{spec['name']}"
+
+    def build(cls: _R) -> _R:
+        declared: dict[str, Any] = inspect.get_annotations(cls)
+        avro_fields = {f["name"]: f for f in spec["fields"]}
+        unknown = [name for name in declared if name not in avro_fields]
+        if unknown:
+            raise TypeError(f"{cls.__name__} declares {unknown}, not in schema {full_name}")
+        annotations: dict[str, Any] = {}
+        plan = []
+        for name, avro_field in avro_fields.items():
+            annotations[name] = declared.get(name, "Any")
+            has_default = name in cls.__dict__
+            if name not in declared and "default" in avro_field:
+                setattr(cls, name, _default(avro_field))
+            elif has_default != ("default" in avro_field) or (
+                has_default and getattr(cls, name) != _default(avro_field)
+            ):
+                raise TypeError(f"{cls.__name__}.{name}: default differs from schema {full_name}")
+            plan.append((name, *_converters(avro_field["type"], namespace)))
+        cls.__annotations__ = annotations
+        record: Any = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)(cls)
+        record.avro_name = full_name
+        record._avro_fields = tuple(plan)
+        _CLASSES[full_name] = record
+        return record
+
+    return build
 
 
 def _utc(value: datetime, name: str) -> datetime:
@@ -23,8 +195,8 @@ def _utc(value: datetime, name: str) -> datetime:
     return value.astimezone(UTC)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Transaction:
+@avro_record("io.chargifystream.Transaction")
+class Transaction(AvroRecord):
     """One Chargify payment or refund (Avro ``io.chargifystream.Transaction``)."""
 
     transaction_id: int
@@ -47,48 +219,9 @@ class Transaction:
             raise ValueError(f"kind must be payment or refund, got {self.kind!r}")
         object.__setattr__(self, "occurred_at", _utc(self.occurred_at, "occurred_at"))
 
-    def to_avro(self) -> dict[str, Any]:
-        """The Avro datum (field name -> value) for the current schema."""
-        return {
-            "transaction_id": self.transaction_id,
-            "kind": self.kind,
-            "amount_cents": self.amount_cents,
-            "currency": self.currency,
-            "customer_reference": self.customer_reference,
-            "subscription_id": self.subscription_id,
-            "refunded_payment_id": self.refunded_payment_id,
-            "memo": self.memo,
-            "occurred_at": self.occurred_at,
-            "webhook_id": self.webhook_id,
-            "event_id": self.event_id,
-            "event": self.event,
-            "site_id": self.site_id,
-            "site_subdomain": self.site_subdomain,
-        }
 
-    @classmethod
-    def from_avro(cls, datum: dict[str, Any]) -> Transaction:
-        """Build from a datum read with the current schema."""
-        return cls(
-            transaction_id=datum["transaction_id"],
-            kind=datum["kind"],
-            amount_cents=datum["amount_cents"],
-            currency=datum["currency"],
-            customer_reference=datum["customer_reference"],
-            subscription_id=datum["subscription_id"],
-            refunded_payment_id=datum["refunded_payment_id"],
-            memo=datum["memo"],
-            occurred_at=datum["occurred_at"],
-            webhook_id=datum["webhook_id"],
-            event_id=datum["event_id"],
-            event=datum["event"],
-            site_id=datum["site_id"],
-            site_subdomain=datum["site_subdomain"],
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ComponentAllocation:
+@avro_record("io.chargifystream.ComponentAllocation")
+class ComponentAllocation(AvroRecord):
     """One component's allocation change (Avro ``io.chargifystream.ComponentAllocation``)."""
 
     component_id: int
@@ -96,28 +229,9 @@ class ComponentAllocation:
     previous_allocation: float | None = None
     new_allocation: float
 
-    def to_avro(self) -> dict[str, Any]:
-        """The Avro datum for the current schema."""
-        return {
-            "component_id": self.component_id,
-            "component_name": self.component_name,
-            "previous_allocation": self.previous_allocation,
-            "new_allocation": self.new_allocation,
-        }
 
-    @classmethod
-    def from_avro(cls, datum: dict[str, Any]) -> ComponentAllocation:
-        """Build from a datum read with the current schema."""
-        return cls(
-            component_id=datum["component_id"],
-            component_name=datum["component_name"],
-            previous_allocation=datum["previous_allocation"],
-            new_allocation=datum["new_allocation"],
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SubscriptionChange:
+@avro_record("io.chargifystream.SubscriptionChange")
+class SubscriptionChange(AvroRecord):
     """One accepted subscription event and the state after it (Avro ``SubscriptionChange``)."""
 
     subscription_id: int
@@ -140,50 +254,9 @@ class SubscriptionChange:
         object.__setattr__(self, "occurred_at", _utc(self.occurred_at, "occurred_at"))
         object.__setattr__(self, "components", tuple(self.components))
 
-    def to_avro(self) -> dict[str, Any]:
-        """The Avro datum (field name -> value) for the current schema."""
-        return {
-            "subscription_id": self.subscription_id,
-            "customer_reference": self.customer_reference,
-            "state": self.state,
-            "previous_state": self.previous_state,
-            "product_id": self.product_id,
-            "product_handle": self.product_handle,
-            "previous_product_id": self.previous_product_id,
-            "previous_product_handle": self.previous_product_handle,
-            "components": [component.to_avro() for component in self.components],
-            "occurred_at": self.occurred_at,
-            "webhook_id": self.webhook_id,
-            "event_id": self.event_id,
-            "event": self.event,
-            "site_id": self.site_id,
-            "site_subdomain": self.site_subdomain,
-        }
 
-    @classmethod
-    def from_avro(cls, datum: dict[str, Any]) -> SubscriptionChange:
-        """Build from a datum read with the current schema."""
-        return cls(
-            subscription_id=datum["subscription_id"],
-            customer_reference=datum["customer_reference"],
-            state=datum["state"],
-            previous_state=datum["previous_state"],
-            product_id=datum["product_id"],
-            product_handle=datum["product_handle"],
-            previous_product_id=datum["previous_product_id"],
-            previous_product_handle=datum["previous_product_handle"],
-            components=tuple(ComponentAllocation.from_avro(c) for c in datum["components"]),
-            occurred_at=datum["occurred_at"],
-            webhook_id=datum["webhook_id"],
-            event_id=datum["event_id"],
-            event=datum["event"],
-            site_id=datum["site_id"],
-            site_subdomain=datum["site_subdomain"],
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Customer:
+@avro_record("io.chargifystream.Customer")
+class Customer(AvroRecord):
     """A customer as it is after a change (Avro ``io.chargifystream.Customer``).
 
     The value on ``chargify.customers`` under the key ``customer_key``; a deleted customer
@@ -198,24 +271,3 @@ class Customer:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "updated_at", _utc(self.updated_at, "updated_at"))
-
-    def to_avro(self) -> dict[str, Any]:
-        """The Avro datum (field name -> value) for the current schema."""
-        return {
-            "customer_key": self.customer_key,
-            "partner_key": self.partner_key,
-            "email": self.email,
-            "name": self.name,
-            "updated_at": self.updated_at,
-        }
-
-    @classmethod
-    def from_avro(cls, datum: dict[str, Any]) -> Customer:
-        """Build from a datum read with the current schema."""
-        return cls(
-            customer_key=datum["customer_key"],
-            partner_key=datum["partner_key"],
-            email=datum["email"],
-            name=datum["name"],
-            updated_at=datum["updated_at"],
-        )

@@ -13,6 +13,9 @@
   The plan is the plan whose key is the final product id, when there is one.
 - A record whose customer does not exist is not written: its index is returned, to be
   dead-lettered with ``customer_not_found``.
+- Given where each record came from (``sources``), each record's outcome (``recorded``,
+  ``unchanged``, ``parked``) is written to the outcome log (:mod:`sink.outcomes`) in the
+  same transaction, so it is never lost and never ahead of the data.
 
 Database errors leave as project errors, classified by SQLSTATE class (never by message):
 :class:`DatabaseUnavailable` (retry the batch) or :class:`RejectedRecord` (something in the
@@ -22,6 +25,12 @@ and propagates unchanged.
 The write path, one statement per table over ``unnest`` of binary array parameters, was
 chosen by measurement against ``executemany`` in pipeline mode, text arrays, and binary
 COPY into a staging table (``bench/sink/write_paths.py``).
+
+Why one module of about 500 lines: the fold, the SQL that guards the ordering and the
+column lists that feed it must agree field by field (a version written by the fold is
+compared by the SQL), and the outcome log is written in the same transaction; split, a
+field added in one place would be missed in another. The module holds one concept, one
+batch's transaction, with no I/O outside it.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from psycopg.types.numeric import Int8BinaryDumper
 from chargify_stream.errors import RecordError, TransientError
 from schemas import headers
 from schemas.records import SubscriptionChange, Transaction
+from sink.outcomes import PARKED, RECORDED, UNCHANGED, Delivery, Source, write_deliveries
 
 Record = Transaction | SubscriptionChange
 
@@ -118,6 +128,8 @@ class BatchResult:
     subscriptions_written: int = 0
     subscriptions_unchanged: int = 0
     unknown_customer: list[int] = field(default_factory=list)
+    # Each record's outcome, in order (only when the batch's sources were given).
+    outcomes: list[str] = field(default_factory=list)
 
     @property
     def written(self) -> int:
@@ -366,14 +378,21 @@ def columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
 
-def write_batch(conn: psycopg.Connection[Any], records: Sequence[Record]) -> BatchResult:
+def write_batch(
+    conn: psycopg.Connection[Any],
+    records: Sequence[Record],
+    sources: Sequence[Source] | None = None,
+) -> BatchResult:
     """Apply ``records`` in one database transaction; the caller commits Kafka after.
+
+    With ``sources`` (where each record was read), each record's outcome is recorded in
+    the outcome log within the same transaction.
 
     Raises :class:`DatabaseUnavailable` or :class:`RejectedRecord` (the transaction is
     rolled back either way); other errors propagate as psycopg raised them.
     """
     try:
-        return _write_batch(conn, records)
+        return _write_batch(conn, records, sources)
     except psycopg.Error as exc:
         classified = classify(exc)
         if classified is None:
@@ -381,8 +400,13 @@ def write_batch(conn: psycopg.Connection[Any], records: Sequence[Record]) -> Bat
         raise classified from exc
 
 
-def _write_batch(conn: psycopg.Connection[Any], records: Sequence[Record]) -> BatchResult:
+def _write_batch(
+    conn: psycopg.Connection[Any], records: Sequence[Record], sources: Sequence[Source] | None
+) -> BatchResult:
     result = BatchResult()
+    inserted: set[int] = set()  # transaction ids this batch inserted
+    written: set[int] = set()  # subscription ids this batch changed
+    folded: list[SubscriptionRow] = []
     with conn.transaction(), conn.cursor() as cur:
         # Every int is sent as int8, so the statements keep one parameter signature and
         # psycopg can prepare them once per connection.
@@ -401,13 +425,98 @@ def _write_batch(conn: psycopg.Connection[Any], records: Sequence[Record]) -> Ba
             # In id order, as every writer does: duplicates in two concurrent batches
             # (replays) then wait for each other instead of deadlocking.
             txns.sort(key=lambda row: row[0])
-            cur.execute(INSERT_TRANSACTIONS, columns(txns))
-            result.transactions_written = cur.rowcount
-            result.transactions_unchanged = len(txns) - cur.rowcount
+            if sources is None:
+                cur.execute(INSERT_TRANSACTIONS, columns(txns))
+                count = cur.rowcount
+            else:
+                cur.execute(INSERT_TRANSACTIONS_RETURNING, columns(txns))
+                inserted = {row[0] for row in cur.fetchall()}
+                count = len(inserted)
+            result.transactions_written = count
+            result.transactions_unchanged = len(txns) - count
         if changes:
-            rows = [subscription_row(s) for s in fold_subscriptions(changes)]
+            folded = fold_subscriptions(changes)
+            rows = [subscription_row(s) for s in folded]
             cur.execute("select pg_advisory_xact_lock_shared(%s)", (PLAN_LINK_LOCK,))
-            cur.execute(UPSERT_SUBSCRIPTIONS, columns(rows))
-            result.subscriptions_written = cur.rowcount
-            result.subscriptions_unchanged = len(rows) - cur.rowcount
+            if sources is None:
+                cur.execute(UPSERT_SUBSCRIPTIONS, columns(rows))
+                count = cur.rowcount
+            else:
+                cur.execute(UPSERT_SUBSCRIPTIONS_RETURNING, columns(rows))
+                written = {row[0] for row in cur.fetchall()}
+                count = len(written)
+            result.subscriptions_written = count
+            result.subscriptions_unchanged = len(rows) - count
+        if sources is not None:
+            now = datetime.now(UTC)
+            result.outcomes = record_outcomes(records, customers, inserted, written, folded)
+            write_deliveries(
+                cur,
+                [
+                    sink_delivery(rec, outcome, source, now)
+                    for rec, outcome, source in zip(records, result.outcomes, sources, strict=True)
+                ],
+            )
     return result
+
+
+INSERT_TRANSACTIONS_RETURNING = INSERT_TRANSACTIONS + " returning transaction_id"
+UPSERT_SUBSCRIPTIONS_RETURNING = UPSERT_SUBSCRIPTIONS + " returning t.subscription_id"
+
+
+def record_outcomes(
+    records: Sequence[Record],
+    customers: dict[str, str | None],
+    inserted: set[int],
+    written: set[int],
+    folded: Sequence[SubscriptionRow],
+) -> list[str]:
+    """Each record's outcome: ``parked`` (unknown customer), ``recorded`` (it wrote its
+    transaction, or a subscription change that the stored row now carries), else
+    ``unchanged`` (a duplicate or replay, or older than what is stored)."""
+    rows = {row.subscription_id: row for row in folded}
+    first: set[int] = set()  # transaction ids already recorded by an earlier record
+    outcomes: list[str] = []
+    for rec in records:
+        if rec.customer_reference not in customers:
+            outcomes.append(PARKED)
+        elif isinstance(rec, Transaction):
+            new = rec.transaction_id in inserted and rec.transaction_id not in first
+            first.add(rec.transaction_id)
+            outcomes.append(RECORDED if new else UNCHANGED)
+        else:
+            row = rows.get(rec.subscription_id)
+            version = (version_of(rec.occurred_at), rec.webhook_id)
+            carried = row is not None and (
+                version == row.version
+                or version in row.field_versions.values()
+                or version in row.component_versions.values()
+            )
+            outcomes.append(RECORDED if carried and rec.subscription_id in written else UNCHANGED)
+    return outcomes
+
+
+def sink_delivery(rec: Record, outcome: str, source: Source, at: datetime) -> Delivery:
+    """The outcome log's row for the sink's decision on one record."""
+    return Delivery(
+        webhook_id=rec.webhook_id,
+        stage=headers.STAGE_SINK,
+        decision=outcome,
+        reason=headers.CUSTOMER_NOT_FOUND if outcome == PARKED else None,
+        topic=source.topic,
+        partition=source.partition,
+        offset=source.offset,
+        replay_count=source.replay_count,
+        at=at,
+        event=rec.event,
+        received_at=source.received_at,
+        transaction_id=rec.transaction_id if isinstance(rec, Transaction) else None,
+        subscription_id=rec.subscription_id,
+        customer_key=rec.customer_reference,
+        # Each record is one delivery decided: a raw record split by the processor, or a
+        # re-drive or sink-stage replay.
+        attempt=True,
+        source_topic=source.raw[0] if source.raw else None,
+        source_partition=source.raw[1] if source.raw else None,
+        source_offset=source.raw[2] if source.raw else None,
+    )

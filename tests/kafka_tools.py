@@ -12,6 +12,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
+from chargify_stream.delivery import publish_and_wait
 from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings
 
@@ -106,15 +107,7 @@ def produce(
     producer = Producer(
         {**connection(bootstrap_servers), "acks": "all", "message.max.bytes": max_bytes}
     )
-    errors: list[str] = []
-
-    def report(err: object, _msg: Message) -> None:
-        if err is not None:
-            errors.append(str(err))
-
-    for key, value, headers in records:
-        producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
-    producer.flush(30)
+    errors = publish_and_wait(producer, topic, records, timeout=30)
     assert not errors, errors
 
 

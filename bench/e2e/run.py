@@ -38,13 +38,11 @@ Ctrl-C). A whole run takes about 3-4 minutes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,40 +50,34 @@ import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-sys.path[:0] = [str(HERE), str(REPO)]
+sys.path[:0] = [str(HERE), str(REPO), str(REPO / "bench" / "gateway")]
 
 import cpu  # noqa: E402
+import loadgen  # noqa: E402  # bench/gateway/loadgen.py: wrk
 import psycopg  # noqa: E402
 import workload as wl  # noqa: E402
 from confluent_kafka import Consumer, Message, Producer, TopicPartition  # noqa: E402
 
+from chargify_stream.delivery import Record, publish_and_wait  # noqa: E402
 from chargify_stream.kafka_admin import ensure_topics  # noqa: E402
 from chargify_stream.local.kafka import LocalKafka  # noqa: E402
+from chargify_stream.local.launch import (  # noqa: E402
+    StageProcess,
+    http_ok,
+    log_tail,
+    stage_command,
+    wait_ready,
+)
 from chargify_stream.local.ports import free_port  # noqa: E402
 from chargify_stream.local.postgres import LocalPostgres  # noqa: E402
 from chargify_stream.settings import Settings, load_settings  # noqa: E402
 from schemas import headers as h  # noqa: E402
 from sink.admin import add_customer, add_partner  # noqa: E402
 from sink.migrate import migrate  # noqa: E402
-
-
-def _load_gateway_bench() -> ModuleType:
-    """``bench/gateway/run.py`` (its wrk helpers), loaded under its own module name."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_gateway_run", REPO / "bench" / "gateway" / "run.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gateway_bench = _load_gateway_bench()
 
 KEY = "bench-e2e-shared-key"
 PARTITIONS = 3
@@ -103,44 +95,21 @@ def say(line: str) -> None:
 # -- processes -------------------------------------------------------------------------
 
 
-class Stage:
+class Stage(StageProcess):
     """One ``python -m chargify_stream <name>`` process with the run's settings."""
 
     def __init__(self, name: str, settings: Settings, logs: Path) -> None:
-        self.name = name
+        super().__init__(
+            name, stage_command(name), logs / f"{name}.log", env=settings.as_env(), cwd=REPO
+        )
         self.settings = settings
-        self.log_path = logs / f"{name}.log"
-        env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "chargify_stream", name],
-                env=env,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        self.start()
 
     def check(self) -> None:
         """Exit the benchmark if the stage died."""
-        if self.proc.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-3000:]
-            raise SystemExit(f"{self.name} exited ({self.proc.returncode}); log:\n{tail}")
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM (each stage stops gracefully on it), SIGKILL after ``timeout``."""
-        if self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if not self.running:
+            tail = log_tail(self.log_path, 60)
+            raise SystemExit(f"{self.name} exited ({self.returncode}); log:\n{tail}")
 
 
 class Services:
@@ -190,11 +159,11 @@ class Services:
         return stage
 
     def stop_stage(self, name: str) -> None:
-        self.stages[name].stop()
+        self.stages[name].stop(30)
 
     def check(self) -> None:
         for stage in self.stages.values():
-            code = stage.proc.poll()
+            code = stage.returncode
             if code is not None and code not in (0, -signal.SIGTERM):
                 stage.check()
 
@@ -202,7 +171,7 @@ class Services:
         """Process ids to label CPU time by (see :mod:`cpu`)."""
         roots = {os.getpid(): "bench script"}
         for name, stage in self.stages.items():
-            if stage.proc.poll() is None:
+            if stage.running:
                 roots[stage.pid] = name
         for name, proc in (("kafka", self.kafka._proc), ("postgres", self.postgres._proc)):
             if proc is not None:
@@ -433,7 +402,7 @@ def sustained(
 
     cpu_before, wrk_cpu_before = cpu.snapshot(), cpu.children_seconds()
     started = time.time()
-    result = gateway_bench.wrk(
+    result = loadgen.wrk(
         wrk_bin, url, path, seconds=args.seconds, connections=args.connections, rate=rate
     )
     sent_for = time.time() - started
@@ -564,31 +533,20 @@ def raw_producer(bootstrap: str, bodies: list[bytes]) -> float:
             "queue.buffering.max.kbytes": 2_000_000,
         }
     )
-    failed = 0
 
-    def report(err: object, _msg: Message) -> None:
-        nonlocal failed
-        if err is not None:
-            failed += 1
+    def record(raw: bytes) -> Record:
+        webhook = _field(raw, b"id=")
+        headers = [
+            (h.WEBHOOK_ID, webhook),
+            (h.EVENT, _field(raw, b"&event=")),
+            (h.RECEIVED_AT, b"2026-11-27T19:00:00.000Z"),
+            ("content-type", b"application/x-www-form-urlencoded"),
+            ("source-ip", b"127.0.0.1"),
+        ]
+        return _field(raw, b"&payload[subscription][id]=") or webhook, raw, headers
 
     started = time.perf_counter()
-    for raw in bodies:
-        webhook = _field(raw, b"id=")
-        producer.produce(
-            topic,
-            value=raw,
-            key=_field(raw, b"&payload[subscription][id]=") or webhook,
-            headers=[
-                (h.WEBHOOK_ID, webhook),
-                (h.EVENT, _field(raw, b"&event=")),
-                (h.RECEIVED_AT, b"2026-11-27T19:00:00.000Z"),
-                ("content-type", b"application/x-www-form-urlencoded"),
-                ("source-ip", b"127.0.0.1"),
-            ],
-            on_delivery=report,
-        )
-        producer.poll(0)
-    if producer.flush(120) or failed:
+    if publish_and_wait(producer, topic, map(record, bodies)):
         raise SystemExit("the raw producer baseline was not acknowledged")
     return len(bodies) / (time.perf_counter() - started)
 
@@ -671,7 +629,7 @@ def stages_vs_baselines(
     # Gateway at saturation (it loads the raw backlog) vs a bare producer.
     raw_before = end_offsets(bootstrap, [raw_topic])
     url = f"http://127.0.0.1:{settings.gateway_port}"
-    sat = gateway_bench.wrk(
+    sat = loadgen.wrk(
         wrk_bin, url, path, seconds=args.saturation_seconds, connections=args.sat_connections
     )
     raw_after = end_offsets(bootstrap, [raw_topic])
@@ -760,7 +718,7 @@ def warm_up(services: Services, settings: Settings, wrk_bin: str, bodies: range)
     path = services.work / "warm-up.txt"
     wl.write_bodies(path, bodies.start, len(bodies), KEY)
     url = f"http://127.0.0.1:{settings.gateway_port}"
-    result = gateway_bench.wrk(wrk_bin, url, path, seconds=3, connections=8, rate=200)
+    result = loadgen.wrk(wrk_bin, url, path, seconds=3, connections=8, rate=200)
     expected = min(result["ok"], len(bodies))
     rows = wait_rows(services, settings.database_dsn(), bodies, expected, timeout=90)
     say(f"warm-up: {result['ok']} webhooks accepted, {rows} rows in Postgres")
@@ -837,7 +795,7 @@ def main() -> int:
     rates: list[int] = args.rate or [2000, 1500]
 
     wl.check_templates()
-    wrk_bin = gateway_bench.ensure_wrk()
+    wrk_bin = loadgen.ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     # SIGTERM as Ctrl-C: the finally block below stops everything either way.
@@ -911,19 +869,16 @@ def _interrupt(_signum: int, _frame: object) -> None:
 
 
 def _wait_ready(services: Services, url: str, timeout: float = 60) -> None:
-    """Wait until the gateway answers ``/readyz``."""
-    import httpx
+    """Wait until the gateway answers ``/readyz``, while every stage still runs."""
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         services.check()
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"gateway not ready at {url} in {timeout:.0f} s")
+        return http_ok(url)()
+
+    gateway = services.stages["gateway"]
+    wait_ready(
+        gateway.proc, ready, name="gateway", what=url, log_path=gateway.log_path, timeout=timeout
+    )
 
 
 def _cpu_model() -> str:

@@ -25,11 +25,12 @@ Checks, after Postgres has caught up:
   transactions exactly once (duplicates and missing counted);
 
 and reports the gateway's non-200 answers (503s) and the **longest pause**: the longest
-time without a 200 answer (the gateway's view), and the longest time without a row
-committed in Postgres (the end-to-end view, from ``track_commit_timestamp``), both after
-the first webhook and before the last one. Prints one line, writes the figures to
-``bench/results/failover-<time>.json``, and stops everything it started (also on Ctrl-C).
-Exit status 1 if a check fails. Takes 2-3 minutes.
+time without a 200 answer (the gateway's view), without a processor output (the records'
+timestamps) and without a row committed in Postgres (the end-to-end view, from
+``track_commit_timestamp``), each after the first webhook and before the last one.
+Prints one line, writes the figures to ``bench/results/failover-<time>.json``, and stops
+everything it started (also on Ctrl-C). Exit status 1 if a check fails. Takes 2-3
+minutes.
 """
 
 from __future__ import annotations
@@ -193,8 +194,9 @@ def under_replicated(settings: Settings) -> int:
     )
 
 
-def topic_counts(settings: Settings) -> Counter[bytes]:
-    """Records per webhook id on the transactions topic, read_committed, to its end."""
+def topic_counts(settings: Settings) -> tuple[Counter[bytes], list[float]]:
+    """Records per webhook id on the transactions topic, read_committed, to its end; and
+    each record's timestamp (when the processor produced it, seconds since the epoch)."""
     topic = settings.topic("transactions")
     consumer = Consumer(
         librdkafka_config(
@@ -207,6 +209,7 @@ def topic_counts(settings: Settings) -> Counter[bytes]:
         )
     )
     counts: Counter[bytes] = Counter()
+    stamps: list[float] = []
     try:
         ends = {
             p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
@@ -223,13 +226,14 @@ def topic_counts(settings: Settings) -> Counter[bytes]:
                 webhook = dict(msg.headers() or []).get("chargify-webhook-id")
                 if isinstance(webhook, bytes):
                     counts[webhook] += 1
+                    stamps.append(msg.timestamp()[1] / 1000)
                 if offset >= ends[partition] - 1:
                     pending.discard(partition)
         if pending:
             raise SystemExit(f"could not read {topic} to its end (partitions {pending})")
     finally:
         consumer.close()
-    return counts
+    return counts, stamps
 
 
 def wait_rows(dsn: str, ids: list[int], timeout: float) -> int:
@@ -262,6 +266,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to send")
     parser.add_argument("--kill-at", type=float, default=15.0, help="SIGKILL a broker then")
     parser.add_argument("--restart-at", type=float, default=35.0, help="restart it then")
+    parser.add_argument("--keep", action="store_true", help="keep the logs and data folder")
     parser.add_argument(
         "--stop", action="store_true", help="SIGTERM the broker (controlled shutdown), not SIGKILL"
     )
@@ -372,7 +377,8 @@ def main() -> int:
         per_webhook = {int(w): int(n) for w, n, _ in rows}
         # Commit times, moved onto this process's monotonic clock.
         commits = [float(t) - float(now_db) + now_mono for _, _, t in rows]
-        counts = topic_counts(settings)
+        counts, stamps = topic_counts(settings)
+        produced = [t - time.time() + time.monotonic() for t in stamps]
 
         statuses = Counter(status for h in hooks for _, _, status in h.answers)
         latencies = sorted(t - sent for h in hooks for sent, t, status in h.answers)
@@ -408,6 +414,8 @@ def main() -> int:
             "retried_webhooks": sum(len(h.answers) > 1 for h in hooks),
             "longest_pause_200_s": round(longest_gap(accepted_times, start, last_sent), 2),
             "longest_pause_postgres_s": round(longest_gap(commits, start, last_sent), 2),
+            # Between the two: the longest time the processor wrote no output.
+            "longest_pause_processor_s": round(longest_gap(produced, start, last_sent), 2),
             "answer_p50_s": round(latencies[len(latencies) // 2], 3),
             "answer_p99_s": round(latencies[int(len(latencies) * 0.99)], 3),
             "answer_max_s": round(latencies[-1], 3),
@@ -439,7 +447,8 @@ def main() -> int:
             f"{args.restart_at:g}s: "
             f"{len(accepted)} accepted, {statuses.get(503, 0)} answers 503 "
             f"({result['retried_webhooks']} webhooks retried), longest pause "
-            f"{result['longest_pause_200_s']}s without a 200 and "
+            f"{result['longest_pause_200_s']}s without a 200, "
+            f"{result['longest_pause_processor_s']}s without a processor output and "
             f"{result['longest_pause_postgres_s']}s without a row; Postgres "
             f"{in_postgres}/{len(accepted)} (missing {len(missing_pg)}, duplicated "
             f"{len(duplicated_pg)}), topic missing {len(topic_missing)}, duplicated "
@@ -454,7 +463,7 @@ def main() -> int:
                 print(f"stopping {stage.name}: {str(exc)[:2000]}", file=sys.stderr)
         postgres.stop()
         cluster.kill()
-        if ok:
+        if ok and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
             say(f"logs kept in {work / 'logs'}")

@@ -28,9 +28,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from loadgen import ensure_wrk, wrk  # bench/gateway/, the script's folder
 
 from chargify_stream.kafka_admin import ensure_topics
 from chargify_stream.local.kafka import LocalKafka
+from chargify_stream.local.launch import StageProcess
 from chargify_stream.local.ports import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -48,23 +48,6 @@ REPO = HERE.parent.parent
 KEY = "bench-shared-key"
 PARTITIONS = 3
 RAW = "chargify.webhooks.raw"
-
-
-def ensure_wrk() -> str:
-    """The wrk binary, installed from Debian's packages if missing."""
-    found = shutil.which("wrk")
-    if found:
-        return found
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = [*sudo, "apt-get", "install", "-y", "-qq", "wrk"]
-    if subprocess.run(install, env=env, check=False).returncode != 0:
-        subprocess.run([*sudo, "apt-get", "update", "-qq"], env=env, check=True)
-        subprocess.run(install, env=env, check=True)
-    found = shutil.which("wrk")
-    if not found:
-        sys.exit("wrk is still missing after apt-get install wrk")
-    return found
 
 
 def samples_dir() -> Path:
@@ -98,14 +81,13 @@ def write_bodies(path: Path, per_sample: int) -> tuple[int, float]:
     return len(sizes), statistics.fmean(sizes)
 
 
-class Server:
-    """One gateway process (``serve.py``) on a free port."""
+class Server(StageProcess):
+    """One gateway process (``serve.py``) on a free port, ready when constructed."""
 
     def __init__(self, *, sink: str, server: str, kafka: str, prefix: str, log: Path) -> None:
         self.port = free_port()
         self.sink = sink
         env = {
-            **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": kafka,
             "CHARGIFY_SHARED_KEYS": KEY,
             "GATEWAY_PORT": str(self.port),
@@ -115,23 +97,9 @@ class Server:
             "PYTHONPATH": str(REPO),
         }
         cmd = [sys.executable, str(HERE / "serve.py"), "--sink", sink, "--server", server]
-        self._log = log.open("ab")
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        super().__init__(f"{sink} server", cmd, log, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                sys.exit(f"{sink} server exited; see {log}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        sys.exit(f"{sink} server not ready in 60 s; see {log}")
+        self.start_ready(f"{self.url}/readyz")
 
     def accepted(self) -> int:
         """Requests the server answered 200, from its own metrics."""
@@ -139,46 +107,6 @@ class Server:
             if line.startswith('gateway_requests_total{status="200"}'):
                 return int(float(line.split()[-1]))
         return 0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-
-
-def wrk(
-    binary: str, url: str, bodies: Path, *, seconds: int, connections: int, rate: int = 0
-) -> dict[str, Any]:
-    """Run wrk once; its ``done()`` prints one JSON line of counts and latencies (µs)."""
-    env = {k: v for k, v in os.environ.items() if k != "BENCH_RATE"}
-    if rate:
-        env["BENCH_RATE"] = str(rate)
-    cmd = [
-        binary,
-        "-t1",
-        f"-c{connections}",
-        f"-d{seconds}s",
-        "--timeout",
-        "10s",
-        "-s",
-        str(HERE / "post.lua"),
-        url,
-        "--",
-        str(bodies),
-    ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    seconds_run = result["duration_us"] / 1e6
-    errors = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
-    result["ok"] = result["requests"] - result["status_errors"]
-    result["errors"] = errors
-    result["ok_per_s"] = result["ok"] / seconds_run
-    return result
 
 
 def end_offset(kafka: str, topic: str) -> int:

@@ -23,9 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,10 +30,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from chargify_stream.kafka_admin import ensure_topics
 from chargify_stream.local.kafka import LocalKafka
+from chargify_stream.local.launch import StageProcess, stage_command
 from chargify_stream.local.ports import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -56,13 +52,12 @@ def memory(pid: int) -> dict[str, int]:
     return out
 
 
-class Gateway:
-    """``chargify-stream gateway`` on a free port, as an operator runs it."""
+class Gateway(StageProcess):
+    """``chargify-stream gateway`` on a free port, as an operator runs it; ready when built."""
 
     def __init__(self, kafka: str, prefix: str, log: Path) -> None:
         self.port = free_port()
         env = {
-            **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": kafka,
             "CHARGIFY_SHARED_KEYS": "bench-shared-key",
             "GATEWAY_PORT": str(self.port),
@@ -70,37 +65,8 @@ class Gateway:
             "LOG_LEVEL": "ERROR",
             "PYTHONPATH": str(REPO),
         }
-        self._log = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chargify_stream", "gateway"],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        url = f"http://127.0.0.1:{self.port}/readyz"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                sys.exit(f"the gateway exited; see {log}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        sys.exit(f"the gateway was not ready in 60 s; see {log}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
+        super().__init__("gateway", stage_command("gateway"), log, env=env)
+        self.start_ready(f"http://127.0.0.1:{self.port}/readyz")
 
 
 async def upload(port: int, head: bytes, body: bytes) -> str:

@@ -12,16 +12,19 @@ of log4j-core that Kafka pulls in, and a console log4j2 config.
 Besides the plain single node, :class:`LocalKafka` can listen with SASL_SSL (SCRAM over
 TLS, as managed clusters do: see :class:`Scram`), and :class:`LocalKafkaCluster` runs
 three nodes that replicate each other, for failover tests.
+
+Why one module of about 480 lines: fetching the jars, the broker configuration (plain,
+SASL_SSL with its certificates and SCRAM users, three nodes) and the process lifecycle
+describe one local broker; the shared launch and wait-until-ready code is already in
+:mod:`chargify_stream.local.launch`.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from chargify_stream.errors import ServiceError
+from chargify_stream.local.launch import LocalService, spawn, wait_ready
 from chargify_stream.local.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -173,7 +177,7 @@ def make_certificates(folder: Path) -> tuple[Path, Path]:
 
 
 @dataclass
-class LocalKafka:
+class LocalKafka(LocalService):
     """One broker+controller. Ports default to free ones; ``data_dir`` to a temp folder.
 
     ``start()`` formats storage on first use, launches the JVM and waits until a metadata
@@ -380,63 +384,31 @@ class LocalKafka:
             if fmt.returncode != 0:
                 raise ServiceError(f"formatting Kafka storage failed:\n{fmt.stdout}{fmt.stderr}")
         heap = [f"-Xms{self.heap}", "-Xmx1g", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1"]
-        logf = open(self.log_file, "ab")  # noqa: SIM115 - owned by the child process
-        self._proc = subprocess.Popen(
-            [*jvm[:1], *heap, *jvm[1:], "kafka.Kafka", str(config)],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        logf.close()
+        self._proc = spawn([*jvm[:1], *heap, *jvm[1:], "kafka.Kafka", str(config)], self.log_file)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Wait until the broker answers a metadata request (and, in a cluster, the
         controllers have registered it)."""
         from confluent_kafka.admin import AdminClient
 
-        deadline = time.monotonic() + timeout
         admin = AdminClient({**self.client_config(), "log_level": 0})
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise ServiceError(
-                    f"Kafka exited with code {self._proc.returncode} at start; "
-                    f"last log lines:\n{self._tail()}"
-                )
+
+        def registered() -> bool:
             try:
-                md = admin.list_topics(timeout=1.0)
-                if self.node_id in md.brokers:
-                    return
+                return self.node_id in admin.list_topics(timeout=1.0).brokers
             except Exception:
-                pass
-            time.sleep(0.2)
-        self.kill()
-        raise ServiceError(f"Kafka not ready after {timeout:.0f}s; last log lines:\n{self._tail()}")
+                return False
 
-    def _tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """Controlled shutdown (SIGTERM), then SIGKILL after ``timeout`` seconds."""
-        _terminate(self._proc, timeout)
-        self._proc = None
-
-    def kill(self) -> None:
-        """SIGKILL the broker at once (the data survives for a restart)."""
-        _terminate(self._proc, 0)
-        self._proc = None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def cleanup(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        wait_ready(
+            self._proc,
+            registered,
+            name="Kafka",
+            what="a metadata answer",
+            log_path=self.log_file,
+            timeout=timeout,
+            interval=0.2,
+            give_up=self.kill,
+        )
 
 
 class LocalKafkaCluster:
@@ -514,18 +486,3 @@ class LocalKafkaCluster:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-
-def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    if timeout > 0:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-            return
-        except subprocess.TimeoutExpired:
-            log.warning("pid %s did not stop in %.0fs; killing it", proc.pid, timeout)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()

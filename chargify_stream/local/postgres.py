@@ -23,6 +23,7 @@ from pathlib import Path
 import psycopg
 
 from chargify_stream.errors import ServiceError
+from chargify_stream.local.launch import LocalService, spawn, wait_ready
 from chargify_stream.local.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,17 @@ def _demote(user: str | None) -> Callable[[], None] | None:
 
 
 @dataclass
-class LocalPostgres:
+class LocalPostgres(LocalService):
     """One Postgres cluster on 127.0.0.1 with trust authentication for loopback.
 
     ``stop()`` asks for a *fast* shutdown (SIGINT: Postgres's SIGTERM is "smart" and waits
     for every client to leave, which a running sink never does), then SIGKILL after a
     timeout. ``kill()`` is SIGKILL at once; ``start()`` again recovers from the WAL.
     """
+
+    # To the postmaster alone, which shuts its backends down.
+    stop_signal = signal.SIGINT
+    stop_whole_group = False
 
     port: int = 0
     data_dir: Path | None = None
@@ -151,39 +156,30 @@ class LocalPostgres:
         if not self.log_file.exists():
             self.log_file.touch()
         self._chown(self.log_file)
-        logf = open(self.log_file, "ab")  # noqa: SIM115 - owned by the child process
         started = time.monotonic()
-        self._proc = subprocess.Popen(
-            args,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_demote(self._run_as),
-            start_new_session=True,
-            cwd="/",
-        )
-        logf.close()
+        self._proc = spawn(args, self.log_file, cwd="/", preexec_fn=_demote(self._run_as))
         self._wait_ready(timeout)
         log.info("Postgres ready on 127.0.0.1:%s in %.1fs", self.port, time.monotonic() - started)
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise ServiceError(f"postgres exited at start:\n{self._tail()}")
+        def answers() -> bool:
             try:
                 with psycopg.connect(self.dsn(), connect_timeout=1) as conn:
                     conn.execute("select 1")
-                return
+                return True
             except psycopg.OperationalError:
-                time.sleep(0.1)
-        self.kill()
-        raise ServiceError(f"Postgres not ready after {timeout:.0f}s:\n{self._tail()}")
+                return False
 
-    def _tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        wait_ready(
+            self._proc,
+            answers,
+            name="Postgres",
+            what="a query",
+            log_path=self.log_file,
+            timeout=timeout,
+            tail_lines=20,
+            give_up=self.kill,
+        )
 
     def create_database(self, name: str) -> str:
         """Create database ``name`` (if missing) and return its DSN."""
@@ -194,32 +190,3 @@ class LocalPostgres:
             if not exists:
                 conn.execute(f'create database "{name}"')  # name is ours, not user input
         return self.dsn(name)
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """Fast shutdown (SIGINT), then SIGKILL after ``timeout`` seconds."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("postgres did not stop in %.0fs; killing it", timeout)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    def kill(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def cleanup(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None

@@ -11,11 +11,9 @@ folder (mode 600), so ``chargify-stream sign`` and the gateway agree on it.
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ from urllib.parse import urlsplit
 from chargify_stream.errors import ConfigError, ServiceError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.local.kafka import LocalKafka
+from chargify_stream.local.launch import StageProcess, stop_all
 from chargify_stream.local.postgres import LocalPostgres
 from chargify_stream.settings import Settings, load_settings
 from sink.migrate import migrate
@@ -78,7 +77,7 @@ def run(settings: Settings, *, data_dir: str, fresh: bool = False) -> int:
     postgres = LocalPostgres(
         port=pg_port, data_dir=root / "postgres", superuser=url.username or "postgres"
     )
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    children: list[StageProcess] = []
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -95,19 +94,11 @@ def run(settings: Settings, *, data_dir: str, fresh: bool = False) -> int:
         postgres.create_database(dbname)
         migrate(settings.database_dsn())
         ensure_pipeline_topics(settings)
-        env = {**os.environ, **env_overrides, "PYTHONUNBUFFERED": "1"}
         logs = root / "logs"
         logs.mkdir(exist_ok=True)
         for stage in STAGES:
-            with open(logs / f"{stage}.log", "ab") as logf:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "chargify_stream", stage],
-                    env=env,
-                    stdout=logf,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            children.append((stage, proc))
+            process = StageProcess.stage(stage, None, logs / f"{stage}.log", env=env_overrides)
+            children.append(process.start())
         http = f"http://{settings.gateway_host}:{settings.gateway_port}"
         database = f"postgresql://{url.username or 'postgres'}@127.0.0.1:{pg_port}/{dbname}"
         key_from = root / "shared-key" if generated_key else "CHARGIFY_SHARED_KEYS"
@@ -124,23 +115,17 @@ def run(settings: Settings, *, data_dir: str, fresh: bool = False) -> int:
             flush=True,
         )
         while not stopping:
-            for stage, proc in children:
-                if proc.poll() is not None:
+            for process in children:
+                if not process.running:
                     raise ServiceError(
-                        f"the {stage} stage exited with code {proc.returncode};"
-                        f" see {logs}/{stage}.log"
+                        f"the {process.name} stage exited with code {process.returncode};"
+                        f" see {process.log_path}"
                     )
             time.sleep(0.5)
         print("stopping ...", flush=True)
         return 0
     finally:
-        for _stage, proc in reversed(children):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for _stage, proc in children:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        for error in stop_all(children[::-1]):
+            print(error, file=sys.stderr, flush=True)
         postgres.stop()
         kafka.stop()

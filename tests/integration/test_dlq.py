@@ -33,9 +33,10 @@ _ids = iter(range(4_100_000_001, 4_200_000_000))
 # -- helpers shared with test_redrive.py --------------------------------------------------
 
 
-def cli_json(settings: Settings, *args: str) -> Any:
+def cli_json(settings: Settings, *args: str, code: int = 0) -> Any:
+    """``chargify-stream ARGS --json``, which must exit with ``code``; its output."""
     done = cli(settings, *args, "--json")
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == code, done.stderr
     return json.loads(done.stdout)
 
 
@@ -101,17 +102,17 @@ def ends(settings: Settings) -> dict[str, int]:
     """How many records each topic of the pipeline holds."""
     return {
         name: end_offsets(settings.kafka_bootstrap_servers, settings.topic(name))
-        for name in ("raw", "transactions", "subscriptions", "deadletter")
+        for name in ("raw", "transactions", "subscriptions", "deadletter", "sink_retry")
     }
 
 
 def sink_caught_up(settings: Settings) -> bool:
-    """True once the sink group has committed every record of its two input topics."""
+    """True once the sink group has committed every record of its input topics."""
     consumer = Consumer(
         {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": settings.sink_group_id}
     )
     try:
-        for name in ("transactions", "subscriptions"):
+        for name in ("transactions", "subscriptions", "sink_retry"):
             topic = settings.topic(name)
             parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
             committed = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
@@ -159,6 +160,7 @@ def test_list_stats_and_replay_show_each_event_once_and_refuse_what_they_must(
     settings: Settings,
 ) -> None:
     txns, raw, dlq = (settings.topic(n) for n in ("transactions", "raw", "deadletter"))
+    retry = settings.topic("sink_retry")
     a_value = payment("cust-a")[1]
     records = [
         # Event 101 failed at the sink, was replayed (new source offset), failed again.
@@ -238,8 +240,12 @@ def test_list_stats_and_replay_show_each_event_once_and_refuse_what_they_must(
     assert "REASON" in human.stdout and "STAGE" in human.stdout
 
     before = ends(settings)
-    dry = cli_json(settings, "dlq", "replay", "--dry-run")
+    dry = cli_json(settings, "dlq", "replay", "--dry-run", code=3)  # 3: some refused
     assert (dry["selected"], dry["would_replay"], dry["refused"], dry["replayed"]) == (5, 2, 3, 0)
+    # The counts by reason agree with the totals (nothing is "replayed" in a dry run).
+    by_reason = dry["by_reason"].values()
+    assert sum(r["would_replay"] for r in by_reason) == 2
+    assert sum(r["replayed"] for r in by_reason) == 0
     refused = {r["webhook_id"]: r["why"] for r in dry["records"] if r["action"] == "refused"}
     assert refused == {
         "103": "failed 5 times (--max-attempts 5)",
@@ -248,19 +254,23 @@ def test_list_stats_and_replay_show_each_event_once_and_refuse_what_they_must(
     }
     dry_text = cli(settings, "dlq", "replay", "--dry-run")
     assert "would replay  webhook:101" in dry_text.stdout
-    assert f"-> {txns}[0] key 'cust-a' dlq-replay-count 2" in dry_text.stdout
+    # A sink dead letter goes to the sink's retry topic (by key), a processor one to raw.
+    assert f"-> {retry} key 'cust-a' dlq-replay-count 2" in dry_text.stdout
+    assert f"-> {raw}[0] key '15100141' dlq-replay-count 1" in dry_text.stdout
     assert "selected 5, would replay 2, refused 3 (dry run: nothing was published)" in (
         dry_text.stdout
     )
     assert ends(settings) == before
 
-    done = cli_json(settings, "dlq", "replay", "--reason", "customer_not_found")
+    done = cli_json(settings, "dlq", "replay", "--reason", "customer_not_found", code=3)
     assert (done["selected"], done["replayed"], done["refused"], done["failed"]) == (2, 1, 1, 0)
     assert done["by_reason"] == {
-        "customer_not_found": {"selected": 2, "replayed": 1, "refused": 1, "failed": 0}
-    }
-    assert ends(settings) == {**before, "transactions": before["transactions"] + 1}
-    [replayed] = consume(settings.kafka_bootstrap_servers, txns, count=1)
+        "customer_not_found": {
+            "selected": 2, "replayed": 1, "would_replay": 0, "refused": 1, "failed": 0,
+        }
+    }  # fmt: skip
+    assert ends(settings) == {**before, "sink_retry": before["sink_retry"] + 1}
+    [replayed] = consume(settings.kafka_bootstrap_servers, retry, count=1)
     assert (replayed.key(), replayed.value()) == (b"cust-a", a_value)
     assert replayed.headers() == [*carried(101, "payment_success"), ("dlq-replay-count", b"2")]
     assert headers_of(replayed)["chargify-webhook-id"] == b"101"
@@ -292,17 +302,18 @@ def test_manual_replay_selects_dry_runs_and_stops_a_poison_record(
     # The customer still does not exist: the replay fails again, once.
     first = cli_json(settings, "dlq", "replay", "--customer", "cust-a", "--max-attempts", "2")
     assert (first["replayed"], first["refused"]) == (1, 0)
-    assert ends(settings)["transactions"] == before["transactions"] + 1
+    assert ends(settings)["sink_retry"] == before["sink_retry"] + 1
     wait_for(lambda: ends(settings)["deadletter"] == 3, "the replay dead-lettered again")
     [a] = cli_json(settings, "dlq", "list", "--customer", "cust-a")
     assert (a["attempts"], a["records"], a["reason"]) == (2, 2, "customer_not_found")
 
     second = cli(settings, "dlq", "replay", "--customer", "cust-a", "--max-attempts", "2")
-    assert second.returncode == 0, second.stderr
+    assert second.returncode == 3, second.stderr  # refused
     assert "REFUSED" in second.stdout and "failed 2 times (--max-attempts 2)" in second.stdout
     assert "selected 1, replayed 0, refused 1" in second.stdout
     time.sleep(0.5)  # a wrongly sent record would be on the topic by now
-    assert ends(settings)["transactions"] == before["transactions"] + 1
+    assert ends(settings)["sink_retry"] == before["sink_retry"] + 1
+    assert ends(settings)["transactions"] == before["transactions"]
     [b] = cli_json(settings, "dlq", "list", "--customer", "cust-b")
     assert b["attempts"] == 1
 
@@ -333,13 +344,25 @@ def test_replaying_the_same_selection_twice_changes_nothing_in_postgres(
     )
     snapshot = [query(settings, q) for q in tables]
 
+    # Both were re-driven and recorded: resolved, so not replayed unless asked.
+    [(count,)] = query(settings, "select count(*) from webhook_outcomes where outcome = 'recorded'")
+    assert count == 2
+    listed = cli_json(settings, "dlq", "list", "--customer", "cust-d")
+    assert [e["resolved"]["outcome"] for e in listed] == ["recorded", "recorded"]
+    skipped = cli_json(settings, "dlq", "replay", "--customer", "cust-d", code=3)
+    # Nothing matched: 3 as well, as --help says.
+    assert cli(settings, "dlq", "replay", "--customer", "nobody").returncode == 3
+    assert "Exit status: 0 every selected event was replayed" in " ".join(
+        cli(settings, "dlq", "replay", "--help").stdout.split()
+    )
+    assert (skipped["selected"], skipped["replayed"], skipped["refused"]) == (2, 0, 2)
+    assert all(r["why"].startswith("resolved: recorded at") for r in skipped["records"])
     for _ in range(2):
         before = ends(settings)
-        done = cli_json(settings, "dlq", "replay", "--customer", "cust-d")
+        done = cli_json(settings, "dlq", "replay", "--customer", "cust-d", "--include-resolved")
         assert (done["selected"], done["replayed"]) == (2, 2)
         after = ends(settings)
-        assert after["transactions"] == before["transactions"] + 1
-        assert after["subscriptions"] == before["subscriptions"] + 1
+        assert after == {**before, "sink_retry": before["sink_retry"] + 2}
         wait_for(lambda: sink_caught_up(settings), "the sink to consume the replays")
 
     assert [query(settings, q) for q in tables] == snapshot

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from confluent_kafka import KafkaError
 
-from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.kafka_admin import ensure_pipeline_topics, ensure_topics
 from chargify_stream.local.ports import free_port
 from chargify_stream.settings import Settings, load_settings
 from ingest.connection import DRAIN_MAX_BYTES
@@ -456,6 +456,49 @@ class TestSizeBudget:
         assert gateway.published() == before
 
 
+def test_a_small_body_limit_still_takes_many_webhooks_at_once(
+    kafka_service: KafkaService, tmp_path: Path
+) -> None:
+    """With a small GATEWAY_MAX_BODY_BYTES the raw topic takes small records only; the
+    producer must not batch concurrent webhooks into a request larger than that."""
+    gw = start_gateway(gateway_settings(kafka_service, gateway_max_body_bytes=8192), tmp_path)
+    bodies = [sized_body(6000) for _ in range(200)]
+
+    async def post_all() -> list[int]:
+        async with httpx.AsyncClient(base_url=gw.base, timeout=20) as client:
+
+            async def post(body: bytes) -> int:
+                headers = {"Content-Type": FORM, SIGNATURE: sign(CURRENT_KEY.encode(), body)}
+                response = await client.post("/webhooks/chargify", content=body, headers=headers)
+                return response.status_code
+
+            return list(await asyncio.gather(*(post(b) for b in bodies)))
+
+    try:
+        before = gw.published()
+        statuses = asyncio.run(post_all())
+        assert statuses == [200] * len(bodies), sorted(set(statuses))
+        assert gw.published() == before + len(bodies)
+    finally:
+        gw.client.close()
+        gw.stage.kill()
+
+
+def test_a_raw_topic_with_too_small_records_is_named_at_start(
+    kafka_service: KafkaService, tmp_path: Path
+) -> None:
+    # Created by hand (or by an older release) with the broker's default limit.
+    raw = f"t{time.monotonic_ns()}.handmade.raw"
+    ensure_topics(kafka_service.bootstrap_servers, [raw], config={"max.message.bytes": "1048588"})
+    settings = gateway_settings(kafka_service, kafka_topic_prefix="", topic_raw=raw)
+    gw = start_gateway(settings, tmp_path)
+    try:
+        gw.stage.wait_for_log("max.message.bytes=1114112 on the topic", timeout=20)
+    finally:
+        gw.client.close()
+        gw.stage.kill()
+
+
 # -- connections: idle, slow, early answers -------------------------------------------------
 
 
@@ -477,11 +520,17 @@ def raise_open_files() -> None:
 
 
 def still_open(sock: socket.socket) -> bool:
-    """True while the peer has neither closed nor reset ``sock`` (nothing is read)."""
+    """True while the peer has neither closed nor reset ``sock``, without waiting.
+
+    What the peer sent and was not read yet (the rest of an answer) is read and dropped:
+    the end of the stream comes after it.
+    """
     timeout = sock.gettimeout()
     sock.setblocking(False)
     try:
-        return sock.recv(1, socket.MSG_PEEK) != b""
+        while sock.recv(65536):
+            pass
+        return False
     except BlockingIOError:
         return True
     except OSError:
@@ -591,21 +640,26 @@ def test_idle_and_slow_clients_are_dropped_at_their_deadlines(
         assert kept.recv(4096).startswith(b"HTTP/1.1 200")
         started = time.monotonic()
         # A byte every 0.2 s: each arrives long before any per-read timeout would fire.
-        for i in range(25):
+        conns = {"idle": idle, "headers": slow_head, "body": slow_body, "kept": kept}
+        for i in range(40):
             for sock, data in ((slow_head, head), (slow_body, body), (kept, b"\r\n")):
                 if still_open(sock):
                     with contextlib.suppress(OSError):
                         sock.sendall(data[i : i + 1])
-            if not any(still_open(s) for s in (idle, slow_head, slow_body, kept)):
+            if not any(still_open(s) for s in conns.values()):
                 break
             time.sleep(0.2)
         took = time.monotonic() - started
-        for name, sock in [("idle", idle), ("headers", slow_head), ("body", slow_body)]:
-            assert not still_open(sock), f"the {name} connection is still open after {took}s"
-        assert not still_open(kept), "the kept-alive connection trickling CRLFs is still open"
-        assert took < 3.0
-        assert gw.metric('gateway_connections_dropped_total{reason="header_timeout"}') == 2
-        assert gw.metric('gateway_connections_dropped_total{reason="body_timeout"}') == 1
+        open_ = [name for name, sock in conns.items() if still_open(sock)]
+        dropped = {
+            reason: gw.metric(f'gateway_connections_dropped_total{{reason="{reason}"}}')
+            for reason in ("header_timeout", "body_timeout")
+        }
+        # 1 s deadlines; the slack is for a gateway starved of CPU on a busy machine.
+        assert (open_, dropped) == ([], {"header_timeout": 2, "body_timeout": 1}), (
+            f"after {took:.1f}s\n{gw.stage.log()[-3000:]}"
+        )
+        assert took < 4.0
         # Nothing was lost on the way: a webhook right after is served as ever.
         assert gw.post(body).status_code == 200
 
@@ -661,9 +715,32 @@ def test_the_rest_of_a_body_answered_early_is_discarded_up_to_a_bound(gateway: G
             while sent < declared:
                 sock.sendall(piece)
                 sent += len(piece)
-    # Read and discarded up to the bound (plus what the kernels' buffers held), no further.
-    assert DRAIN_MAX_BYTES < sent < DRAIN_MAX_BYTES + 32 * 1024 * 1024
+    # Read and discarded up to the bound (64 MiB, or 5 s on a slow machine), no further:
+    # what was sent beyond it is what the two kernels' buffers held (loopback's receive
+    # buffer grows up to 32 MiB here).
+    assert LIMIT < sent < 2 * DRAIN_MAX_BYTES < declared
     wait_for(lambda: gateway.metric(dropped) == before + 1, 5, "the drop counted")
+
+
+@pytest.mark.usefixtures("gateway_log")
+def test_an_early_answer_to_expect_100_continue_closes_at_once(gateway: Gateway) -> None:
+    """A client that asked for ``100 Continue`` and got a final answer sends no body:
+    nothing to discard, so the connection is closed at once, not after the drain time."""
+    head = signed_head(b"", length=2 * LIMIT).replace(
+        b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"
+    )
+    dropped = 'gateway_connections_dropped_total{reason="drain_limit"}'
+    before = gateway.metric(dropped)
+    with socket.create_connection(("127.0.0.1", gateway.settings.gateway_port), 10) as sock:
+        sock.sendall(head)
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+        assert b"100 Continue" not in answer
+        started = time.monotonic()
+        while still_open(sock) and time.monotonic() - started < 10:
+            time.sleep(0.05)
+        assert time.monotonic() - started < 1.0
+    assert gateway.metric(dropped) == before
 
 
 def test_a_full_in_flight_budget_is_503_before_the_body_is_read(

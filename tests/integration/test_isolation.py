@@ -457,9 +457,16 @@ def test_a_parked_event_kafka_refuses_does_not_hold_up_the_others(
     settings: Settings, stages: Any
 ) -> None:
     """The re-driver claims waiting events together; one Kafka refuses (too large for the
-    transactions topic, though the dead-letter topic took it) used to roll the claim back,
-    so the re-driver faulted and re-published the whole claim again, for ever."""
+    retry topic, though the dead-letter topic took it) used to roll the claim back, so the
+    re-driver faulted and re-published the whole claim again, for ever."""
     seed(settings, customers=["cust-r"])
+    # A retry topic made with a smaller limit than the dead-letter topic's (by hand, or by
+    # an older version): the record the re-driver publishes there is refused.
+    alter_topic(
+        settings.kafka_bootstrap_servers,
+        settings.topic("sink_retry"),
+        {"max.message.bytes": str(BROKER_DEFAULT_MAX)},
+    )
     big = (b"cust-r", undecodable(1_100_000), carried(4_400_000_001, "payment_success"))
     ordinary = dlq_payment("cust-r")
     letters = []

@@ -182,8 +182,11 @@ def test_reconcile_reports_events_without_webhook_and_paused_endpoints(
     site.endpoints[endpoint_id].status = "paused"
     # The pipeline's outcome log knows one webhook the raw topic does not hold.
     with psycopg.connect(settings.database_dsn(), autocommit=True) as conn:
-        conn.execute("create table webhook_outcomes (webhook_id bigint primary key)")
-        conn.execute("insert into webhook_outcomes values (%s)", (decided,))
+        conn.execute(
+            "insert into webhook_outcomes (webhook_id, outcome, stage, decided_at)"
+            " values (%s, 'recorded', 'sink', now())",
+            (decided,),
+        )
 
     code, report = reconcile(settings, "--dry-run")
     assert code == 3

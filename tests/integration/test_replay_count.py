@@ -71,6 +71,6 @@ def test_the_replay_count_carries_from_the_processor_to_the_sink(
     assert events[str(signup)]["attempts"] == 1
 
     # Two attempts used: --max-attempts 2 refuses it, and still replays the signup.
-    plan = cli_json(settings, "dlq", "replay", "--max-attempts", "2", "--dry-run")
+    plan = cli_json(settings, "dlq", "replay", "--max-attempts", "2", "--dry-run", code=3)
     actions = {r["webhook_id"]: r["action"] for r in plan["records"]}
     assert actions == {str(allocation): "refused", str(signup): "would_replay"}

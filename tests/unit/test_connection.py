@@ -50,6 +50,7 @@ def test_the_uvicorn_names_the_seam_extends_exist() -> None:
     assert "self.response_complete = True" in source
     assert "self.body = bytearray()" in source
     protocol_source = inspect.getsource(base)
+    assert "self.expect_100_continue = False" in inspect.getsource(base.on_message_begin)
     assert "self.flow = FlowControl(transport)" in protocol_source
     assert "self.flow.resume_reading()" in inspect.getsource(
         httptools_impl.RequestResponseCycle.receive

@@ -14,11 +14,13 @@ from chargify_stream.dlq import (
     group_events,
     parse_time,
     plan_replay,
+    replay_destination,
 )
 from schemas.deadletter import dead_letter_headers, pointer
 
 T0 = datetime(2026, 11, 27, 15, 0, tzinfo=UTC)
 RAW, TXNS, DLQ = "chargify.webhooks.raw", "chargify.transactions", "chargify.deadletter"
+RETRY = "chargify.sink.retry"
 offsets = iter(range(1000))
 
 
@@ -117,7 +119,7 @@ def test_a_record_without_dlq_headers_is_its_own_event_and_is_never_replayed() -
     event = one([record])
     assert event.info is None and event.reason is None
     assert event.identity == f"record:{record.position}"
-    plan = plan_replay([event], max_attempts=5, input_topics=[TXNS])
+    plan = plan_replay([event], max_attempts=5, input_topics=[TXNS], sink_retry_topic=RETRY)
     assert plan.replay == []
     assert "never replayed blindly" in plan.refused[0][1]
 
@@ -125,22 +127,45 @@ def test_a_record_without_dlq_headers_is_its_own_event_and_is_never_replayed() -
 def test_max_attempts_counts_failures() -> None:
     fourth = one([dead_letter(replay_count=3)])
     fifth = one([dead_letter(webhook="2", replay_count=4)])
-    plan = plan_replay([fourth, fifth], max_attempts=5, input_topics=[TXNS])
+    plan = plan_replay([fourth, fifth], max_attempts=5, input_topics=[TXNS], sink_retry_topic=RETRY)
     assert plan.replay == [fourth]
     assert plan.refused == [(fifth, "failed 5 times (--max-attempts 5)")]
 
 
-def test_replay_only_to_existing_input_topics() -> None:
+def test_replay_only_from_input_topics_to_existing_topics() -> None:
     loop = one([dead_letter(source=DLQ)])
-    gone = one([dead_letter(webhook="3", source="old.topic")])
+    gone = one([dead_letter(webhook="3", reason="malformed_payload", stage="processor",
+                            source="old.topic")])  # fmt: skip
+    # A sink dead letter goes to the retry topic, whether or not its typed topic still exists.
+    sink = one([dead_letter(webhook="4", source="old.topic")])
     plan = plan_replay(
-        [loop, gone], max_attempts=5, input_topics=[TXNS, "old.topic"], existing_topics=[TXNS]
+        [loop, gone, sink],
+        max_attempts=5,
+        input_topics=[TXNS, "old.topic"],
+        sink_retry_topic=RETRY,
+        existing_topics=[TXNS, RETRY],
     )
-    assert plan.replay == []
+    assert plan.replay == [sink]
     assert [why for _, why in plan.refused] == [
         f"source topic {DLQ} is not an input of this pipeline",
-        "source topic old.topic does not exist",
+        "topic old.topic does not exist",
     ]
+
+
+def test_sink_dead_letters_replay_to_the_retry_topic_processor_ones_to_their_source() -> None:
+    first = dead_letter(source=TXNS)
+    again = dead_letter(source=RETRY, replay_count=1)  # a retry that failed again
+    processor = dead_letter(webhook="5", reason="unknown_subscription", stage="processor",
+                            source=RAW, source_offset=41)  # fmt: skip
+    for record in (first, again):
+        assert record.info is not None
+        assert replay_destination(record.info, RETRY) == (RETRY, None)
+    assert processor.info is not None
+    assert replay_destination(processor.info, RETRY) == (RAW, 0)
+    # The retry's failure is the same event as the first one, and shows its customer.
+    event = one([first, again])
+    assert (event.attempts, len(event.records), event.customer) == (2, 2, "cust-1")
+    assert event.latest is again
 
 
 def test_filters_apply_to_the_latest_failure() -> None:
@@ -218,7 +243,7 @@ def test_a_pointer_whose_original_is_gone_is_refused_and_says_where_it_was() -> 
     assert event.info is not None and event.info.pointer
     assert event.as_json(T0)["pointer"] is True
     assert event.as_json(T0)["original_size"] == 1_048_576
-    plan = plan_replay([event], max_attempts=5, input_topics=[TXNS])
+    plan = plan_replay([event], max_attempts=5, input_topics=[TXNS], sink_retry_topic=RETRY)
     [(refused, why)] = plan.refused
     assert refused is event
     assert why == f"a pointer, and its original at {TXNS}[0]@5 is no longer there"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sink.redrive import _Claimed, choose_redrives, parkable
-from tests.unit.test_dlq_events import DLQ, RAW, TXNS, dead_letter
+from sink.parked import Claimed, choose_redrives, parkable
+from tests.unit.test_dlq_events import DLQ, RAW, RETRY, TXNS, dead_letter
 
-SINK_TOPICS = (TXNS, "chargify.subscriptions")
+SINK_TOPICS = (TXNS, "chargify.subscriptions", RETRY)
 
 
 def park(**kw: object) -> object:
@@ -46,6 +46,12 @@ def test_only_sink_customer_not_found_records_are_parked() -> None:
     assert park(key=None) is None
 
 
+def test_a_retry_that_failed_again_is_parked_too() -> None:
+    parked = park(source=RETRY, replay_count=1)
+    assert parked is not None
+    assert (parked.source_topic, parked.replay_count) == (RETRY, 1)
+
+
 def test_a_record_without_dlq_headers_is_never_parked() -> None:
     assert (
         parkable(
@@ -61,8 +67,8 @@ def test_a_record_without_dlq_headers_is_never_parked() -> None:
     )
 
 
-def claimed(offset: int, webhook: str | None, replay_count: int) -> _Claimed:
-    return _Claimed(
+def claimed(offset: int, webhook: str | None, replay_count: int) -> Claimed:
+    return Claimed(
         dlq_topic=DLQ,
         dlq_partition=0,
         dlq_offset=offset,

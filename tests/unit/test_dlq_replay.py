@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chargify_stream.dlq import DeadLetterEvent, group_events, send_replays
-from tests.unit.test_dlq_events import TXNS, dead_letter
+from tests.unit.test_dlq_events import RAW, RETRY, dead_letter
 
 
 @dataclass
@@ -45,11 +45,12 @@ def events(n: int) -> list[DeadLetterEvent]:
 def test_a_replay_is_the_latest_record_with_original_headers_and_count_plus_one() -> None:
     [event] = events(1)
     producer = FakeProducer()
-    outcome = send_replays([event], producer)
+    outcome = send_replays([event], producer, sink_retry_topic=RETRY)
     assert outcome.acked == [event] and not outcome.failed and not outcome.not_sent
     [sent] = producer.sent
-    assert sent["topic"] == TXNS
-    assert sent["partition"] == 0
+    # A sink dead letter: to the retry topic, partitioned by key (no partition given).
+    assert sent["topic"] == RETRY
+    assert "partition" not in sent
     assert sent["key"] == b"cust-1"
     assert sent["value"] == event.latest.value
     assert sent["headers"] == [
@@ -61,7 +62,7 @@ def test_a_replay_is_the_latest_record_with_original_headers_and_count_plus_one(
 
 def test_records_the_broker_did_not_acknowledge_are_reported_failed() -> None:
     selected = events(5)
-    outcome = send_replays(selected, FakeProducer(ack=3))
+    outcome = send_replays(selected, FakeProducer(ack=3), sink_retry_topic=RETRY)
     assert outcome.acked == selected[:3]
     assert [e for e, _ in outcome.failed] == selected[3:]
     assert outcome.failed[0][1] == "Local: Message timed out"
@@ -76,7 +77,7 @@ def test_rate_limits_records_per_second() -> None:
         return 0
 
     producer.poll = poll  # type: ignore[method-assign]
-    send_replays(events(11), producer, rate=5.0, clock=lambda: now[0])
+    send_replays(events(11), producer, sink_retry_topic=RETRY, rate=5.0, clock=lambda: now[0])
     assert len(producer.sent) == 11
     assert now[0] == 2.0  # 11 records at 5/s: the last one goes out at t = 10/5
 
@@ -90,7 +91,17 @@ def test_interrupted_replay_says_what_was_not_sent() -> None:
                 raise KeyboardInterrupt
             super().produce(topic, **kwargs)
 
-    outcome = send_replays(selected, Interrupting())
+    outcome = send_replays(selected, Interrupting(), sink_retry_topic=RETRY)
     assert outcome.interrupted
     assert outcome.acked == selected[:2]
     assert outcome.not_sent == selected[2:]
+
+
+def test_a_processor_dead_letter_goes_back_to_its_source_partition() -> None:
+    [event] = group_events(
+        [dead_letter(reason="malformed_payload", stage="processor", source=RAW, key=b"151")]
+    )
+    producer = FakeProducer()
+    send_replays([event], producer, sink_retry_topic=RETRY)
+    [sent] = producer.sent
+    assert (sent["topic"], sent["partition"], sent["key"]) == (RAW, 0, b"151")

@@ -132,3 +132,27 @@ def _a_ca_certificate(tmp_path: Path) -> str:
 
     ca, _ = make_certificates(tmp_path / "tls")
     return ca.read_text()
+
+
+def test_every_client_in_the_package_connects_through_kafka_config() -> None:
+    # A client built from a bare "bootstrap.servers" cannot reach a cluster that needs TLS
+    # or SASL (tests/integration/test_sasl.py finds that too, but slowly): each stage and
+    # command takes its connection from chargify_stream.kafka_config.
+    root = Path(__file__).resolve().parents[2]
+    allowed = {
+        "chargify_stream/kafka_config.py",  # the one place
+        "chargify_stream/kafka_admin.py",  # bare bootstrap servers given by a test or bench
+        "chargify_stream/local/kafka.py",  # the local broker's own readiness check
+        "ingest/publisher.py",  # takes its connection from ingest/server.py as **config
+    }
+    offenders = []
+    for folder in ("chargify_stream", "ingest", "processors", "sink"):
+        for path in sorted((root / folder).rglob("*.py")):
+            name = path.relative_to(root).as_posix()
+            text = path.read_text()
+            if name not in allowed and '"bootstrap.servers"' in text:
+                offenders.append(f"{name}: a client config with its own bootstrap.servers")
+            for call in text.split("faust.App(")[1:]:
+                if "broker_credentials=" not in call.split("\n    )")[0]:
+                    offenders.append(f"{name}: faust.App without broker_credentials")
+    assert offenders == []

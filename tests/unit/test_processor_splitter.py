@@ -104,6 +104,7 @@ def test_emits_avro_under_the_customer_with_the_carried_headers(make_store: Make
         (h.WEBHOOK_ID, b"1"),
         (h.EVENT, b"payment_success"),
         (h.RECEIVED_AT, b"2024-10-11T19:28:31.000Z"),
+        (h.RAW_POSITION, b"raw/0/0"),
     ]
     assert result.emitted == {0: [t(70)]}
     assert result.tally.events == {("payment_success", "emitted"): 1}
@@ -326,3 +327,34 @@ def test_a_processing_bug_logs_one_line_and_the_traceback_only_at_debug(
         "RecursionError: maximum recursion depth exceeded"
     )
     assert (failure.exc_info is not None) == (level == logging.DEBUG)
+
+
+def test_ignored_and_duplicate_webhooks_leave_a_decision_record(make_store: MakeStore) -> None:
+    from schemas.decisions import decode_decision
+
+    test_event = Incoming(
+        "raw", 0, 4, b"9", b"id=9&event=test&payload[chargify]=testing",
+        [(h.WEBHOOK_ID, b"9"), (h.EVENT, b"test"), (h.RECEIVED_AT, b"2026-12-01T09:00:00Z")],
+    )  # fmt: skip
+    again = incoming("payment_success", 5, offset=5, reference="c", transaction_id=71)
+    replayed = incoming(
+        "payment_success", 5, offset=6, reference="c", transaction_id=71,
+        extra_headers=[(h.DLQ_REPLAY_COUNT, b"1")],
+    )  # fmt: skip
+    result = split([test_event, again, replayed], make_store(seen={t(71)}))
+    # Transaction 71 was emitted before: a retry and a replay of it are both duplicates.
+    assert result.outgoing == []
+    assert [(d.topic, d.key, d.headers) for d in result.decisions] == [
+        ("decisions", b"9", []),
+        ("decisions", b"5", []),
+        ("decisions", b"5", []),
+    ]
+    ignored, duplicate, replay = (decode_decision(d.value) for d in result.decisions)
+    assert ignored is not None and duplicate is not None and replay is not None
+    assert (ignored.webhook_id, ignored.decision, ignored.reason, ignored.event) == (
+        "9", "ignored", "test_event", "test",
+    )  # fmt: skip
+    assert (ignored.topic, ignored.partition, ignored.offset) == ("raw", 0, 4)
+    assert ignored.received_at == "2026-12-01T09:00:00Z"
+    assert (duplicate.decision, duplicate.reason, duplicate.offset) == ("duplicate", None, 5)
+    assert (replay.decision, replay.offset, replay.replay_count) == ("duplicate", 6, 1)
