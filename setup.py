@@ -1,8 +1,9 @@
 """The one thing pyproject.toml cannot declare without an experimental table: the C module.
 
-``processors._formscan`` is the processor's field scan (processors/_formscan.c). It is
-optional: on a machine without a C compiler the install still succeeds and
-processors/routing.py runs the same scan in Python (the processor logs which one it uses).
+``chargify_stream.processors._formscan`` is the processor's field scan, built from
+processors/_formscan.c. It is optional: on a machine without a C compiler the install still
+succeeds and processors/fields.py runs the same scan in Python (the processor logs which
+one it uses).
 """
 
 from setuptools import Extension, setup
@@ -10,7 +11,7 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "processors._formscan",
+            "chargify_stream.processors._formscan",
             sources=["processors/_formscan.c"],
             extra_compile_args=["-O2"],
             optional=True,

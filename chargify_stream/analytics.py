@@ -50,12 +50,12 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from chargify_stream.dlq import message_headers, parse_time
 from chargify_stream.errors import ChargifyStreamError, TransientError
 from chargify_stream.kafka_config import librdkafka_config
+from chargify_stream.schemas import form
+from chargify_stream.schemas import headers as h
+from chargify_stream.schemas.codec import decode_record
+from chargify_stream.schemas.deadletter import parse_dead_letter
+from chargify_stream.schemas.records import AvroRecord, Customer, SubscriptionChange, Transaction
 from chargify_stream.settings import Settings, load_settings
-from schemas import form
-from schemas import headers as h
-from schemas.codec import decode_record
-from schemas.deadletter import parse_dead_letter
-from schemas.records import AvroRecord, Customer, SubscriptionChange, Transaction
 
 __all__ = [
     "TOPICS",

@@ -33,19 +33,19 @@ KAFKA_COMMANDS = frozenset(
 
 
 def _gateway(args: argparse.Namespace, settings: Settings) -> int:
-    from ingest.server import run
+    from chargify_stream.ingest.server import run
 
     return run(settings)
 
 
 def _processor(args: argparse.Namespace, settings: Settings) -> int:
-    from processors.worker import run
+    from chargify_stream.processors.worker import run
 
     return run(settings)
 
 
 def _sink(args: argparse.Namespace, settings: Settings) -> int:
-    from sink.consumer import run
+    from chargify_stream.sink.consumer import run
 
     return run(settings)
 
@@ -57,7 +57,7 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from sink.migrate import migrate
+    from chargify_stream.sink.migrate import migrate
 
     applied = migrate(settings.database_dsn())
     print("applied: " + ", ".join(applied) if applied else "schema is up to date")
@@ -76,7 +76,7 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _sign(args: argparse.Namespace, settings: Settings) -> int:
-    from ingest.signature import sign
+    from chargify_stream.ingest.signature import sign
 
     keys = settings.shared_keys
     local_key = Path(args.data_dir) / "shared-key"
@@ -93,7 +93,7 @@ def _sign(args: argparse.Namespace, settings: Settings) -> int:
 
 def _admin(entity: str, action: str) -> Handler:
     def run(args: argparse.Namespace, settings: Settings) -> int:
-        from sink import admin
+        from chargify_stream.sink import admin
 
         return admin.run(entity, action, args, settings)
 
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("console", _console, "serve the operators' web page (CONSOLE_HOST:CONSOLE_PORT)")
 
-    from sink.admin import add_arguments
+    from chargify_stream.sink.admin import add_arguments
 
     for entity, key_help in (
         ("partners", "partner key"),

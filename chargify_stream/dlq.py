@@ -60,9 +60,14 @@ from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.kafka_config import describe, librdkafka_config
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.resolved import Resolution, resolutions
+from chargify_stream.schemas import headers as h
+from chargify_stream.schemas.deadletter import (
+    DeadLetterInfo,
+    format_timestamp,
+    parse_dead_letter,
+    replay_headers,
+)
 from chargify_stream.settings import Settings
-from schemas import headers as h
-from schemas.deadletter import DeadLetterInfo, format_timestamp, parse_dead_letter, replay_headers
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",

@@ -30,8 +30,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from chargify_stream.errors import ChargifyStreamError, TransientError
 from chargify_stream.kafka_config import librdkafka_config
+from chargify_stream.schemas import headers as h
 from chargify_stream.settings import Settings
-from schemas import headers as h
 
 __all__ = ["RawTopicReader", "outcome_ids"]
 

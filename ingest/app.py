@@ -36,13 +36,13 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
-from ingest.budget import ByteBudget, Lease
-from ingest.framing import FramingError, frame
-from ingest.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from ingest.metrics import GatewayMetrics
-from ingest.publisher import Headers, PublishError
-from ingest.signature import verify
-from schemas import headers as h
+from chargify_stream.ingest.budget import ByteBudget, Lease
+from chargify_stream.ingest.framing import FramingError, frame
+from chargify_stream.ingest.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from chargify_stream.ingest.metrics import GatewayMetrics
+from chargify_stream.ingest.publisher import Headers, PublishError
+from chargify_stream.ingest.signature import verify
+from chargify_stream.schemas import headers as h
 
 __all__ = ["WEBHOOK_PATH", "GatewayApp", "Sink"]
 

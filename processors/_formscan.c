@@ -280,7 +280,7 @@ static PyModuleDef_Slot formscan_slots[] = {
 
 static struct PyModuleDef formscan_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "processors._formscan",
+    .m_name = "chargify_stream.processors._formscan",
     .m_doc = "The processor's field extraction in C (see processors/routing.py).",
     .m_size = 0,
     .m_methods = formscan_methods,

@@ -27,10 +27,10 @@ from chargify_stream.errors import ConfigError
 from chargify_stream.kafka_admin import ensure_topics
 from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.limits import deadletter_record_max
+from chargify_stream.processors.metrics import ProcessorMetrics
+from chargify_stream.processors.pipeline import Pipeline
+from chargify_stream.processors.state import REFERENCES, Store, bucket_seconds
 from chargify_stream.settings import Settings
-from processors.metrics import ProcessorMetrics
-from processors.pipeline import Pipeline
-from processors.state import REFERENCES, Store, bucket_seconds
 
 __all__ = [
     "TRANSACTION_TIMEOUT_MS",

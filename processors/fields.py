@@ -24,10 +24,10 @@ from binascii import a2b_qp
 from typing import Any, Final
 
 from chargify_stream.errors import MalformedPayload
-from schemas.form import decode_form, get
+from chargify_stream.schemas.form import decode_form, get
 
 try:
-    from processors._formscan import extract as _extract_native
+    from chargify_stream.processors._formscan import extract as _extract_native
 except ImportError:  # not built: the Python scan below gives the same fields
     _extract_native = None  # type: ignore[assignment]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from processors.splitter import DUPLICATE, Tally
+from chargify_stream.processors.splitter import DUPLICATE, Tally
 
 # The exposition format is UTF-8; aiohttp (under Faust's web server) refuses a charset here.
 CONTENT_TYPE = "text/plain; version=0.0.4"

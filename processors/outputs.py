@@ -31,8 +31,8 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from chargify_stream.kafka_errors import refusal, refused_for_itself
-from processors.splitter import Outgoing, fallback
-from schemas.deadletter import parse_dead_letter
+from chargify_stream.processors.splitter import Outgoing, fallback
+from chargify_stream.schemas.deadletter import parse_dead_letter
 
 __all__ = ["Outputs", "Unplaceable"]
 

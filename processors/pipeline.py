@@ -73,16 +73,16 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from chargify_stream.processors.lifecycle import exit_on_failure
+from chargify_stream.processors.metrics import ProcessorMetrics
+from chargify_stream.processors.outputs import Outputs, Unplaceable
+from chargify_stream.processors.restore import restore
+from chargify_stream.processors.splitter import Incoming, Outgoing, Split, Tally, split
+from chargify_stream.processors.state import Store, dedup_record
 from chargify_stream.settings import Settings
-from processors.lifecycle import exit_on_failure
-from processors.metrics import ProcessorMetrics
-from processors.outputs import Outputs, Unplaceable
-from processors.restore import restore
-from processors.splitter import Incoming, Outgoing, Split, Tally, split
-from processors.state import Store, dedup_record
 
 if TYPE_CHECKING:
-    from processors.clients import Changelogs
+    from chargify_stream.processors.clients import Changelogs
 
 __all__ = ["BATCH_MAX", "Pipeline", "incoming"]
 

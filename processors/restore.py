@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from processors.state import DEDUP, REFERENCES, Store, parse_dedup
+from chargify_stream.processors.state import DEDUP, REFERENCES, Store, parse_dedup
 
 if TYPE_CHECKING:
-    from processors.clients import Changelogs
+    from chargify_stream.processors.clients import Changelogs
 
 __all__ = ["restore"]
 

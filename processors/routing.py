@@ -29,10 +29,10 @@ from datetime import datetime
 from typing import Any, Final, Literal, TypeVar
 
 from chargify_stream.errors import MalformedPayload
-from processors.fields import Fields, Path, extract_fields
-from schemas import headers
-from schemas.records import ComponentAllocation, SubscriptionChange, Transaction
-from schemas.values import to_float, to_int, to_timestamp
+from chargify_stream.processors.fields import Fields, Path, extract_fields
+from chargify_stream.schemas import headers
+from chargify_stream.schemas.records import ComponentAllocation, SubscriptionChange, Transaction
+from chargify_stream.schemas.values import to_float, to_int, to_timestamp
 
 __all__ = [
     "SUPPORTED_EVENTS",

@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 from typing import Final, Literal, NamedTuple, Protocol
 
 from chargify_stream.logs import fields, log_failure
-from processors.routing import SUPPORTED_EVENTS, DeadLetter, Emit, Ignore, route
-from schemas import headers as h
-from schemas.codec import encode
-from schemas.deadletter import dead_letter_headers, pointer
-from schemas.decisions import Decision, encode_decision, now
-from schemas.records import Transaction
+from chargify_stream.processors.routing import SUPPORTED_EVENTS, DeadLetter, Emit, Ignore, route
+from chargify_stream.schemas import headers as h
+from chargify_stream.schemas.codec import encode
+from chargify_stream.schemas.deadletter import dead_letter_headers, pointer
+from chargify_stream.schemas.decisions import Decision, encode_decision, now
+from chargify_stream.schemas.records import Transaction
 
 __all__ = ["Incoming", "Outgoing", "Split", "State", "Tally", "dedup_keys", "fallback", "split"]
 

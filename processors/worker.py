@@ -29,11 +29,11 @@ from confluent_kafka import KafkaException
 
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import check_deadletter_topic, ensure_pipeline_topics
+from chargify_stream.processors import clients, lifecycle
+from chargify_stream.processors.fields import NATIVE_SCAN
+from chargify_stream.processors.metrics import ProcessorMetrics
+from chargify_stream.processors.state import Slot, Store
 from chargify_stream.settings import Settings
-from processors import clients, lifecycle
-from processors.fields import NATIVE_SCAN
-from processors.metrics import ProcessorMetrics
-from processors.state import Slot, Store
 
 __all__ = ["run"]
 
@@ -58,7 +58,7 @@ def run(settings: Settings, *, transactional: bool = True) -> int:
 
 def _run(settings: Settings, transactional: bool) -> int:
     # Faust is imported here, once a stop signal is handled (its import takes a while).
-    from processors import seam
+    from chargify_stream.processors import seam
 
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
@@ -96,7 +96,7 @@ def _run(settings: Settings, transactional: bool) -> int:
     )
     if not NATIVE_SCAN:
         log.warning(
-            "processors._formscan is not built (no C compiler at install): "
+            "chargify_stream.processors._formscan is not built (no C compiler at install): "
             "field extraction runs in Python, about 20 us more per webhook"
         )
     app = seam.build_app(settings, metrics)

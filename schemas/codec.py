@@ -47,7 +47,7 @@ from fastavro.schema import fingerprint as _crc64_hex
 from fastavro.schema import to_parsing_canonical_form
 
 from chargify_stream.errors import UnsupportedSchema
-from schemas.records import Customer, SubscriptionChange, Transaction
+from chargify_stream.schemas.records import Customer, SubscriptionChange, Transaction
 
 __all__ = ["MARKER", "Event", "Record", "decode", "decode_record", "encode", "fingerprint"]
 
@@ -219,7 +219,7 @@ def _load_registry(folder: Traversable) -> _Registry:
 
 @functools.cache
 def _registry() -> _Registry:
-    return _load_registry(resources.files("schemas").joinpath("avro"))
+    return _load_registry(resources.files("chargify_stream.schemas").joinpath("avro"))
 
 
 def fingerprint(name: str) -> bytes:

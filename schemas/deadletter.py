@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from schemas import headers
+from chargify_stream.schemas import headers
 
 __all__ = [
     "ERROR_MAX_CHARS",

@@ -62,7 +62,7 @@ def record_schemas() -> dict[str, dict[str, Any]]:
     Nested records (``ComponentAllocation`` inside ``SubscriptionChange``) are listed too.
     """
     found: dict[str, dict[str, Any]] = {}
-    folder = resources.files("schemas").joinpath("avro")
+    folder = resources.files("chargify_stream.schemas").joinpath("avro")
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".avsc"):
             found.update(_named_records(json.loads(entry.read_text(encoding="utf-8")), ""))

@@ -23,7 +23,7 @@ from psycopg.rows import dict_row
 
 from chargify_stream.errors import ChargifyStreamError, ConfigError, TransientError
 from chargify_stream.settings import Settings
-from sink.upsert import PLAN_LINK_LOCK
+from chargify_stream.sink.upsert import PLAN_LINK_LOCK
 
 COLUMNS = {
     "partners": ("partner_key", "name", "created_at"),

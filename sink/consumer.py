@@ -67,20 +67,20 @@ from chargify_stream.kafka_admin import check_deadletter_topic, ensure_pipeline_
 from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.retry import RetryStopped, retry
+from chargify_stream.schemas import headers as h
+from chargify_stream.schemas.codec import decode
 from chargify_stream.settings import Settings
-from schemas import headers as h
-from schemas.codec import decode
-from sink.deadletters import (
+from chargify_stream.sink.deadletters import (
     DeadLetter,
     DeadLetterUnacknowledged,
     message_headers,
     produce_dead_letters,
 )
-from sink.health import serve_health
-from sink.metrics import SinkMetrics
-from sink.migrate import pending
-from sink.outcomes import source_of
-from sink.upsert import BatchResult, Record, RejectedRecord, classify, write_batch
+from chargify_stream.sink.health import serve_health
+from chargify_stream.sink.metrics import SinkMetrics
+from chargify_stream.sink.migrate import pending
+from chargify_stream.sink.outcomes import source_of
+from chargify_stream.sink.upsert import BatchResult, Record, RejectedRecord, classify, write_batch
 
 __all__ = [
     "DeadLetter",
@@ -591,9 +591,9 @@ def run(settings: Settings) -> int:
         )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sink.stop())
-    from sink.customer_relay import start_customer_relay
-    from sink.recorder import start_recorder
-    from sink.redrive import start_redriver
+    from chargify_stream.sink.customer_relay import start_customer_relay
+    from chargify_stream.sink.recorder import start_recorder
+    from chargify_stream.sink.redrive import start_redriver
 
     redriver = start_redriver(settings, sink.metrics.registry)
     relay = start_customer_relay(settings, sink.metrics.registry)

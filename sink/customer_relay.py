@@ -42,10 +42,10 @@ from chargify_stream.delivery import publish_and_wait
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.kafka_config import librdkafka_config
+from chargify_stream.schemas.codec import encode
+from chargify_stream.schemas.records import Customer
 from chargify_stream.settings import Settings
-from schemas.codec import encode
-from schemas.records import Customer
-from sink.sessions import SessionThread
+from chargify_stream.sink.sessions import SessionThread
 
 __all__ = [
     "NOTIFY_CHANNEL",

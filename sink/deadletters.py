@@ -23,8 +23,8 @@ from chargify_stream.errors import TransientError
 from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.logs import fields
 from chargify_stream.retry import RetryStopped
-from schemas import headers as h
-from schemas.deadletter import dead_letter_headers, pointer
+from chargify_stream.schemas import headers as h
+from chargify_stream.schemas.deadletter import dead_letter_headers, pointer
 
 __all__ = [
     "DeadLetter",
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 # The sink's own logger: dead-letter lines keep the logger name they always had.
-log = logging.getLogger("sink.consumer")
+log = logging.getLogger("chargify_stream.sink.consumer")
 
 
 class DeadLetterUnacknowledged(TransientError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from sink.upsert import BatchResult
+from chargify_stream.sink.upsert import BatchResult
 
 __all__ = ["SinkMetrics"]
 

@@ -47,7 +47,7 @@ class Migration:
 def available() -> list[Migration]:
     """Every migration shipped with the package, in version order."""
     found: dict[int, Migration] = {}
-    for entry in resources.files("sink").joinpath("migrations").iterdir():
+    for entry in resources.files("chargify_stream.sink").joinpath("migrations").iterdir():
         if not entry.name.endswith(".sql"):
             continue
         match = _FILE_NAME.match(entry.name)

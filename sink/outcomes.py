@@ -32,7 +32,7 @@ from typing import Any, Final, NamedTuple
 
 import psycopg
 
-from schemas import headers as h
+from chargify_stream.schemas import headers as h
 
 __all__ = [
     "OUTCOMES",

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from schemas import headers as h
-from schemas.deadletter import parse_dead_letter
+from chargify_stream.schemas import headers as h
+from chargify_stream.schemas.deadletter import parse_dead_letter
 
 __all__ = ["Claimed", "Headers", "ParkedEvent", "choose_redrives", "parkable"]
 

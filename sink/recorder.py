@@ -37,12 +37,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.kafka_config import librdkafka_config
+from chargify_stream.schemas import headers as h
+from chargify_stream.schemas.deadletter import parse_dead_letter
+from chargify_stream.schemas.decisions import decode_decision
 from chargify_stream.settings import Settings
-from schemas import headers as h
-from schemas.deadletter import parse_dead_letter
-from schemas.decisions import decode_decision
-from sink.deadletters import message_headers
-from sink.outcomes import (
+from chargify_stream.sink.deadletters import message_headers
+from chargify_stream.sink.outcomes import (
     DEAD_LETTERED,
     PARKED,
     Delivery,
@@ -51,7 +51,7 @@ from sink.outcomes import (
     parse_time,
     write_deliveries,
 )
-from sink.sessions import SessionThread
+from chargify_stream.sink.sessions import SessionThread
 
 __all__ = ["Recorder", "RecorderClients", "RecorderMetrics", "delivery_of", "start_recorder"]
 

@@ -51,11 +51,11 @@ from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.limits import deadletter_record_max
+from chargify_stream.schemas.deadletter import parse_dead_letter, replay_headers
 from chargify_stream.settings import Settings
-from schemas.deadletter import parse_dead_letter, replay_headers
-from sink.deadletters import message_headers
-from sink.parked import Claimed, ParkedEvent, choose_redrives, parkable
-from sink.sessions import SessionThread
+from chargify_stream.sink.deadletters import message_headers
+from chargify_stream.sink.parked import Claimed, ParkedEvent, choose_redrives, parkable
+from chargify_stream.sink.sessions import SessionThread
 
 __all__ = [
     "AGE_BUCKETS",

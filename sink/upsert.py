@@ -45,9 +45,16 @@ from psycopg.types.json import Jsonb
 from psycopg.types.numeric import Int8BinaryDumper
 
 from chargify_stream.errors import RecordError, TransientError
-from schemas import headers
-from schemas.records import SubscriptionChange, Transaction
-from sink.outcomes import PARKED, RECORDED, UNCHANGED, Delivery, Source, write_deliveries
+from chargify_stream.schemas import headers
+from chargify_stream.schemas.records import SubscriptionChange, Transaction
+from chargify_stream.sink.outcomes import (
+    PARKED,
+    RECORDED,
+    UNCHANGED,
+    Delivery,
+    Source,
+    write_deliveries,
+)
 
 Record = Transaction | SubscriptionChange
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
-from schemas.form import encode_pairs
+from chargify_stream.schemas.form import encode_pairs
 
 __all__ = [
     "DEFAULT_OCCURRED_AT",

@@ -20,7 +20,7 @@ from chargify_stream.kafka_admin import ensure_pipeline_topics, ensure_topics
 from chargify_stream.local.kafka import LocalKafka, Scram
 from chargify_stream.local.ports import free_port
 from chargify_stream.settings import Settings, load_settings
-from sink.migrate import migrate
+from chargify_stream.sink.migrate import migrate
 from tests.services import KafkaService, PostgresService, start_kafka, start_postgres
 from tests.stages import Stage
 

@@ -28,9 +28,9 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from chargify_stream.analytics import read_transactions
 from chargify_stream.kafka_admin import ensure_topics
 from chargify_stream.local.kafka import LocalKafka
+from chargify_stream.schemas.codec import encode
+from chargify_stream.schemas.records import Transaction
 from chargify_stream.settings import Settings, load_settings
-from schemas.codec import encode
-from schemas.records import Transaction
 
 PARTITIONS = 3
 

@@ -74,10 +74,10 @@ from chargify_stream.local.launch import (  # noqa: E402
 )
 from chargify_stream.local.ports import free_port  # noqa: E402
 from chargify_stream.local.postgres import LocalPostgres  # noqa: E402
+from chargify_stream.schemas import headers as h  # noqa: E402
 from chargify_stream.settings import Settings, load_settings  # noqa: E402
-from schemas import headers as h  # noqa: E402
-from sink.admin import add_customer, add_partner  # noqa: E402
-from sink.migrate import migrate  # noqa: E402
+from chargify_stream.sink.admin import add_customer, add_partner  # noqa: E402
+from chargify_stream.sink.migrate import migrate  # noqa: E402
 
 KEY = "bench-e2e-shared-key"
 PARTITIONS = 3

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from schemas import headers as h
+from chargify_stream.schemas import headers as h
 from tests.builders import build_body
 
 Raw = tuple[bytes, bytes, list[tuple[str, bytes]]]

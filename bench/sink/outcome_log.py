@@ -27,10 +27,10 @@ sys.path.insert(0, str(REPO))
 
 import psycopg  # noqa: E402
 
-from schemas.records import Transaction  # noqa: E402
-from sink.migrate import migrate  # noqa: E402
-from sink.outcomes import Source  # noqa: E402
-from sink.upsert import write_batch  # noqa: E402
+from chargify_stream.schemas.records import Transaction  # noqa: E402
+from chargify_stream.sink.migrate import migrate  # noqa: E402
+from chargify_stream.sink.outcomes import Source  # noqa: E402
+from chargify_stream.sink.upsert import write_batch  # noqa: E402
 from tests.services import start_postgres  # noqa: E402
 
 CUSTOMERS = 100

@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 
-from schemas.records import ComponentAllocation, SubscriptionChange, Transaction
-from sink.upsert import Record
+from chargify_stream.schemas.records import ComponentAllocation, SubscriptionChange, Transaction
+from chargify_stream.sink.upsert import Record
 
 T0 = datetime(2024, 10, 1, tzinfo=UTC)
 CUSTOMERS = 1000

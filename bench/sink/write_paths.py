@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from workload import empty_sink_tables, make_workload, seed
 
-from schemas.records import SubscriptionChange, Transaction
-from sink import upsert
-from sink.migrate import migrate
+from chargify_stream.schemas.records import SubscriptionChange, Transaction
+from chargify_stream.sink import upsert
+from chargify_stream.sink.migrate import migrate
 
 Cursor = psycopg.Cursor[Any]
 RESULTS = Path(__file__).resolve().parent.parent / "results"

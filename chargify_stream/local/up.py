@@ -25,7 +25,7 @@ from chargify_stream.local.kafka import LocalKafka
 from chargify_stream.local.launch import StageProcess, stop_all
 from chargify_stream.local.postgres import LocalPostgres
 from chargify_stream.settings import Settings, load_settings
-from sink.migrate import migrate
+from chargify_stream.sink.migrate import migrate
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 STAGES = ("gateway", "processor", "sink")

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from chargify_stream.settings import Settings
-from sink.migrate import available, migrate
+from chargify_stream.sink.migrate import available, migrate
 from tests.stages import run_cli as cli
 
 pytestmark = pytest.mark.integration

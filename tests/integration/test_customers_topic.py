@@ -17,10 +17,10 @@ import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
+from chargify_stream.schemas.codec import decode, decode_record
+from chargify_stream.schemas.records import Customer, Transaction
 from chargify_stream.settings import Settings
-from schemas.codec import decode, decode_record
-from schemas.records import Customer, Transaction
-from sink.customer_relay import CustomerRelay
+from chargify_stream.sink.customer_relay import CustomerRelay
 from tests.integration.test_dlq import cli, query, wait_for
 from tests.integration.test_sink_retry import webhook
 from tests.kafka_tools import consume, end_offsets, headers_of, produce
@@ -286,7 +286,7 @@ def test_joining_the_topics_gives_the_attribution_postgres_has(
 def test_the_outbox_records_every_kind_of_change_and_the_customers_already_there(
     postgres_service: Any,
 ) -> None:
-    from sink.migrate import available, migrate
+    from chargify_stream.sink.migrate import available, migrate
 
     dsn = postgres_service.create_database(f"t_outbox_{uuid.uuid4().hex[:12]}")
     # A database from before the customers topic: its customers must reach the topic too.

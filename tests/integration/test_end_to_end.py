@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from chargify_stream.settings import Settings
-from sink.admin import add_customer, add_partner, add_plan, connect
+from chargify_stream.sink.admin import add_customer, add_partner, add_plan, connect
 from tests.builders import build_body
 from tests.kafka_tools import consume, headers_of
 from tests.pipeline import Pipeline

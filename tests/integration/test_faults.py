@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from chargify_stream.schemas.codec import decode
 from chargify_stream.settings import Settings
-from schemas.codec import decode
-from sink.admin import add_customer, add_partner, connect
+from chargify_stream.sink.admin import add_customer, add_partner, connect
 from tests.builders import build_body
 from tests.kafka_tools import consume
 from tests.pipeline import Pipeline

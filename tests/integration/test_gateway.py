@@ -26,12 +26,12 @@ import httpx
 import pytest
 from confluent_kafka import KafkaError
 
+from chargify_stream.ingest.connection import DRAIN_MAX_BYTES
+from chargify_stream.ingest.publisher import Publisher
+from chargify_stream.ingest.signature import sign
 from chargify_stream.kafka_admin import ensure_pipeline_topics, ensure_topics
 from chargify_stream.local.ports import free_port
 from chargify_stream.settings import Settings, load_settings
-from ingest.connection import DRAIN_MAX_BYTES
-from ingest.publisher import Publisher
-from ingest.signature import sign
 from tests.builders import build_body
 from tests.kafka_tools import consume, end_offsets, headers_of
 from tests.samples import raw_form_samples

@@ -13,9 +13,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from schemas.records import Transaction
-from sink.outcomes import Delivery, Source, write_deliveries
-from sink.upsert import write_batch
+from chargify_stream.schemas.records import Transaction
+from chargify_stream.sink.outcomes import Delivery, Source, write_deliveries
+from chargify_stream.sink.upsert import write_batch
 
 pytestmark = pytest.mark.integration
 

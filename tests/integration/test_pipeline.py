@@ -15,19 +15,19 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from chargify_stream.settings import Settings
-from processors.clients import (
+from chargify_stream.processors.clients import (
     consumer_config,
     ensure_changelogs,
     producer_config,
     restorer_config,
     transactional_id,
 )
-from processors.metrics import ProcessorMetrics
-from processors.pipeline import Pipeline, incoming
-from processors.splitter import Incoming
-from processors.state import Store
-from schemas.codec import decode
+from chargify_stream.processors.metrics import ProcessorMetrics
+from chargify_stream.processors.pipeline import Pipeline, incoming
+from chargify_stream.processors.splitter import Incoming
+from chargify_stream.processors.state import Store
+from chargify_stream.schemas.codec import decode
+from chargify_stream.settings import Settings
 from tests.integration.test_processor import committed, webhook
 from tests.kafka_tools import consume, produce
 

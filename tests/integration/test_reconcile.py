@@ -23,7 +23,7 @@ from chargify_stream.connect import EVENTS
 from chargify_stream.local.ports import free_port
 from chargify_stream.received import RawTopicReader
 from chargify_stream.settings import Settings
-from sink.admin import add_customer, add_partner, connect
+from chargify_stream.sink.admin import add_customer, add_partner, connect
 from tests.builders import build_body
 from tests.chargify_standin import ChargifyStandIn
 from tests.conftest import TEST_SHARED_KEY

@@ -21,7 +21,7 @@ from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.local.kafka import LocalKafka
 from chargify_stream.settings import Settings, load_settings
-from sink.admin import add_customer, add_partner, connect
+from chargify_stream.sink.admin import add_customer, add_partner, connect
 from tests.builders import build_body
 from tests.conftest import settings_values
 from tests.integration.test_dlq import cli_json, wait_for

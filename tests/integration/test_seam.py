@@ -30,8 +30,8 @@ _WORKER = textwrap.dedent(
     import threading
     from chargify_stream.logs import setup_logging
     from chargify_stream.settings import load_settings
-    from processors import seam
-    from processors.metrics import ProcessorMetrics
+    from chargify_stream.processors import seam
+    from chargify_stream.processors.metrics import ProcessorMetrics
 
     setup_logging("INFO")
     settings = load_settings()

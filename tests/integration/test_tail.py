@@ -29,11 +29,16 @@ from confluent_kafka import Producer
 from chargify_stream import analytics
 from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.local.ports import free_port
+from chargify_stream.schemas import headers as h
+from chargify_stream.schemas.codec import encode
+from chargify_stream.schemas.deadletter import dead_letter_headers, pointer
+from chargify_stream.schemas.records import (
+    ComponentAllocation,
+    Customer,
+    SubscriptionChange,
+    Transaction,
+)
 from chargify_stream.settings import Settings, load_settings
-from schemas import headers as h
-from schemas.codec import encode
-from schemas.deadletter import dead_letter_headers, pointer
-from schemas.records import ComponentAllocation, Customer, SubscriptionChange, Transaction
 from tests.builders import build_body
 from tests.conftest import unique
 from tests.pipeline import Pipeline

@@ -23,9 +23,9 @@ import httpx
 import pytest
 
 from chargify_stream.local.ports import free_port
+from chargify_stream.schemas.deadletter import format_timestamp
 from chargify_stream.settings import Settings
-from schemas.deadletter import format_timestamp
-from sink.admin import add_customer, add_partner, connect
+from chargify_stream.sink.admin import add_customer, add_partner, connect
 from tests.browser import dump_dom, figures, screenshot
 from tests.builders import build_body
 from tests.integration.test_dlq import query, wait_for

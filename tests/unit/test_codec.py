@@ -19,10 +19,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chargify_stream.errors import UnsupportedSchema
-from schemas import codec
-from schemas.records import ComponentAllocation, Customer, SubscriptionChange, Transaction
+from chargify_stream.schemas import codec
+from chargify_stream.schemas.records import (
+    ComponentAllocation,
+    Customer,
+    SubscriptionChange,
+    Transaction,
+)
 
-AVRO = Path(str(resources.files("schemas").joinpath("avro")))
+AVRO = Path(str(resources.files("chargify_stream.schemas").joinpath("avro")))
 
 TRANSACTION = Transaction(
     transaction_id=161537369,

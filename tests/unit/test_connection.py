@@ -15,9 +15,14 @@ from importlib.metadata import version
 import uvicorn
 from uvicorn.protocols.http import httptools_impl
 
+from chargify_stream.ingest.connection import (
+    Deadlines,
+    GatewayProtocol,
+    protocol_class,
+    raise_open_files,
+)
+from chargify_stream.ingest.server import build_app, uvicorn_config
 from chargify_stream.settings import load_settings
-from ingest.connection import Deadlines, GatewayProtocol, protocol_class, raise_open_files
-from ingest.server import build_app, uvicorn_config
 from tests.unit.test_gateway_app import FakeSink
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from schemas.codec import decode_record
-from sink.customer_relay import record_of
+from chargify_stream.schemas.codec import decode_record
+from chargify_stream.sink.customer_relay import record_of
 from tests.unit.test_codec import CUSTOMER
 
 

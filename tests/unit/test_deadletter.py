@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from schemas import headers
-from schemas.deadletter import (
+from chargify_stream.schemas import headers
+from chargify_stream.schemas.deadletter import (
     ERROR_MAX_CHARS,
     DeadLetterInfo,
     dead_letter_headers,

@@ -16,7 +16,7 @@ from chargify_stream.dlq import (
     plan_replay,
     replay_destination,
 )
-from schemas.deadletter import dead_letter_headers, pointer
+from chargify_stream.schemas.deadletter import dead_letter_headers, pointer
 
 T0 = datetime(2026, 11, 27, 15, 0, tzinfo=UTC)
 RAW, TXNS, DLQ = "chargify.webhooks.raw", "chargify.transactions", "chargify.deadletter"

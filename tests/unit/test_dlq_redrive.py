@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sink.parked import Claimed, choose_redrives, parkable
+from chargify_stream.sink.parked import Claimed, choose_redrives, parkable
 from tests.unit.test_dlq_events import DLQ, RAW, RETRY, TXNS, dead_letter
 
 SINK_TOPICS = (TXNS, "chargify.subscriptions", RETRY)

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chargify_stream.errors import MalformedPayload
-from schemas import form
-from schemas.form import decode_form, encode_form, encode_pairs, get, parse_pairs
+from chargify_stream.schemas import form
+from chargify_stream.schemas.form import decode_form, encode_form, encode_pairs, get, parse_pairs
 from tests.samples import raw_form_params, raw_form_samples, sample_body
 
 PAYMENT_SUCCESS = "payment_success__maxio-com-stoplight-platform-api-docs__1.txt"

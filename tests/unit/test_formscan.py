@@ -14,20 +14,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors import fields
+from chargify_stream.processors import fields
 from tests.builders import EVENTS, build_body
 
 try:
-    from processors._formscan import extract
+    from chargify_stream.processors._formscan import extract
 except ImportError:  # test_the_module_is_built fails; the rest cannot run
     extract = None  # type: ignore[assignment]
 
-needs_module = pytest.mark.skipif(extract is None, reason="processors._formscan is not built")
+needs_module = pytest.mark.skipif(
+    extract is None, reason="chargify_stream.processors._formscan is not built"
+)
 
 
 def test_the_module_is_built() -> None:
     assert fields.NATIVE_SCAN, (
-        "processors._formscan is not built, so the processor scans in Python: "
+        "chargify_stream.processors._formscan is not built, so the processor scans in Python: "
         "run scripts/install on a machine with a C compiler (gcc)"
     )
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from ingest.metrics import GatewayMetrics
-from processors.metrics import ProcessorMetrics
-from sink.consumer import SinkMetrics
-from sink.recorder import RecorderMetrics
-from sink.redrive import RedriveMetrics
+from chargify_stream.ingest.metrics import GatewayMetrics
+from chargify_stream.processors.metrics import ProcessorMetrics
+from chargify_stream.sink.consumer import SinkMetrics
+from chargify_stream.sink.recorder import RecorderMetrics
+from chargify_stream.sink.redrive import RedriveMetrics
 
 OPS = Path(__file__).parents[2] / "ops"
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from chargify_stream.schemas import headers as h
+from chargify_stream.schemas.deadletter import dead_letter_headers
+from chargify_stream.schemas.decisions import Decision, encode_decision
 from chargify_stream.settings import load_settings
-from schemas import headers as h
-from schemas.deadletter import dead_letter_headers
-from schemas.decisions import Decision, encode_decision
-from sink.outcomes import parse_position, source_of
-from sink.recorder import delivery_of
+from chargify_stream.sink.outcomes import parse_position, source_of
+from chargify_stream.sink.recorder import delivery_of
 
 SETTINGS = load_settings(kafka_topic_prefix="t.")
 NOW = datetime(2026, 12, 5, 7, 0, tzinfo=UTC)

@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from chargify_stream.errors import TransientError
-from processors import lifecycle
+from chargify_stream.processors import lifecycle
 
 
 def test_a_broker_away_at_start_is_waited_for() -> None:
@@ -52,7 +52,7 @@ _HANGING_STOP = textwrap.dedent(
     """
     import sys, time
     from chargify_stream.logs import setup_logging
-    from processors import lifecycle
+    from chargify_stream.processors import lifecycle
     setup_logging("INFO")
 
     def stuck_in_flush():

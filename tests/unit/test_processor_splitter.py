@@ -14,13 +14,20 @@ from typing import Any
 
 import pytest
 
-from processors import splitter
-from processors.splitter import EVENT_KEY, TRANSACTION_KEY, WEBHOOK_KEY, Incoming, Split, split
-from processors.state import Store
-from schemas import headers as h
-from schemas.codec import decode
-from schemas.deadletter import parse_dead_letter
-from schemas.records import SubscriptionChange, Transaction
+from chargify_stream.processors import splitter
+from chargify_stream.processors.splitter import (
+    EVENT_KEY,
+    TRANSACTION_KEY,
+    WEBHOOK_KEY,
+    Incoming,
+    Split,
+    split,
+)
+from chargify_stream.processors.state import Store
+from chargify_stream.schemas import headers as h
+from chargify_stream.schemas.codec import decode
+from chargify_stream.schemas.deadletter import parse_dead_letter
+from chargify_stream.schemas.records import SubscriptionChange, Transaction
 from tests.builders import build_body
 
 MakeStore = Callable[..., Store]
@@ -319,7 +326,7 @@ def test_a_processing_bug_logs_one_line_and_the_traceback_only_at_debug(
         raise RecursionError("maximum recursion depth exceeded")
 
     monkeypatch.setattr(splitter, "encode", broken)
-    with caplog.at_level(level, logger="processors.splitter"):
+    with caplog.at_level(level, logger="chargify_stream.processors.splitter"):
         split([incoming("payment_success", 1)], make_store())
     failure = next(r for r in caplog.records if "processing webhook" in r.getMessage())
     assert failure.getMessage() == (
@@ -330,7 +337,7 @@ def test_a_processing_bug_logs_one_line_and_the_traceback_only_at_debug(
 
 
 def test_ignored_and_duplicate_webhooks_leave_a_decision_record(make_store: MakeStore) -> None:
-    from schemas.decisions import decode_decision
+    from chargify_stream.schemas.decisions import decode_decision
 
     test_event = Incoming(
         "raw", 0, 4, b"9", b"id=9&event=test&payload[chargify]=testing",

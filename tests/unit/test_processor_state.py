@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from processors.state import Slot, Store, bucket_seconds, dedup_record, parse_dedup
+from chargify_stream.processors.state import Slot, Store, bucket_seconds, dedup_record, parse_dedup
 
 DAY = 24 * 3600
 

@@ -15,10 +15,10 @@ import fastavro
 import pytest
 
 from chargify_stream import analytics
-from schemas import codec
-from schemas.records import AvroRecord, avro_record
+from chargify_stream.schemas import codec
+from chargify_stream.schemas.records import AvroRecord, avro_record
 
-AVRO = Path(str(resources.files("schemas").joinpath("avro")))
+AVRO = Path(str(resources.files("chargify_stream.schemas").joinpath("avro")))
 
 
 def _transaction_schema_with(field: dict[str, Any]) -> dict[str, Any]:

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chargify_stream.errors import MalformedPayload
-from processors import fields, routing
-from processors.fields import FIELDS, extract_fields
-from processors.routing import (
+from chargify_stream.processors import fields, routing
+from chargify_stream.processors.fields import FIELDS, extract_fields
+from chargify_stream.processors.routing import (
     TEST_EVENT,
     TEST_PANEL,
     UNSUPPORTED_EVENT,
@@ -24,8 +24,8 @@ from processors.routing import (
     Ignore,
     route,
 )
-from schemas.form import decode_form, encode_pairs
-from schemas.records import ComponentAllocation, SubscriptionChange, Transaction
+from chargify_stream.schemas.form import decode_form, encode_pairs
+from chargify_stream.schemas.records import ComponentAllocation, SubscriptionChange, Transaction
 from tests.builders import DEFAULT_OCCURRED_AT, EVENTS, build_body, build_pairs
 from tests.samples import (
     raw_form_names,

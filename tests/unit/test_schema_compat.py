@@ -18,7 +18,7 @@ import avro.schema
 import fastavro
 import pytest
 
-AVRO = Path(str(resources.files("schemas").joinpath("avro")))
+AVRO = Path(str(resources.files("chargify_stream.schemas").joinpath("avro")))
 CURRENT = {json.loads(p.read_text())["name"]: p for p in sorted(AVRO.glob("*.avsc"))}
 HISTORY = sorted((AVRO / "history").glob("*.avsc"))
 

@@ -16,7 +16,7 @@ from importlib.metadata import version
 import pytest
 from faust.app.base import BootStrategy
 
-from processors import seam
+from chargify_stream.processors import seam
 
 PINNED = {"faust-streaming": "0.15.3", "mode-streaming": "0.7.1", "aiokafka": "0.14.0"}
 # sha256 of inspect.getsource(faust.app.base.BootStrategy) in faust-streaming 0.15.3.

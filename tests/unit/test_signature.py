@@ -8,7 +8,7 @@ import hmac
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest.signature import sign, verify
+from chargify_stream.ingest.signature import sign, verify
 
 DOCS_KEY = b"123"
 DOCS_BODY = b"payload[chargify]=testing&event=test"

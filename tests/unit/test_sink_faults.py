@@ -18,11 +18,17 @@ import psycopg
 import pytest
 from psycopg import errors
 
+from chargify_stream.schemas.codec import encode
+from chargify_stream.schemas.records import Transaction
 from chargify_stream.settings import load_settings
-from schemas.codec import encode
-from schemas.records import Transaction
-from sink.consumer import Sink, SinkMetrics, Stopping
-from sink.upsert import BatchResult, DatabaseUnavailable, Record, RejectedRecord, classify
+from chargify_stream.sink.consumer import Sink, SinkMetrics, Stopping
+from chargify_stream.sink.upsert import (
+    BatchResult,
+    DatabaseUnavailable,
+    Record,
+    RejectedRecord,
+    classify,
+)
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.records import ComponentAllocation, SubscriptionChange
-from sink.upsert import SubscriptionRow, fold_subscriptions, quantity, version_of
+from chargify_stream.schemas.records import ComponentAllocation, SubscriptionChange
+from chargify_stream.sink.upsert import SubscriptionRow, fold_subscriptions, quantity, version_of
 
 T0 = datetime(2024, 10, 11, 19, 28, 31, tzinfo=UTC)
 

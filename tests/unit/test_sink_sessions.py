@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from sink.sessions import run_sessions
+from chargify_stream.sink.sessions import run_sessions
 
 log = logging.getLogger("test.sessions")
 

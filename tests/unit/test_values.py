@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 
 from chargify_stream.errors import MalformedPayload
-from schemas.values import (
+from chargify_stream.schemas.values import (
     none_if_empty,
     to_bool,
     to_decimal_quantity,
