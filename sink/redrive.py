@@ -51,7 +51,7 @@ from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
 from schemas import headers as h
-from schemas.deadletter import parse_dead_letter, replay_headers
+from schemas.deadletter import event_identity, parse_dead_letter, recency, replay_headers
 
 __all__ = [
     "AGE_BUCKETS",
@@ -193,11 +193,15 @@ class _Claimed:
     replay_count: int
 
     @property
-    def identity(self) -> tuple[str, ...]:
-        """One Chargify event: its webhook id, else the position of the failed record."""
-        if self.webhook_id:
-            return ("webhook", self.webhook_id)
-        return ("source", self.source_topic, str(self.source_partition), str(self.source_offset))
+    def identity(self) -> str:
+        """One Chargify event, as ``dlq`` names it (:func:`schemas.deadletter.event_identity`)."""
+        return event_identity(
+            self.webhook_id, self.source_topic, self.source_partition, self.source_offset
+        )
+
+    @property
+    def recency(self) -> tuple[int, datetime, int, int]:
+        return recency(self.replay_count, None, self.dlq_partition, self.dlq_offset)
 
 
 def choose_redrives(claimed: Sequence[_Claimed]) -> list[_Claimed]:
@@ -206,10 +210,10 @@ def choose_redrives(claimed: Sequence[_Claimed]) -> list[_Claimed]:
     The same event can be parked several times (a manual replay that failed again); one
     re-publication is enough, and its ``dlq-replay-count`` must be the highest seen.
     """
-    best: dict[tuple[str, ...], _Claimed] = {}
+    best: dict[str, _Claimed] = {}
     for row in claimed:
         current = best.get(row.identity)
-        if current is None or row.replay_count > current.replay_count:
+        if current is None or row.recency > current.recency:
             best[row.identity] = row
     return list(best.values())
 
