@@ -15,11 +15,10 @@ So memory grows with the number of events, not with the topic's bytes.
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from confluent_kafka import Message
 
@@ -36,6 +35,23 @@ NO_HEADERS = "(no dlq headers)"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_T = TypeVar("_T")
+_SUMMARY_HEADERS = frozenset({h.WEBHOOK_ID, h.EVENT})
+_SHARED_MAX = 4096
+_shared_values: dict[Any, Any] = {}
+
+
+def _shared(value: _T) -> _T:
+    """``value``, or an equal one seen before: repeated texts of a scan are stored once.
+
+    Only the first few thousand distinct values are remembered (error texts can be unique).
+    """
+    found = _shared_values.get(value)
+    if found is not None:
+        return cast(_T, found)
+    if len(_shared_values) < _SHARED_MAX:
+        _shared_values[value] = value
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +88,20 @@ class DeadLetterRecord:
         kept = tuple((name, v) for name, v in headers if v is not None)
         info = parse_dead_letter(kept)
         if not keep_value:
-            # A summary: the carried-over headers are all a report shows (the dlq-* ones
-            # are in ``info``); the rest comes back with the value when it is replayed.
-            kept = tuple((sys.intern(n), v) for n, v in kept if n in h.CARRIED_OVER)
+            # A summary: the webhook id and event are all a report shows of the headers
+            # (the dlq-* ones are in ``info``); the rest comes back with the value when it
+            # is replayed. Texts most dead letters share are stored once.
+            kept = tuple(_shared((n, v)) for n, v in kept if n in _SUMMARY_HEADERS)
+            if info is not None:
+                info = replace(
+                    info,
+                    reason=_shared(info.reason),
+                    stage=_shared(info.stage),
+                    error=_shared(info.error),
+                    source_topic=_shared(info.source_topic),
+                )
         return cls(
-            sys.intern(topic),
+            _shared(topic),
             partition,
             offset,
             timestamp,
@@ -234,23 +259,23 @@ class EventGrouper:
 
     def __init__(self) -> None:
         self._latest: dict[str, DeadLetterRecord] = {}
-        self._kinds: dict[str, list[tuple[str, str]]] = {}
+        self._kinds: dict[str, tuple[tuple[str, str], ...]] = {}
         self._first: dict[str, datetime | None] = {}
 
     def add(self, record: DeadLetterRecord) -> None:
         ident = identity(record)
         info = record.info
-        kind = (info.reason, info.stage) if info else (NO_HEADERS, NO_HEADERS)
+        kind = _shared((info.reason, info.stage) if info else (NO_HEADERS, NO_HEADERS))
         moment = record.failed_at
         current = self._latest.get(ident)
         if current is None:
             self._latest[ident] = record
-            self._kinds[ident] = [kind]
+            self._kinds[ident] = _shared((kind,))
             self._first[ident] = moment
             return
         if _recency(record) > _recency(current):
             self._latest[ident] = record
-        self._kinds[ident].append(kind)
+        self._kinds[ident] = (*self._kinds[ident], kind)
         first = self._first[ident]
         if moment is not None and (first is None or moment < first):
             self._first[ident] = moment
@@ -258,7 +283,7 @@ class EventGrouper:
     def events(self) -> list[DeadLetterEvent]:
         """The events so far, oldest first."""
         events = [
-            DeadLetterEvent(ident, latest, tuple(self._kinds[ident]), self._first[ident])
+            DeadLetterEvent(ident, latest, self._kinds[ident], self._first[ident])
             for ident, latest in self._latest.items()
         ]
         events.sort(key=lambda e: (e.first_failed_at or _EPOCH, e.identity))

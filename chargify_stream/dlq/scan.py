@@ -94,6 +94,9 @@ def _reader(settings: Settings, errors: list[str], **extra: Any) -> Consumer:
             "group.id": f"chargify-dlq-reader-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "queued.max.messages.kbytes": _PREFETCH_KB,
+            # With so small a queue, librdkafka's default 1 s pause when it is full would
+            # leave the reader idle most of the time.
+            "fetch.queue.backoff.ms": 5,
             **extra,
         }
     )
