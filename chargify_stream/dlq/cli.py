@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from confluent_kafka import Producer
@@ -14,6 +15,7 @@ from chargify_stream.dlq.events import DeadLetterEvent, Filters, parse_time
 from chargify_stream.dlq.replay import (
     DEFAULT_MAX_ATTEMPTS,
     ReplayOutcome,
+    ReplayPlan,
     plan_replay,
     send_replays,
 )
@@ -196,47 +198,31 @@ def _replay(
     resolved: Mapping[str, Resolution],
 ) -> int:
     retry_topic = settings.topic("sink_retry")
-    # The scan kept no values: read back whole the latest records of the events that may
-    # be replayed (those without dlq headers, or resolved, are refused as they are).
-    wanted = [e for e in chosen if e.info is not None and (e.webhook_id or "") not in resolved]
-    whole = fill_latest(settings, wanted, timeout=args.timeout)
-    filled = dict(zip((id(e) for e in wanted), whole, strict=True))
-    plan = plan_replay(
-        read_originals(settings, [filled.get(id(e), e) for e in chosen], timeout=args.timeout),
-        max_attempts=args.max_attempts,
-        input_topics=[
-            settings.topic(n) for n in ("raw", "transactions", "subscriptions", "sink_retry")
-        ],
-        sink_retry_topic=retry_topic,
-        # The retry topic is created below when missing (no sink has run since it exists).
-        existing_topics=found.existing_topics | {retry_topic},
-        resolved=resolved,
-    )
-    if args.dry_run or not plan.replay:
-        outcome = ReplayOutcome(acked=list(plan.replay))
-    else:
-        if retry_topic not in found.existing_topics:
-            ensure_pipeline_topics(settings, [retry_topic], timeout=args.timeout)
-        errors: list[str] = []
-        producer = Producer(
-            {
-                **kafka_config(settings, errors),
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                # A record the broker has not taken by then is reported failed, so the
-                # summary below is final when flush() returns.
-                "message.timeout.ms": int(max(args.timeout, 5) * 3000),
-                "message.max.bytes": deadletter_record_max(settings.gateway_max_body_bytes),
-            }
-        )
-        outcome = send_replays(
-            plan.replay,
-            producer,
-            sink_retry_topic=retry_topic,
-            rate=args.rate,
-            flush_timeout=max(args.timeout, 5) * 3 + 15,
-        )
+    # The scan kept no values: events are planned and sent a batch at a time, each batch's
+    # latest records read back whole first, and only their summaries kept afterwards.
+    plan = ReplayPlan([], [])
+    outcome = ReplayOutcome()
+    producer: Producer | None = None
+    for first in range(0, len(chosen), _REPLAY_BATCH):
+        batch = chosen[first : first + _REPLAY_BATCH]
+        if outcome.interrupted:
+            plan.replay.extend(batch)
+            outcome.not_sent.extend(batch)
+            continue
+        part = _plan_batch(settings, args, found, batch, resolved)
+        if args.dry_run or not part.replay:
+            sent = ReplayOutcome(acked=list(part.replay))
+        else:
+            if producer is None:
+                producer = _producer(settings, args, found, retry_topic)
+            sent = send_replays(
+                part.replay,
+                producer,
+                sink_retry_topic=retry_topic,
+                rate=args.rate,
+                flush_timeout=max(args.timeout, 5) * 3 + 15,
+            )
+        _keep_summaries(part, sent, plan, outcome)
     summary = replay_summary(plan, outcome, retry_topic, dry_run=args.dry_run)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -254,3 +240,74 @@ def _replay(
     if plan.refused or not plan.replay:
         return 3  # something refused, or nothing matched: see --help
     return 0
+
+
+# How many events a replay reads back whole at a time: what bounds its memory.
+_REPLAY_BATCH = 1000
+
+
+def _plan_batch(
+    settings: Settings,
+    args: argparse.Namespace,
+    found: Scan,
+    batch: Sequence[DeadLetterEvent],
+    resolved: Mapping[str, Resolution],
+) -> ReplayPlan:
+    """Read back the batch's latest records whole, then decide which may be replayed.
+
+    Those without dlq headers, or resolved, are refused as they are (nothing is read).
+    """
+    retry_topic = settings.topic("sink_retry")
+    wanted = [e for e in batch if e.info is not None and (e.webhook_id or "") not in resolved]
+    whole = fill_latest(settings, wanted, timeout=args.timeout)
+    filled = dict(zip((id(e) for e in wanted), whole, strict=True))
+    return plan_replay(
+        read_originals(settings, [filled.get(id(e), e) for e in batch], timeout=args.timeout),
+        max_attempts=args.max_attempts,
+        input_topics=[
+            settings.topic(n) for n in ("raw", "transactions", "subscriptions", "sink_retry")
+        ],
+        sink_retry_topic=retry_topic,
+        # The retry topic is created when missing (no sink has run since it exists).
+        existing_topics=found.existing_topics | {retry_topic},
+        resolved=resolved,
+    )
+
+
+def _producer(
+    settings: Settings, args: argparse.Namespace, found: Scan, retry_topic: str
+) -> Producer:
+    if retry_topic not in found.existing_topics:
+        ensure_pipeline_topics(settings, [retry_topic], timeout=args.timeout)
+    errors: list[str] = []
+    return Producer(
+        {
+            **kafka_config(settings, errors),
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            # A record the broker has not taken by then is reported failed, so the
+            # summary is final when flush() returns.
+            "message.timeout.ms": int(max(args.timeout, 5) * 3000),
+            "message.max.bytes": deadletter_record_max(settings.gateway_max_body_bytes),
+        }
+    )
+
+
+def _keep_summaries(
+    part: ReplayPlan, sent: ReplayOutcome, plan: ReplayPlan, outcome: ReplayOutcome
+) -> None:
+    """Add a batch's plan and outcome to the whole's, its events without their values."""
+    light: dict[int, DeadLetterEvent] = {}
+
+    def summary(event: DeadLetterEvent) -> DeadLetterEvent:
+        if id(event) not in light:
+            light[id(event)] = replace(event, latest=replace(event.latest, value=None))
+        return light[id(event)]
+
+    plan.replay.extend(summary(e) for e in part.replay)
+    plan.refused.extend((summary(e), why) for e, why in part.refused)
+    outcome.acked.extend(summary(e) for e in sent.acked)
+    outcome.failed.extend((summary(e), why) for e, why in sent.failed)
+    outcome.not_sent.extend(summary(e) for e in sent.not_sent)
+    outcome.interrupted = outcome.interrupted or sent.interrupted

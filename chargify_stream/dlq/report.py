@@ -164,12 +164,11 @@ def _stats(
 
 
 def _print_json_list(items: Iterable[dict[str, Any]]) -> None:
-    """A JSON array as ``json.dumps(list, indent=2)`` prints it, one item at a time (a
-    list of every event as dicts would outweigh the events themselves)."""
+    """A JSON array, one item a line, printed an item at a time (a list of every event as
+    dicts would outweigh the events themselves, and ``indent`` would triple the time)."""
     first = True
     for item in items:
-        body = json.dumps(item, indent=2).replace("\n", "\n  ")
-        print(f"[\n  {body}" if first else f",\n  {body}", end="")
+        print(f"[\n{json.dumps(item)}" if first else f",\n{json.dumps(item)}", end="")
         first = False
     print("[]" if first else "\n]")
 

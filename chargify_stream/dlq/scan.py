@@ -32,7 +32,7 @@ from schemas.deadletter import DeadLetterInfo
 
 # How much librdkafka may prefetch per partition: enough to keep a scan busy, little
 # enough that the prefetch, not the topic, bounds the reader's memory.
-_PREFETCH_KB = 8 * 1024
+_PREFETCH_KB = 4 * 1024
 
 
 class Progress:
