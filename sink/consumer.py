@@ -34,6 +34,14 @@ Faults are told apart by type, for the database by SQLSTATE class
   record (``schemas.deadletter``), which stays on its source topic;
 - anything else (an unknown table: the schema was not migrated; a bug) stops the sink:
   retrying cannot fix it and dead-lettering would park every record.
+
+Why one module of about 600 lines: the loop's guarantees (offsets committed only after the
+database commit and the dead letters' acknowledgement, in batch order, across writer
+threads, rebalances and stop requests) are held by :class:`Sink`'s methods together, and
+read as one. What stands on its own is elsewhere: the writes (:mod:`sink.upsert`), the
+dead-letter publishing (:mod:`sink.deadletters`), the metrics (:mod:`sink.metrics`), and
+the background threads beside the loop (:mod:`sink.redrive`, :mod:`sink.customer_relay`,
+:mod:`sink.recorder`).
 """
 
 from __future__ import annotations
@@ -41,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import random
 import signal
 import sys
 import threading
@@ -49,27 +56,45 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar, cast
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from chargify_stream.errors import ChargifyStreamError, RecordError, TransientError
 from chargify_stream.kafka_admin import check_deadletter_topic, ensure_pipeline_topics
 from chargify_stream.kafka_config import librdkafka_config
-from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.limits import deadletter_record_max
-from chargify_stream.logs import fields
+from chargify_stream.retry import RetryStopped, retry
 from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.codec import decode
-from schemas.deadletter import dead_letter_headers, pointer
+from sink.deadletters import (
+    DeadLetter,
+    DeadLetterUnacknowledged,
+    message_headers,
+    produce_dead_letters,
+)
 from sink.health import serve_health
+from sink.metrics import SinkMetrics
 from sink.migrate import pending
 from sink.outcomes import source_of
 from sink.upsert import BatchResult, Record, RejectedRecord, classify, write_batch
+
+__all__ = [
+    "DeadLetter",
+    "Prepared",
+    "SchemaNotReady",
+    "Sink",
+    "SinkMetrics",
+    "Stopping",
+    "build_sink",
+    "run",
+]
+
+# write_batch's shape: a connection, the records, and (with the outcome log) their sources.
+WriteBatch = Callable[..., BatchResult]
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +115,6 @@ class SchemaNotReady(ChargifyStreamError):
     """The database lacks migrations this build needs: run ``chargify-stream migrate``."""
 
 
-class DeadLetterUnacknowledged(TransientError):
-    """The broker did not acknowledge a dead letter; publish it again."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A consumed record to dead-letter; ``refusal`` set: Kafka refused it whole, so it is
-    written as a pointer (why Kafka refused it)."""
-
-    msg: Message
-    reason: str
-    error: str
-    refusal: str | None = None
-
-
 @dataclass(slots=True)
 class Prepared:
     """A consumed batch, decoded: what to write, and what could not be decoded."""
@@ -114,67 +124,15 @@ class Prepared:
     letters: list[DeadLetter] = field(default_factory=list)
 
 
-class SinkMetrics:
-    """The sink's Prometheus metrics, in their own registry (served on SINK_METRICS_PORT)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.records = Counter("sink_records", "Records consumed, by topic", ["topic"], registry=r)
-        self.written = Counter(
-            "sink_rows_written", "Rows inserted or changed, by table", ["table"], registry=r
-        )
-        self.unchanged = Counter(
-            "sink_rows_unchanged",
-            "Rows a batch left as they were (duplicates, replays, older events), by table",
-            ["table"],
-            registry=r,
-        )
-        self.dead = Counter(
-            "sink_dead_letters", "Records dead-lettered, by reason", ["reason"], registry=r
-        )
-        self.retries = Counter(
-            "sink_transient_retries",
-            "Steps retried after a transient fault, by what failed",
-            ["target"],
-            registry=r,
-        )
-        self.commit_failures = Counter(
-            "sink_commit_failures",
-            "Offset commits the broker refused (rebalance); the batch is consumed again",
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "sink_batch_size",
-            "Records per batch",
-            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
-            registry=r,
-        )
-        self.write_seconds = Histogram(
-            "sink_db_write_seconds",
-            "Time of one successful database transaction",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=r,
-        )
-        self.lag = Gauge(
-            "sink_consumer_lag",
-            "Records behind the partition's end after the last batch (from the last fetch)",
-            ["topic", "partition"],
-            registry=r,
-        )
-
-    def count(self, result: BatchResult) -> None:
-        self.written.labels("transactions").inc(result.transactions_written)
-        self.written.labels("subscriptions").inc(result.subscriptions_written)
-        self.unchanged.labels("transactions").inc(result.transactions_unchanged)
-        self.unchanged.labels("subscriptions").inc(result.subscriptions_unchanged)
-
-
 class Sink:
     """One sink instance; several share the topics' partitions as a consumer group.
 
     The clients are handed in (see :func:`build_sink`); ``connect`` opens a new database
-    connection, called again after the previous one failed.
+    connection, called again after the previous one failed. The rest defaults to the real
+    thing: ``write`` writes one batch in one transaction (:func:`sink.upsert.write_batch`),
+    ``pending`` names the migrations a connection's database lacks, ``prepare_topics``
+    creates and checks the topics before consuming, and ``backoff_first`` is the first
+    pause after a transient fault (seconds).
     """
 
     def __init__(
@@ -185,11 +143,19 @@ class Sink:
         producer: Producer,
         connect: Callable[[], psycopg.Connection[Any]],
         metrics: SinkMetrics,
+        write: WriteBatch = write_batch,
+        pending: Callable[[psycopg.Connection[Any]], list[str]] = pending,
+        prepare_topics: Callable[[Settings, list[str]], object] | None = None,
+        backoff_first: float = BACKOFF_FIRST_S,
     ) -> None:
         self.settings = settings
         self.consumer = consumer
         self.producer = producer
         self.metrics = metrics
+        self._write_batch = write
+        self._pending = pending
+        self._prepare_topics = prepare_topics or _prepare_topics
+        self._backoff_first = backoff_first
         self.topics = [
             settings.topic("transactions"),
             settings.topic("subscriptions"),
@@ -225,24 +191,31 @@ class Sink:
         """Run ``step`` until it does not raise :class:`TransientError`.
 
         Waits between attempts grow from 0.2 s to 5 s, with jitter so that several sinks
-        do not reconnect in step. Raises :class:`Stopping` when asked to stop meanwhile.
+        do not reconnect in step. Raises :class:`Stopping` when asked to stop meanwhile,
+        or when ``step`` itself raises :class:`RetryStopped` (a stop while it waited).
         """
-        delay = BACKOFF_FIRST_S
-        while True:
-            try:
-                result = step()
-                self._waiting_on = None
-                return result
-            except TransientError as exc:
-                self._waiting_on = target
-                self.metrics.retries.labels(target).inc()
-                wait = delay * random.uniform(0.5, 1.0)
-                log.warning("%s unavailable (%s); retrying in %.1fs", target, exc, wait)
-                if target == "database":
-                    self._drop_connection()
-                if self._stop.wait(wait):
-                    raise Stopping from exc
-                delay = min(delay * 2, BACKOFF_MAX_S)
+
+        def waiting(exc: BaseException, pause: float) -> None:
+            self._waiting_on = target
+            self.metrics.retries.labels(target).inc()
+            log.warning("%s unavailable (%s); retrying in %.1fs", target, exc, pause)
+            if target == "database":
+                self._drop_connection()
+
+        try:
+            result = retry(
+                step,
+                retry_on=TransientError,
+                first=self._backoff_first,
+                most=BACKOFF_MAX_S,
+                jitter=True,
+                stop=self._stop,
+                on_retry=waiting,
+            )
+        except RetryStopped as stopped:
+            raise Stopping from stopped.__cause__
+        self._waiting_on = None
+        return result
 
     # -- database -------------------------------------------------------------------
 
@@ -256,7 +229,7 @@ class Sink:
         try:
             conn = self._connect()
             if not self._schema_checked:
-                missing = pending(conn)
+                missing = self._pending(conn)
                 conn.rollback()
                 if missing:
                     raise SchemaNotReady(
@@ -288,7 +261,7 @@ class Sink:
         records = [rec for _, rec in items]
         sources = (
             [
-                source_of(m.topic() or "", m.partition() or 0, m.offset() or 0, _headers(m))
+                source_of(m.topic() or "", m.partition() or 0, m.offset() or 0, message_headers(m))
                 for m, _ in items
             ]
             if self.settings.outcome_log
@@ -299,9 +272,9 @@ class Sink:
             started = time.perf_counter()
             conn = self._connection()
             result = (
-                write_batch(conn, records)
+                self._write_batch(conn, records)
                 if sources is None
-                else write_batch(conn, records, sources)
+                else self._write_batch(conn, records, sources)
             )
             self.metrics.write_seconds.observe(time.perf_counter() - started)
             return result
@@ -341,7 +314,9 @@ class Sink:
 
         def attempt() -> None:
             while remaining:
-                failed, refused = self._produce(remaining)
+                failed, refused = produce_dead_letters(
+                    self.producer, self.settings.topic("deadletter"), remaining, stop=self._stop
+                )
                 # Refused for themselves: written again at once, as pointers.
                 remaining[:] = failed + refused
                 if failed:
@@ -350,78 +325,6 @@ class Sink:
         self._retrying("dead-letter topic", attempt)
         for dl in letters:
             self.metrics.dead.labels(dl.reason).inc()
-
-    def _produce(self, letters: Sequence[DeadLetter]) -> tuple[list[DeadLetter], list[DeadLetter]]:
-        """Publish ``letters`` and wait for the broker.
-
-        Returns the letters the broker did not take (to send again after a backoff) and
-        those Kafka refused for themselves (too large, invalid), marked to be written again
-        as pointers (see ``schemas.deadletter``), so that one record never stops the sink.
-        """
-        failed: list[DeadLetter] = []
-        refused: list[DeadLetter] = []
-        for dl in letters:
-            headers = dead_letter_headers(
-                reason=dl.reason,
-                stage=h.STAGE_SINK,
-                error=dl.error,
-                source_topic=dl.msg.topic() or "",
-                source_partition=dl.msg.partition() or 0,
-                source_offset=dl.msg.offset() or 0,
-                original_headers=_headers(dl.msg),
-            )
-            key, value = dl.msg.key(), dl.msg.value()
-            if dl.refusal is not None:
-                key, headers = pointer(key, len(value or b""), headers, refusal=dl.refusal)
-                value = None
-            log.warning(
-                "dead-lettering %s[%d]@%d%s: %s: %s",
-                dl.msg.topic(),
-                dl.msg.partition(),
-                dl.msg.offset(),
-                " as a pointer" if dl.refusal is not None else "",
-                dl.reason,
-                dl.error,
-                extra=_log_fields(dl),
-            )
-
-            def report(err: KafkaError | None, _m: Message, dl: DeadLetter = dl) -> None:
-                if err is None:
-                    return
-                if refused_for_itself(err) and dl.refusal is None:
-                    _log_refused(dl, refusal(err))
-                    refused.append(replace(dl, refusal=refusal(err)))
-                else:
-                    log.warning("dead letter not acknowledged: %s", err.str())
-                    failed.append(dl)
-
-            try:
-                self.producer.produce(
-                    self.settings.topic("deadletter"),
-                    value=value,
-                    key=key,
-                    headers=cast(list[tuple[str, str | bytes | None]], headers),
-                    on_delivery=report,
-                )
-            except KafkaException as exc:
-                if not refused_for_itself(exc):
-                    raise
-                if dl.refusal is None:
-                    _log_refused(dl, refusal(exc))
-                    refused.append(replace(dl, refusal=refusal(exc)))
-                else:  # even a pointer: the topic, not the record
-                    log.error(
-                        "the dead-letter topic refused even a pointer (%s); check its "
-                        "max.message.bytes",
-                        refusal(exc),
-                    )
-                    failed.append(dl)
-        # The producer retries on its own until delivery.timeout.ms; wait for every ack,
-        # but let a stop request through.
-        while self.producer.flush(1.0) > 0:
-            if self._stop.is_set():
-                raise Stopping
-        return failed, refused
 
     def _commit(self, msgs: Sequence[Message]) -> None:
         """Commit the offsets after ``msgs``: the batch is in Postgres and its dead letters
@@ -507,8 +410,7 @@ class Sink:
         order-independent, subscriptions are locked in id order, and a deadlock between
         replayed transactions is a transient fault (retried).
         """
-        ensure_pipeline_topics(self.settings, [*self.topics, self.settings.topic("deadletter")])
-        check_deadletter_topic(self.settings)
+        self._prepare_topics(self.settings, [*self.topics, self.settings.topic("deadletter")])
         timeout = self.settings.sink_batch_timeout_ms / 1000
         # A writer thread gets the interpreter back soon after each of its database round
         # trips (six a batch) completes, not up to 5 ms later (the default slice of the
@@ -666,34 +568,10 @@ def build_sink(settings: Settings, metrics: SinkMetrics | None = None) -> Sink:
     )
 
 
-def _headers(msg: Message) -> list[tuple[str, bytes]]:
-    raw: Any = msg.headers() or []
-    items = raw.items() if isinstance(raw, dict) else raw
-    return [(k, v.encode() if isinstance(v, str) else v) for k, v in items if v is not None]
-
-
-def _log_fields(dl: DeadLetter) -> dict[str, str]:
-    """The stable log keys of a dead letter (webhook id and event from its headers)."""
-    found = {k: v for k, v in _headers(dl.msg) if k in (h.WEBHOOK_ID, h.EVENT)}
-    outcome = "parked" if dl.reason == h.CUSTOMER_NOT_FOUND else "dead_lettered"
-    return fields(
-        found.get(h.WEBHOOK_ID, b"").decode(errors="replace") or None,
-        found.get(h.EVENT, b"").decode(errors="replace") or None,
-        outcome,
-        dl.reason,
-    )
-
-
-def _log_refused(dl: DeadLetter, why: str) -> None:
-    size = len(dl.msg.value() or b"") + len(dl.msg.key() or b"")
-    log.warning(
-        "Kafka refused the dead letter of %s[%d]@%d (%d bytes): %s; writing a pointer to it",
-        dl.msg.topic(),
-        dl.msg.partition(),
-        dl.msg.offset(),
-        size,
-        why,
-    )
+def _prepare_topics(settings: Settings, topics: list[str]) -> None:
+    """Create the sink's topics when missing; check the dead-letter topic's size limit."""
+    ensure_pipeline_topics(settings, topics)
+    check_deadletter_topic(settings)
 
 
 def _skip(msg: Message) -> bool:

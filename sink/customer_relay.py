@@ -30,23 +30,30 @@ run yet) is logged, and the relay starts over after a backoff from what the tabl
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from chargify_stream.delivery import publish_and_wait
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
 from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.settings import Settings
 from schemas.codec import encode
 from schemas.records import Customer
+from sink.sessions import SessionThread
 
-__all__ = ["NOTIFY_CHANNEL", "CustomerRelay", "RelayMetrics", "start_customer_relay"]
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "CustomerRelay",
+    "RelayClients",
+    "RelayMetrics",
+    "start_customer_relay",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,6 @@ POLL_INTERVAL_S = 5.0
 BATCH_LIMIT = 500
 # Serialises the relays of every sink process: any constant shared by all of them.
 RELAY_LOCK_ID = 0x63757374
-_BACKOFF_MAX_S = 30.0
 
 _SELECT = (
     "select change_id, customer_key, deleted, partner_key, email, name, changed_at"
@@ -102,8 +108,14 @@ def record_of(row: Sequence[Any]) -> tuple[bytes, bytes | None]:
     return customer_key.encode(), value
 
 
-class CustomerRelay:
-    """The background relay of one sink process; see the module docstring."""
+class CustomerRelay(SessionThread):
+    """The background relay of one sink process; see the module docstring.
+
+    Its clients are handed in as factories, called afresh for every session (a session
+    ends on a fault): ``producer`` publishes, ``connect`` opens an autocommit database
+    connection (two a session: one listens), ``prepare_topics`` creates the customers
+    topic. Each defaults to the real one built from ``settings`` (:class:`RelayClients`).
+    """
 
     def __init__(
         self,
@@ -112,74 +124,32 @@ class CustomerRelay:
         *,
         poll_interval: float = POLL_INTERVAL_S,
         batch_limit: int = BATCH_LIMIT,
+        producer: Callable[[], Producer] | None = None,
+        connect: Callable[[], psycopg.Connection[Any]] | None = None,
+        prepare_topics: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or RelayMetrics()
+        super().__init__(
+            thread_name="customer-relay",
+            name="customer relay",
+            missing="table customer_changes is missing",
+            faults=self.metrics.faults,
+            log=log,
+        )
         self.poll_interval = poll_interval
         self.batch_limit = batch_limit
         self.topic = settings.topic("customers")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="customer-relay", daemon=True)
-
-    def start(self) -> CustomerRelay:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """Ask the thread to finish its current batch, and wait for it (bounded)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    # -- lifecycle ------------------------------------------------------------------
-
-    def _run(self) -> None:
-        delay = 1.0
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self._session()
-            except psycopg.errors.UndefinedTable:
-                self.metrics.faults.inc()
-                log.error(
-                    "customer relay: table customer_changes is missing;"
-                    " run `chargify-stream migrate`"
-                )
-                delay = _BACKOFF_MAX_S
-            except Exception as exc:
-                self.metrics.faults.inc()
-                log.warning("customer relay fault (%s: %s); restarting", type(exc).__name__, exc)
-                if time.monotonic() - started > 60:
-                    delay = 1.0
-            if self._stop.wait(delay):
-                break
-            delay = min(delay * 2, _BACKOFF_MAX_S)
+        real = RelayClients(settings)
+        self._new_producer = producer or real.producer
+        self._connect = connect or real.connect
+        self._prepare_topics = prepare_topics or real.prepare_topics
 
     def _session(self) -> None:
-        ensure_pipeline_topics(self.settings, [self.topic])
-        dsn = self.settings.database_dsn()
-        producer = Producer(
-            {
-                **librdkafka_config(self.settings),
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "message.timeout.ms": 15_000,
-                # Kafka's own (Java) partitioner, as the processor's outputs use: a customer
-                # and its transactions land on the same partition number.
-                "partitioner": "murmur2_random",
-                "log_level": 3,
-            }
-        )
+        self._prepare_topics()
+        producer = self._new_producer()
         try:
-            with (
-                psycopg.connect(
-                    dsn, autocommit=True, connect_timeout=5, application_name="chargify-relay"
-                ) as listener,
-                psycopg.connect(
-                    dsn, autocommit=True, connect_timeout=5, application_name="chargify-relay"
-                ) as conn,
-            ):
+            with self._connect() as listener, self._connect() as conn:
                 # Listen before the first drain, so a change made in between is seen.
                 listener.execute(f"listen {NOTIFY_CHANNEL}")
                 log.info("customer relay publishing to %s", self.topic)
@@ -225,27 +195,45 @@ class CustomerRelay:
 
     def _publish(self, producer: Producer, rows: Sequence[Sequence[Any]]) -> None:
         """Produce ``rows`` in order; return once the broker acknowledged every one."""
-        errors: list[str] = []
-
-        def report(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                errors.append(err.str())
-
-        for row in rows:
-            key, value = record_of(row)
-            producer.produce(
-                self.topic,
-                key=key,
-                value=value,  # None: a tombstone
-                on_delivery=report,
-            )
-        remaining = producer.flush(20)
-        if errors or remaining:
+        # value None: a tombstone.
+        records = ((*record_of(row), None) for row in rows)
+        errors = publish_and_wait(producer, self.topic, records, timeout=20)
+        if errors:
             # Raising rolls back: the rows stay in the outbox and are published again.
-            raise TransientError(
-                f"customer records not acknowledged ({remaining} pending): "
-                + (errors[0] if errors else "timed out")
-            )
+            raise TransientError(f"customer records not acknowledged: {errors[0]}")
+
+
+class RelayClients:
+    """The real clients of a customer relay, built from the settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def prepare_topics(self) -> None:
+        ensure_pipeline_topics(self.settings, [self.settings.topic("customers")])
+
+    def producer(self) -> Producer:
+        return Producer(
+            {
+                **librdkafka_config(self.settings),
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "message.timeout.ms": 15_000,
+                # Kafka's own (Java) partitioner, as the processor's outputs use: a customer
+                # and its transactions land on the same partition number.
+                "partitioner": "murmur2_random",
+                "log_level": 3,
+            }
+        )
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            self.settings.database_dsn(),
+            autocommit=True,
+            connect_timeout=5,
+            application_name="chargify-relay",
+        )
 
 
 def start_customer_relay(
@@ -254,6 +242,13 @@ def start_customer_relay(
     """Start the customer relay thread of a sink process; call ``.stop()`` on the result.
 
     ``registry`` is the sink's Prometheus registry, so the relay's metrics are served on the
-    sink's metrics port.
+    sink's metrics port. The composition root of the relay: its real clients.
     """
-    return CustomerRelay(settings, RelayMetrics(registry)).start()
+    clients = RelayClients(settings)
+    return CustomerRelay(
+        settings,
+        RelayMetrics(registry),
+        producer=clients.producer,
+        connect=clients.connect,
+        prepare_topics=clients.prepare_topics,
+    ).start()

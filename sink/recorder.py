@@ -27,9 +27,7 @@ recorder starts over from the committed state after a backoff.
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +41,7 @@ from chargify_stream.settings import Settings
 from schemas import headers as h
 from schemas.deadletter import parse_dead_letter
 from schemas.decisions import decode_decision
+from sink.deadletters import message_headers
 from sink.outcomes import (
     DEAD_LETTERED,
     PARKED,
@@ -52,14 +51,14 @@ from sink.outcomes import (
     parse_time,
     write_deliveries,
 )
+from sink.sessions import SessionThread
 
-__all__ = ["Recorder", "RecorderMetrics", "delivery_of", "start_recorder"]
+__all__ = ["Recorder", "RecorderClients", "RecorderMetrics", "delivery_of", "start_recorder"]
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 2000
 BATCH_TIMEOUT_S = 0.2
-_BACKOFF_MAX_S = 30.0
 
 Headers = list[tuple[str, bytes]]
 
@@ -165,64 +164,45 @@ def delivery_of(
     )
 
 
-class Recorder:
-    """The background outcome recorder of one sink process; see the module docstring."""
+class Recorder(SessionThread):
+    """The background outcome recorder of one sink process; see the module docstring.
 
-    def __init__(self, settings: Settings, metrics: RecorderMetrics | None = None) -> None:
+    Its clients are handed in as factories, called afresh for every session (a session
+    ends on a fault): ``consumer`` reads the topics as the recorder's group, ``connect``
+    opens an autocommit database connection, ``prepare_topics`` creates the topics. Each
+    defaults to the real one built from ``settings`` (:class:`RecorderClients`).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: RecorderMetrics | None = None,
+        *,
+        consumer: Callable[[], Consumer] | None = None,
+        connect: Callable[[], psycopg.Connection[Any]] | None = None,
+        prepare_topics: Callable[[], object] | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or RecorderMetrics()
+        super().__init__(
+            thread_name="outcome-recorder",
+            name="outcome recorder",
+            missing="tables missing",
+            faults=self.metrics.faults,
+            log=log,
+        )
         self.group_id = f"{settings.sink_group_id}-outcomes"
         self.topics = [settings.topic(n) for n in ("deadletter", "decisions")]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="outcome-recorder", daemon=True)
-
-    def start(self) -> Recorder:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        delay = 1.0
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self._session()
-            except psycopg.errors.UndefinedTable:
-                self.metrics.faults.inc()
-                log.error("outcome recorder: tables missing; run `chargify-stream migrate`")
-                delay = _BACKOFF_MAX_S
-            except Exception as exc:
-                self.metrics.faults.inc()
-                log.warning("outcome recorder fault (%s: %s); restarting", type(exc).__name__, exc)
-                if time.monotonic() - started > 60:
-                    delay = 1.0
-            if self._stop.wait(delay):
-                break
-            delay = min(delay * 2, _BACKOFF_MAX_S)
+        real = RecorderClients(settings, self.group_id)
+        self._new_consumer = consumer or real.consumer
+        self._connect = connect or real.connect
+        self._prepare_topics = prepare_topics or real.prepare_topics
 
     def _session(self) -> None:
-        ensure_pipeline_topics(self.settings, self.topics)
-        consumer = Consumer(
-            {
-                **librdkafka_config(self.settings),
-                "group.id": self.group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                "log_level": 3,
-            }
-        )
+        self._prepare_topics()
+        consumer = self._new_consumer()
         try:
-            with psycopg.connect(
-                self.settings.database_dsn(),
-                autocommit=True,
-                connect_timeout=5,
-                application_name="chargify-sink-outcomes",
-            ) as conn:
+            with self._connect() as conn:
                 consumer.subscribe(self.topics)
                 log.info(
                     "outcome recorder reading %s as group %s", ", ".join(self.topics), self.group_id
@@ -248,7 +228,7 @@ class Recorder:
                 offset=msg.offset() or 0,
                 key=msg.key(),
                 value=msg.value(),
-                headers=_headers(msg),
+                headers=message_headers(msg),
                 timestamp=datetime.fromtimestamp(stamp / 1000, UTC) if kind else datetime.now(UTC),
             )
             if delivery is not None:
@@ -272,12 +252,6 @@ class Recorder:
                 self.metrics.lag.labels(topic, str(partition)).set(max(high - end, 0))
 
 
-def _headers(msg: Message) -> Headers:
-    raw: Any = msg.headers() or []
-    items = raw.items() if isinstance(raw, dict) else raw
-    return [(k, v.encode() if isinstance(v, str) else v) for k, v in items if v is not None]
-
-
 def _ok(msg: Message) -> bool:
     err = msg.error()
     if err is None:
@@ -287,6 +261,49 @@ def _ok(msg: Message) -> bool:
     return False
 
 
+class RecorderClients:
+    """The real clients of an outcome recorder, built from the settings."""
+
+    def __init__(self, settings: Settings, group_id: str) -> None:
+        self.settings = settings
+        self.group_id = group_id
+
+    def prepare_topics(self) -> None:
+        ensure_pipeline_topics(
+            self.settings, [self.settings.topic(n) for n in ("deadletter", "decisions")]
+        )
+
+    def consumer(self) -> Consumer:
+        return Consumer(
+            {
+                **librdkafka_config(self.settings),
+                "group.id": self.group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                "log_level": 3,
+            }
+        )
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            self.settings.database_dsn(),
+            autocommit=True,
+            connect_timeout=5,
+            application_name="chargify-sink-outcomes",
+        )
+
+
 def start_recorder(settings: Settings, registry: CollectorRegistry | None = None) -> Recorder:
-    """Start the recorder thread of a sink process; ``.stop()`` the result to end it."""
-    return Recorder(settings, RecorderMetrics(registry)).start()
+    """Start the recorder thread of a sink process; ``.stop()`` the result to end it.
+
+    The composition root of the recorder: its real clients.
+    """
+    clients = RecorderClients(settings, f"{settings.sink_group_id}-outcomes")
+    return Recorder(
+        settings,
+        RecorderMetrics(registry),
+        consumer=clients.consumer,
+        connect=clients.connect,
+        prepare_topics=clients.prepare_topics,
+    ).start()

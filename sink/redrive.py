@@ -28,16 +28,18 @@ operator (``chargify-stream dlq``), so a record that keeps failing cannot loop.
 
 The thread never takes the sink down: a fault (database or broker away, the migration not
 run yet) is logged, and the re-driver starts over after a backoff from the committed state.
+
+The decisions (which dead letters to park, which claimed row to re-publish) are pure and
+live in :mod:`sink.parked`; the restart loop is :func:`sink.sessions.run_sessions`. This
+module stays over 400 lines because the three steps, their SQL and the clients they share
+(:class:`RedriveClients`) are one thread's work, read together.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import psycopg
@@ -50,14 +52,17 @@ from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.settings import Settings
-from schemas import headers as h
-from schemas.deadletter import event_identity, parse_dead_letter, recency, replay_headers
+from schemas.deadletter import parse_dead_letter, replay_headers
+from sink.deadletters import message_headers
+from sink.parked import Claimed, ParkedEvent, choose_redrives, parkable
+from sink.sessions import SessionThread
 
 __all__ = [
     "AGE_BUCKETS",
     "NOTIFY_CHANNEL",
     "REDRIVE_MAX_ATTEMPTS",
     "ParkedEvent",
+    "RedriveClients",
     "RedriveMetrics",
     "Redriver",
     "choose_redrives",
@@ -81,141 +86,6 @@ AGE_BUCKETS: tuple[tuple[str, int | None], ...] = (
     ("1d-7d", 7 * 86400),
     ("7d+", None),
 )
-_BACKOFF_MAX_S = 30.0
-
-Headers = list[tuple[str, bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class ParkedEvent:
-    """One ``customer_not_found`` dead letter, as a ``parked_events`` row."""
-
-    dlq_topic: str
-    dlq_partition: int
-    dlq_offset: int
-    customer_key: str
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    record_key: bytes
-    value: bytes
-    headers: Headers
-    webhook_id: str | None
-    event: str | None
-    replay_count: int
-    failed_at: datetime | None
-
-    def row(self) -> tuple[Any, ...]:
-        return (
-            self.dlq_topic,
-            self.dlq_partition,
-            self.dlq_offset,
-            self.customer_key,
-            self.source_topic,
-            self.source_partition,
-            self.source_offset,
-            self.record_key,
-            self.value,
-            [name for name, _ in self.headers],
-            [value for _, value in self.headers],
-            self.webhook_id,
-            self.event,
-            self.replay_count,
-            self.failed_at,
-        )
-
-
-def parkable(
-    *,
-    topic: str,
-    partition: int,
-    offset: int,
-    key: bytes | None,
-    value: bytes | None,
-    headers: Sequence[tuple[str, bytes | None]],
-    sink_topics: Iterable[str],
-) -> ParkedEvent | None:
-    """The parked event for one dead-letter record, or ``None`` when it is not one to re-drive.
-
-    Only ``customer_not_found`` dead letters written by the sink qualify: their key is the
-    customer reference and their source is one of the sink's input topics (the typed topics,
-    or the retry topic for a retry that failed again). A record without
-    readable ``dlq-*`` headers (written by hand, by another tool) is never replayed blindly.
-    """
-    info = parse_dead_letter(headers)
-    if info is None or info.reason != h.CUSTOMER_NOT_FOUND or info.stage != h.STAGE_SINK:
-        return None
-    if info.source_topic not in set(sink_topics) or not key or value is None:
-        return None
-    try:
-        customer = key.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    kept: Headers = [(name, v) for name, v in headers if v is not None]
-    found = dict(kept)
-    return ParkedEvent(
-        dlq_topic=topic,
-        dlq_partition=partition,
-        dlq_offset=offset,
-        customer_key=customer,
-        source_topic=info.source_topic,
-        source_partition=info.source_partition,
-        source_offset=info.source_offset,
-        record_key=key,
-        value=value,
-        headers=kept,
-        webhook_id=_text(found.get(h.WEBHOOK_ID)),
-        event=_text(found.get(h.EVENT)),
-        replay_count=info.replay_count,
-        failed_at=info.failed_at,
-    )
-
-
-def _text(value: bytes | None) -> str | None:
-    return value.decode("utf-8", errors="replace") if value else None
-
-
-@dataclass(frozen=True, slots=True)
-class _Claimed:
-    """A claimed ``parked_events`` row: what is needed to re-publish it and mark it."""
-
-    dlq_topic: str
-    dlq_partition: int
-    dlq_offset: int
-    customer_key: str
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    record_key: bytes
-    value: bytes
-    headers: Headers
-    webhook_id: str | None
-    replay_count: int
-
-    @property
-    def identity(self) -> str:
-        """One Chargify event, as ``dlq`` names it (:func:`schemas.deadletter.event_identity`)."""
-        return event_identity(
-            self.webhook_id, self.source_topic, self.source_partition, self.source_offset
-        )
-
-    @property
-    def recency(self) -> tuple[int, datetime, int, int]:
-        return recency(self.replay_count, None, self.dlq_partition, self.dlq_offset)
-
-
-def choose_redrives(claimed: Sequence[_Claimed]) -> list[_Claimed]:
-    """One record per event: the one replayed most (its latest failure), in claim order.
-
-    The same event can be parked several times (a manual replay that failed again); one
-    re-publication is enough, and its ``dlq-replay-count`` must be the highest seen.
-    """
-    best: dict[str, _Claimed] = {}
-    for row in claimed:
-        current = best.get(row.identity)
-        if current is None or row.recency > current.recency:
-            best[row.identity] = row
-    return list(best.values())
 
 
 class RedriveMetrics:
@@ -293,8 +163,15 @@ select bucket, count(distinct ident) from (
 """
 
 
-class Redriver:
-    """The background re-driver of one sink process; see the module docstring."""
+class Redriver(SessionThread):
+    """The background re-driver of one sink process; see the module docstring.
+
+    Its clients are handed in as factories, called afresh for every session (a session
+    ends on a fault): ``consumer`` reads the dead-letter topic as the re-driver's group,
+    ``producer`` re-publishes, ``connect`` opens an autocommit database connection (two a
+    session: one listens), ``prepare_topics`` creates the topics it uses. Each defaults to
+    the real one built from ``settings`` (:func:`redrive_clients`).
+    """
 
     def __init__(
         self,
@@ -303,9 +180,20 @@ class Redriver:
         *,
         poll_interval: float = POLL_INTERVAL_S,
         max_attempts: int = REDRIVE_MAX_ATTEMPTS,
+        consumer: Callable[[], Consumer] | None = None,
+        producer: Callable[[], Producer] | None = None,
+        connect: Callable[[], psycopg.Connection[Any]] | None = None,
+        prepare_topics: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or RedriveMetrics()
+        super().__init__(
+            thread_name="redriver",
+            name="re-driver",
+            missing="table parked_events is missing",
+            faults=self.metrics.faults,
+            log=log,
+        )
         self.poll_interval = poll_interval
         self.max_attempts = max_attempts
         self.group_id = f"{settings.sink_group_id}-redrive"
@@ -316,73 +204,18 @@ class Redriver:
             settings.topic("subscriptions"),
             self.retry_topic,
         )
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="redriver", daemon=True)
-
-    def start(self) -> Redriver:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """Ask the thread to finish its current step, and wait for it (bounded)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    # -- lifecycle ------------------------------------------------------------------
-
-    def _run(self) -> None:
-        delay = 1.0
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self._session()
-            except psycopg.errors.UndefinedTable:
-                self.metrics.faults.inc()
-                log.error(
-                    "re-driver: table parked_events is missing; run `chargify-stream migrate`"
-                )
-                delay = _BACKOFF_MAX_S
-            except Exception as exc:
-                # Whatever went wrong, the sink keeps running: start over from the committed
-                # state (Postgres rows, Kafka offsets) after a backoff.
-                self.metrics.faults.inc()
-                log.warning("re-driver fault (%s: %s); restarting", type(exc).__name__, exc)
-                if time.monotonic() - started > 60:
-                    delay = 1.0
-            if self._stop.wait(delay):
-                break
-            delay = min(delay * 2, _BACKOFF_MAX_S)
+        real = RedriveClients(settings, self.group_id)
+        self._new_consumer = consumer or real.consumer
+        self._new_producer = producer or real.producer
+        self._connect = connect or real.connect
+        self._prepare_topics = prepare_topics or real.prepare_topics
 
     def _session(self) -> None:
-        ensure_pipeline_topics(self.settings, [self.deadletter_topic, self.retry_topic])
-        dsn = self.settings.database_dsn()
-        consumer = Consumer(
-            {
-                **librdkafka_config(self.settings),
-                "group.id": self.group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                "log_level": 3,
-            }
-        )
-        producer = Producer(
-            {
-                **librdkafka_config(self.settings),
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "message.timeout.ms": 15_000,
-                "message.max.bytes": deadletter_record_max(self.settings.gateway_max_body_bytes),
-                "log_level": 3,
-            }
-        )
+        self._prepare_topics()
+        consumer = self._new_consumer()
+        producer = self._new_producer()
         try:
-            with (
-                psycopg.connect(dsn, autocommit=True, connect_timeout=5) as listener,
-                psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn,
-            ):
+            with self._connect() as listener, self._connect() as conn:
                 # Listen before the first claim, so a customer created in between is seen.
                 listener.execute(f"listen {NOTIFY_CHANNEL}")
                 consumer.subscribe([self.deadletter_topic])
@@ -425,7 +258,7 @@ class Redriver:
         rows = []
         labels: list[tuple[str, str]] = []
         for msg in msgs:
-            headers = _headers(msg)
+            headers = message_headers(msg)
             info = parse_dead_letter(headers)
             labels.append((info.reason, info.stage) if info else ("none", "none"))
             parked = parkable(
@@ -472,7 +305,7 @@ class Redriver:
         )
         return len(claimed)
 
-    def _publish(self, producer: Producer, chosen: Sequence[_Claimed]) -> int:
+    def _publish(self, producer: Producer, chosen: Sequence[Claimed]) -> int:
         """Re-publish each record; return once the broker acknowledged every one, with the
         number Kafka refused.
 
@@ -481,11 +314,11 @@ class Redriver:
         the same record would be claimed first, and refused, for ever.
         """
         errors: list[str] = []
-        refused: list[tuple[_Claimed, str]] = []
+        refused: list[tuple[Claimed, str]] = []
 
         for row in chosen:
 
-            def report(err: KafkaError | None, _msg: Message, row: _Claimed = row) -> None:
+            def report(err: KafkaError | None, _msg: Message, row: Claimed = row) -> None:
                 if err is None:
                     return
                 if refused_for_itself(err):
@@ -530,8 +363,8 @@ class Redriver:
             self.metrics.waiting.labels(bucket).set(counts.get(bucket, 0))
 
 
-def _claimed(row: Sequence[Any]) -> _Claimed:
-    return _Claimed(
+def _claimed(row: Sequence[Any]) -> Claimed:
+    return Claimed(
         dlq_topic=row[0],
         dlq_partition=row[1],
         dlq_offset=row[2],
@@ -547,12 +380,6 @@ def _claimed(row: Sequence[Any]) -> _Claimed:
     )
 
 
-def _headers(msg: Message) -> Headers:
-    raw: Any = msg.headers() or []
-    items = raw.items() if isinstance(raw, dict) else raw
-    return [(k, v.encode() if isinstance(v, str) else v) for k, v in items if v is not None]
-
-
 def _failed(msg: Message) -> bool:
     err = msg.error()
     if err is None:
@@ -562,10 +389,60 @@ def _failed(msg: Message) -> bool:
     return True
 
 
+class RedriveClients:
+    """The real clients of a re-driver, built from the settings (one factory per client)."""
+
+    def __init__(self, settings: Settings, group_id: str) -> None:
+        self.settings = settings
+        self.group_id = group_id
+
+    def prepare_topics(self) -> None:
+        ensure_pipeline_topics(
+            self.settings, [self.settings.topic("deadletter"), self.settings.topic("sink_retry")]
+        )
+
+    def consumer(self) -> Consumer:
+        return Consumer(
+            {
+                **librdkafka_config(self.settings),
+                "group.id": self.group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                "log_level": 3,
+            }
+        )
+
+    def producer(self) -> Producer:
+        return Producer(
+            {
+                **librdkafka_config(self.settings),
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "message.timeout.ms": 15_000,
+                "message.max.bytes": deadletter_record_max(self.settings.gateway_max_body_bytes),
+                "log_level": 3,
+            }
+        )
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.settings.database_dsn(), autocommit=True, connect_timeout=5)
+
+
 def start_redriver(settings: Settings, registry: CollectorRegistry | None = None) -> Redriver:
     """Start the re-driver thread of a sink process; call ``.stop()`` on the result to end it.
 
     ``registry`` is the sink's Prometheus registry, so the re-driver's metrics are served on
-    the sink's metrics port.
+    the sink's metrics port. The composition root of the re-driver: its real clients.
     """
-    return Redriver(settings, RedriveMetrics(registry)).start()
+    metrics = RedriveMetrics(registry)
+    clients = RedriveClients(settings, f"{settings.sink_group_id}-redrive")
+    return Redriver(
+        settings,
+        metrics,
+        consumer=clients.consumer,
+        producer=clients.producer,
+        connect=clients.connect,
+        prepare_topics=clients.prepare_topics,
+    ).start()

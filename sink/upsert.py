@@ -25,6 +25,12 @@ and propagates unchanged.
 The write path, one statement per table over ``unnest`` of binary array parameters, was
 chosen by measurement against ``executemany`` in pipeline mode, text arrays, and binary
 COPY into a staging table (``bench/sink/write_paths.py``).
+
+Why one module of about 500 lines: the fold, the SQL that guards the ordering and the
+column lists that feed it must agree field by field (a version written by the fold is
+compared by the SQL), and the outcome log is written in the same transaction; split, a
+field added in one place would be missed in another. The module holds one concept, one
+batch's transaction, with no I/O outside it.
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ of log4j-core that Kafka pulls in, and a console log4j2 config.
 Besides the plain single node, :class:`LocalKafka` can listen with SASL_SSL (SCRAM over
 TLS, as managed clusters do: see :class:`Scram`), and :class:`LocalKafkaCluster` runs
 three nodes that replicate each other, for failover tests.
+
+Why one module of about 480 lines: fetching the jars, the broker configuration (plain,
+SASL_SSL with its certificates and SCRAM users, three nodes) and the process lifecycle
+describe one local broker; the shared launch and wait-until-ready code is already in
+:mod:`chargify_stream.local.launch`.
 """
 
 from __future__ import annotations

@@ -95,8 +95,12 @@ def test_a_park_a_redrive_and_two_replays_leave_each_record_once(
     wait_for(lambda: sink_caught_up(settings), "the sink to catch up")
     assert ends(settings)["sink_retry"] == 2
 
+    # The re-drive recorded both events, so they are resolved: replaying them again is an
+    # operator's explicit choice, and must still change nothing.
+    skipped = cli_json(settings, "dlq", "replay", "--customer", CUSTOMER, "--dry-run", code=3)
+    assert (skipped["selected"], skipped["would_replay"]) == (2, 0), skipped
     for round_ in (1, 2):
-        done = cli_json(settings, "dlq", "replay", "--customer", CUSTOMER)
+        done = cli_json(settings, "dlq", "replay", "--customer", CUSTOMER, "--include-resolved")
         assert (done["selected"], done["replayed"], done["refused"]) == (2, 2, 0), done
         assert {r["to_topic"] for r in done["records"]} == {settings.topic("sink_retry")}
         assert ends(settings)["sink_retry"] == 2 + 2 * round_

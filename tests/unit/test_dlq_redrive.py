@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sink.redrive import _Claimed, choose_redrives, parkable
+from sink.parked import Claimed, choose_redrives, parkable
 from tests.unit.test_dlq_events import DLQ, RAW, RETRY, TXNS, dead_letter
 
 SINK_TOPICS = (TXNS, "chargify.subscriptions", RETRY)
@@ -67,8 +67,8 @@ def test_a_record_without_dlq_headers_is_never_parked() -> None:
     )
 
 
-def claimed(offset: int, webhook: str | None, replay_count: int) -> _Claimed:
-    return _Claimed(
+def claimed(offset: int, webhook: str | None, replay_count: int) -> Claimed:
+    return Claimed(
         dlq_topic=DLQ,
         dlq_partition=0,
         dlq_offset=offset,

@@ -1,6 +1,7 @@
 """Transient versus poison, by SQLSTATE class, and what the sink loop does with each.
 
-The loop is driven here with stand-ins for the Kafka clients and ``write_batch``, so the
+The loop is driven here with stand-ins for the Kafka clients, the database connection and
+``write_batch``, handed to ``Sink`` as its collaborators, so the
 decisions (retry, halve, dead-letter, stop without committing) are checked one by one;
 the integration tests run the same code against the real services.
 """
@@ -20,7 +21,6 @@ from psycopg import errors
 from chargify_stream.settings import load_settings
 from schemas.codec import encode
 from schemas.records import Transaction
-from sink import consumer
 from sink.consumer import Sink, SinkMetrics, Stopping
 from sink.upsert import BatchResult, DatabaseUnavailable, Record, RejectedRecord, classify
 
@@ -148,7 +148,19 @@ def payment(i: int) -> Transaction:
     )
 
 
-def make_sink() -> tuple[Sink, FakeConsumer, FakeProducer]:
+class FakeConnection:
+    """Stands for a database connection: the fake writes never use it."""
+
+    closed = False
+
+    def rollback(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def make_sink(write: Any, *, backoff_first: float = 0.2) -> tuple[Sink, FakeConsumer, FakeProducer]:
     fake_consumer, fake_producer = FakeConsumer(), FakeProducer()
     sink = Sink(
         # These fakes of write_batch take no sources: the outcome log is tested on a
@@ -156,16 +168,17 @@ def make_sink() -> tuple[Sink, FakeConsumer, FakeProducer]:
         load_settings(kafka_topic_prefix="t.", outcome_log=False),
         consumer=cast(Any, fake_consumer),
         producer=cast(Any, fake_producer),
-        connect=lambda: cast(Any, object()),
+        connect=lambda: cast(Any, FakeConnection()),
         metrics=SinkMetrics(),
+        write=write,
+        pending=lambda conn: [],  # no database here: nothing to migrate
+        prepare_topics=lambda settings, topics: None,  # no broker here
+        backoff_first=backoff_first,
     )
-    sink._schema_checked = True  # no database here
     return sink, fake_consumer, fake_producer
 
 
-def test_a_poison_record_is_halved_out_and_the_rest_is_written(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_poison_record_is_halved_out_and_the_rest_is_written() -> None:
     poison = {13, 57}
     written: list[int] = []
     calls = 0
@@ -179,9 +192,7 @@ def test_a_poison_record_is_halved_out_and_the_rest_is_written(
         written.extend(ids)
         return BatchResult(transactions_written=len(ids))
 
-    monkeypatch.setattr(consumer, "write_batch", fake_write)
-    monkeypatch.setattr(consumer.Sink, "_connection", lambda self: object())
-    sink, fake_consumer, fake_producer = make_sink()
+    sink, fake_consumer, fake_producer = make_sink(fake_write)
     msgs = [FakeMessage(i, encode(payment(i))) for i in range(100)]
 
     sink.process(cast(Any, msgs))
@@ -195,9 +206,7 @@ def test_a_poison_record_is_halved_out_and_the_rest_is_written(
     assert fake_consumer.commits == [[("t.chargify.transactions", 0, 100)]]
 
 
-def test_a_transient_fault_is_retried_and_never_dead_lettered(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_transient_fault_is_retried_and_never_dead_lettered() -> None:
     attempts = 0
 
     def flaky_write(conn: Any, records: list[Record]) -> BatchResult:
@@ -207,10 +216,7 @@ def test_a_transient_fault_is_retried_and_never_dead_lettered(
             raise DatabaseUnavailable("SQLSTATE 40001 SerializationFailure: retry", "40001")
         return BatchResult(transactions_written=len(records))
 
-    monkeypatch.setattr(consumer, "write_batch", flaky_write)
-    monkeypatch.setattr(consumer.Sink, "_connection", lambda self: object())
-    monkeypatch.setattr(consumer, "BACKOFF_FIRST_S", 0.01)
-    sink, fake_consumer, fake_producer = make_sink()
+    sink, fake_consumer, fake_producer = make_sink(flaky_write, backoff_first=0.01)
 
     sink.process(cast(Any, [FakeMessage(0, encode(payment(1)))]))
 
@@ -219,18 +225,14 @@ def test_a_transient_fault_is_retried_and_never_dead_lettered(
     assert fake_consumer.commits == [[("t.chargify.transactions", 0, 1)]]
 
 
-def test_a_stop_during_a_retry_leaves_the_batch_uncommitted(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    sink, fake_consumer, fake_producer = make_sink()
+def test_a_stop_during_a_retry_leaves_the_batch_uncommitted() -> None:
     failing = threading.Event()
 
     def down(conn: Any, records: list[Record]) -> BatchResult:
         failing.set()
         raise DatabaseUnavailable("OperationalError: connection refused", None)
 
-    monkeypatch.setattr(consumer, "write_batch", down)
-    monkeypatch.setattr(consumer.Sink, "_connection", lambda self: object())
+    sink, fake_consumer, fake_producer = make_sink(down)
     threading.Timer(0.3, sink.stop).start()
 
     with pytest.raises(Stopping):
@@ -241,14 +243,10 @@ def test_a_stop_during_a_retry_leaves_the_batch_uncommitted(
     assert fake_producer.sent == []
 
 
-def test_an_undecodable_value_is_dead_lettered_as_unsupported_schema(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(
-        consumer, "write_batch", lambda conn, records: BatchResult(transactions_written=1)
+def test_an_undecodable_value_is_dead_lettered_as_unsupported_schema() -> None:
+    sink, fake_consumer, fake_producer = make_sink(
+        lambda conn, records: BatchResult(transactions_written=1)
     )
-    monkeypatch.setattr(consumer.Sink, "_connection", lambda self: object())
-    sink, fake_consumer, fake_producer = make_sink()
 
     sink.process(cast(Any, [FakeMessage(0, b"not avro"), FakeMessage(1, encode(payment(1)))]))
 
@@ -287,16 +285,13 @@ class ScriptedConsumer(FakeConsumer):
 
 
 def run_sink(
-    monkeypatch: pytest.MonkeyPatch,
     batches: list[list[FakeMessage]] | ScriptedConsumer,
     write: Any,
+    *,
+    backoff_first: float = 0.2,
 ) -> tuple[Sink, ScriptedConsumer, threading.Thread, list[BaseException]]:
     """Start ``Sink.run`` in a thread on scripted batches, with ``write`` as write_batch."""
-    monkeypatch.setattr(consumer, "write_batch", write)
-    monkeypatch.setattr(consumer.Sink, "_connection", lambda self: object())
-    monkeypatch.setattr(consumer, "ensure_pipeline_topics", lambda *a, **k: None)
-    monkeypatch.setattr(consumer, "check_deadletter_topic", lambda *a, **k: [])  # no broker
-    sink, _, _ = make_sink()
+    sink, _, _ = make_sink(write, backoff_first=backoff_first)
     scripted = batches if isinstance(batches, ScriptedConsumer) else ScriptedConsumer(batches)
     sink.consumer = cast(Any, scripted)
     raised: list[BaseException] = []
@@ -330,9 +325,7 @@ def committed(scripted: ScriptedConsumer) -> list[int]:
     return [c[0][2] for c in scripted.commits]
 
 
-def test_the_next_batch_is_consumed_while_one_is_written_and_commits_follow_writes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_next_batch_is_consumed_while_one_is_written_and_commits_follow_writes() -> None:
     written: list[int] = []
     lock = threading.Lock()
     scripted = ScriptedConsumer([batch_of(0, 1), batch_of(2, 3), batch_of(4)])
@@ -356,7 +349,7 @@ def test_the_next_batch_is_consumed_while_one_is_written_and_commits_follow_writ
             written.extend(ids)
         return BatchResult(transactions_written=len(ids))
 
-    sink, _, thread, raised = run_sink(monkeypatch, scripted, write)
+    sink, _, thread, raised = run_sink(scripted, write)
     assert wait_until(lambda: len(scripted.commits) == 3)
     sink.stop()
     thread.join(10)
@@ -372,9 +365,7 @@ def test_the_next_batch_is_consumed_while_one_is_written_and_commits_follow_writ
     assert scripted.closed
 
 
-def test_a_batch_written_before_the_one_ahead_of_it_commits_after_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_batch_written_before_the_one_ahead_of_it_commits_after_it() -> None:
     release_first = threading.Event()
     second_written = threading.Event()
 
@@ -386,7 +377,7 @@ def test_a_batch_written_before_the_one_ahead_of_it_commits_after_it(
             second_written.set()
         return BatchResult(transactions_written=len(ids))
 
-    sink, scripted, thread, raised = run_sink(monkeypatch, [batch_of(0), batch_of(1)], write)
+    sink, scripted, thread, raised = run_sink([batch_of(0), batch_of(1)], write)
     assert second_written.wait(5)  # the second writer finished first...
     time.sleep(0.2)
     assert scripted.commits == []  # ...and its offsets wait for the first batch's
@@ -399,9 +390,7 @@ def test_a_batch_written_before_the_one_ahead_of_it_commits_after_it(
     assert committed(scripted) == [1, 2]
 
 
-def test_a_failed_write_ends_the_run_and_nothing_after_it_is_committed(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_failed_write_ends_the_run_and_nothing_after_it_is_committed() -> None:
     written: list[int] = []
     failed = threading.Event()
 
@@ -416,7 +405,7 @@ def test_a_failed_write_ends_the_run_and_nothing_after_it_is_committed(
         return BatchResult(transactions_written=len(ids))
 
     batches = [batch_of(0, 1), batch_of(2, 3), batch_of(4), batch_of(5)]
-    _, scripted, thread, raised = run_sink(monkeypatch, batches, write)
+    _, scripted, thread, raised = run_sink(batches, write)
     thread.join(10)
 
     assert not thread.is_alive()
@@ -426,16 +415,14 @@ def test_a_failed_write_ends_the_run_and_nothing_after_it_is_committed(
     assert scripted.closed
 
 
-def test_a_stop_while_the_writer_retries_ends_the_run_without_committing(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_stop_while_the_writer_retries_ends_the_run_without_committing() -> None:
     failing = threading.Event()
 
     def down(conn: Any, records: list[Record]) -> BatchResult:
         failing.set()
         raise DatabaseUnavailable("OperationalError: connection refused", None)
 
-    sink, scripted, thread, raised = run_sink(monkeypatch, [batch_of(0), batch_of(1)], down)
+    sink, scripted, thread, raised = run_sink([batch_of(0), batch_of(1)], down)
     assert failing.wait(5)
     sink.stop()
     thread.join(10)
@@ -445,7 +432,7 @@ def test_a_stop_while_the_writer_retries_ends_the_run_without_committing(
     assert scripted.closed
 
 
-def test_a_revocation_waits_for_the_batch_being_written(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_revocation_waits_for_the_batch_being_written() -> None:
     release = threading.Event()
     writing = threading.Event()
 
@@ -454,7 +441,7 @@ def test_a_revocation_waits_for_the_batch_being_written(monkeypatch: pytest.Monk
         release.wait(5)
         return BatchResult(transactions_written=len(records))
 
-    sink, scripted, thread, raised = run_sink(monkeypatch, [batch_of(0)], slow)
+    sink, scripted, thread, raised = run_sink([batch_of(0)], slow)
     assert writing.wait(5)
     # librdkafka calls on_revoke from consume(), in the thread that hands out the writes;
     # from this other thread, wait until the handing out is done.
@@ -472,9 +459,7 @@ def test_a_revocation_waits_for_the_batch_being_written(monkeypatch: pytest.Monk
     assert raised == []
 
 
-def test_a_failed_write_stops_the_sink_while_another_writer_waits_on_a_fault(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_failed_write_stops_the_sink_while_another_writer_waits_on_a_fault() -> None:
     retrying = threading.Event()
 
     def write(conn: Any, records: list[Record]) -> BatchResult:
@@ -485,8 +470,7 @@ def test_a_failed_write_stops_the_sink_while_another_writer_waits_on_a_fault(
         retrying.wait(5)
         raise RuntimeError("a bug, not a record")
 
-    monkeypatch.setattr(consumer, "BACKOFF_FIRST_S", 0.05)
-    _, scripted, thread, raised = run_sink(monkeypatch, [batch_of(0), batch_of(1)], write)
+    _, scripted, thread, raised = run_sink([batch_of(0), batch_of(1)], write, backoff_first=0.05)
     thread.join(10)
 
     assert not thread.is_alive(), "the sink went on waiting for the database"
@@ -495,9 +479,7 @@ def test_a_failed_write_stops_the_sink_while_another_writer_waits_on_a_fault(
     assert scripted.closed
 
 
-def test_an_error_in_the_consuming_thread_stops_a_writer_waiting_on_a_fault(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_an_error_in_the_consuming_thread_stops_a_writer_waiting_on_a_fault() -> None:
     retrying = threading.Event()
 
     def down(conn: Any, records: list[Record]) -> BatchResult:
@@ -513,8 +495,7 @@ def test_an_error_in_the_consuming_thread_stops_a_writer_waiting_on_a_fault(
         return consume(num_messages, timeout)
 
     scripted.consume = failing_consume  # type: ignore[method-assign]
-    monkeypatch.setattr(consumer, "BACKOFF_FIRST_S", 0.05)
-    _, _, thread, raised = run_sink(monkeypatch, scripted, down)
+    _, _, thread, raised = run_sink(scripted, down, backoff_first=0.05)
     thread.join(10)
 
     assert not thread.is_alive(), "the sink went on waiting for the database"
