@@ -26,9 +26,11 @@ __all__ = [
     "ERROR_MAX_CHARS",
     "DeadLetterInfo",
     "dead_letter_headers",
+    "event_identity",
     "format_timestamp",
     "parse_dead_letter",
     "pointer",
+    "recency",
     "replay_headers",
 ]
 
@@ -59,6 +61,34 @@ class DeadLetterInfo:
     replay_count: int
     pointer: bool = False
     original_size: int | None = None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def event_identity(
+    webhook_id: str | None, source_topic: str, source_partition: int, source_offset: int
+) -> str:
+    """Which dead-lettered **event** a dead letter belongs to (``dlq`` and the re-driver).
+
+    Its webhook id when it has one: every record of the pipeline carries it, one webhook
+    yields at most one record per topic, and it survives replays (which re-publish at a new
+    source offset, and may fail at another stage). Else the failed record's source position.
+    """
+    if webhook_id:
+        return f"webhook:{webhook_id}"
+    return f"source:{source_topic}[{source_partition}]@{source_offset}"
+
+
+def recency(
+    replay_count: int, failed_at: datetime | None, partition: int, offset: int
+) -> tuple[int, datetime, int, int]:
+    """Sort key of an event's dead letters: the highest is its **latest** failure.
+
+    The one replayed most (``dlq-replay-count``), then the latest ``dlq-failed-at``, then
+    the later position on the dead-letter topic.
+    """
+    return (replay_count, failed_at or _EPOCH, partition, offset)
 
 
 def _is_dlq(name: str) -> bool:

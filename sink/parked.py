@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from chargify_stream.schemas import headers as h
-from chargify_stream.schemas.deadletter import parse_dead_letter
+from chargify_stream.schemas.deadletter import event_identity, parse_dead_letter, recency
 
 __all__ = ["Claimed", "Headers", "ParkedEvent", "choose_redrives", "parkable"]
 
@@ -128,11 +128,16 @@ class Claimed:
     replay_count: int
 
     @property
-    def identity(self) -> tuple[str, ...]:
-        """One Chargify event: its webhook id, else the position of the failed record."""
-        if self.webhook_id:
-            return ("webhook", self.webhook_id)
-        return ("source", self.source_topic, str(self.source_partition), str(self.source_offset))
+    def identity(self) -> str:
+        """One Chargify event, as ``dlq`` names it (:func:`schemas.deadletter.event_identity`)."""
+        return event_identity(
+            self.webhook_id, self.source_topic, self.source_partition, self.source_offset
+        )
+
+    @property
+    def recency(self) -> tuple[int, datetime, int, int]:
+        """Which of an event's rows is its latest failure (:func:`schemas.deadletter.recency`)."""
+        return recency(self.replay_count, None, self.dlq_partition, self.dlq_offset)
 
 
 def choose_redrives(claimed: Sequence[Claimed]) -> list[Claimed]:
@@ -141,9 +146,9 @@ def choose_redrives(claimed: Sequence[Claimed]) -> list[Claimed]:
     The same event can be parked several times (a manual replay that failed again); one
     re-publication is enough, and its ``dlq-replay-count`` must be the highest seen.
     """
-    best: dict[tuple[str, ...], Claimed] = {}
+    best: dict[str, Claimed] = {}
     for row in claimed:
         current = best.get(row.identity)
-        if current is None or row.replay_count > current.replay_count:
+        if current is None or row.recency > current.recency:
             best[row.identity] = row
     return list(best.values())

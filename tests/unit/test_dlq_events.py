@@ -247,3 +247,27 @@ def test_a_pointer_whose_original_is_gone_is_refused_and_says_where_it_was() -> 
     [(refused, why)] = plan.refused
     assert refused is event
     assert why == f"a pointer, and its original at {TXNS}[0]@5 is no longer there"
+
+
+def test_a_scan_keeps_a_summary_of_each_record_without_its_value() -> None:
+    full = dead_letter(webhook="9100", replay_count=2)
+    summary = DeadLetterRecord.build(
+        topic=full.topic,
+        partition=full.partition,
+        offset=full.offset,
+        key=full.key,
+        value=full.value,
+        headers=full.headers,
+        keep_value=False,
+    )
+    assert (summary.value, summary.has_value, summary.info) == (None, True, full.info)
+    assert {name for name, _ in summary.headers} == {"chargify-webhook-id", "chargify-event"}
+    first = dead_letter(webhook="9100", replay_count=1)
+    event = one([first, summary])
+    assert (event.latest, event.webhook_id, event.event, event.attempts) == (
+        summary,
+        "9100",
+        "payment_success",
+        3,
+    )
+    assert event.records == (("customer_not_found", "sink"), ("customer_not_found", "sink"))
