@@ -70,6 +70,7 @@ from chargify_stream.retry import RetryStopped, retry
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.codec import decode
 from chargify_stream.settings import Settings
+from chargify_stream.sink.clients import has_record
 from chargify_stream.sink.deadletters import (
     DeadLetter,
     DeadLetterUnacknowledged,
@@ -437,7 +438,7 @@ class Sink:
             )
             while not self._stop.is_set():
                 msgs = self.consumer.consume(self.settings.sink_batch_size, timeout)
-                batch = [m for m in msgs if not _skip(m)]
+                batch = [m for m in msgs if has_record(m, log, "sink")]
                 prepared = self.prepare(batch) if batch else None
                 # Commit what is written; when every writer is busy, wait for the oldest.
                 full = prepared is not None and len(self._in_flight) >= WRITERS
@@ -572,15 +573,6 @@ def _prepare_topics(settings: Settings, topics: list[str]) -> None:
     """Create the sink's topics when missing; check the dead-letter topic's size limit."""
     ensure_pipeline_topics(settings, topics)
     check_deadletter_topic(settings)
-
-
-def _skip(msg: Message) -> bool:
-    err = msg.error()
-    if err is None:
-        return False
-    if err.code() != KafkaError._PARTITION_EOF:
-        log.warning("consumer error: %s", err.str())
-    return True
 
 
 def run(settings: Settings) -> int:

@@ -41,10 +41,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from chargify_stream.delivery import publish_and_wait
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
-from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.schemas.codec import encode
 from chargify_stream.schemas.records import Customer
 from chargify_stream.settings import Settings
+from chargify_stream.sink.clients import connect, idempotent_producer
 from chargify_stream.sink.sessions import SessionThread
 
 __all__ = [
@@ -213,27 +213,12 @@ class RelayClients:
         ensure_pipeline_topics(self.settings, [self.settings.topic("customers")])
 
     def producer(self) -> Producer:
-        return Producer(
-            {
-                **librdkafka_config(self.settings),
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "message.timeout.ms": 15_000,
-                # Kafka's own (Java) partitioner, as the processor's outputs use: a customer
-                # and its transactions land on the same partition number.
-                "partitioner": "murmur2_random",
-                "log_level": 3,
-            }
-        )
+        # Kafka's own (Java) partitioner, as the processor's outputs use: a customer and
+        # its transactions land on the same partition number.
+        return idempotent_producer(self.settings, partitioner="murmur2_random")
 
     def connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(
-            self.settings.database_dsn(),
-            autocommit=True,
-            connect_timeout=5,
-            application_name="chargify-relay",
-        )
+        return connect(self.settings, "chargify-relay")
 
 
 def start_customer_relay(

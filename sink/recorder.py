@@ -32,15 +32,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from chargify_stream.kafka_admin import ensure_pipeline_topics
-from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import parse_dead_letter
 from chargify_stream.schemas.decisions import decode_decision
 from chargify_stream.settings import Settings
+from chargify_stream.sink.clients import connect, group_consumer, has_record
 from chargify_stream.sink.deadletters import message_headers
 from chargify_stream.sink.outcomes import (
     DEAD_LETTERED,
@@ -208,7 +208,11 @@ class Recorder(SessionThread):
                     "outcome recorder reading %s as group %s", ", ".join(self.topics), self.group_id
                 )
                 while not self._stop.is_set():
-                    msgs = [m for m in consumer.consume(BATCH_SIZE, BATCH_TIMEOUT_S) if _ok(m)]
+                    msgs = [
+                        m
+                        for m in consumer.consume(BATCH_SIZE, BATCH_TIMEOUT_S)
+                        if has_record(m, log, "outcome recorder")
+                    ]
                     if msgs:
                         self._record(conn, msgs)
                         # Offsets only after the rows are committed: a crash re-reads.
@@ -252,15 +256,6 @@ class Recorder(SessionThread):
                 self.metrics.lag.labels(topic, str(partition)).set(max(high - end, 0))
 
 
-def _ok(msg: Message) -> bool:
-    err = msg.error()
-    if err is None:
-        return True
-    if err.code() != KafkaError._PARTITION_EOF:
-        log.warning("outcome recorder consumer error: %s", err.str())
-    return False
-
-
 class RecorderClients:
     """The real clients of an outcome recorder, built from the settings."""
 
@@ -274,24 +269,10 @@ class RecorderClients:
         )
 
     def consumer(self) -> Consumer:
-        return Consumer(
-            {
-                **librdkafka_config(self.settings),
-                "group.id": self.group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                "log_level": 3,
-            }
-        )
+        return group_consumer(self.settings, self.group_id)
 
     def connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(
-            self.settings.database_dsn(),
-            autocommit=True,
-            connect_timeout=5,
-            application_name="chargify-sink-outcomes",
-        )
+        return connect(self.settings, "chargify-sink-outcomes")
 
 
 def start_recorder(settings: Settings, registry: CollectorRegistry | None = None) -> Recorder:

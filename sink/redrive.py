@@ -48,11 +48,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from chargify_stream.errors import TransientError
 from chargify_stream.kafka_admin import ensure_pipeline_topics
-from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.kafka_errors import refusal, refused_for_itself
 from chargify_stream.limits import deadletter_record_max
 from chargify_stream.schemas.deadletter import parse_dead_letter, replay_headers
 from chargify_stream.settings import Settings
+from chargify_stream.sink.clients import connect, group_consumer, has_record, idempotent_producer
 from chargify_stream.sink.deadletters import message_headers
 from chargify_stream.sink.parked import Claimed, ParkedEvent, choose_redrives, parkable
 from chargify_stream.sink.sessions import SessionThread
@@ -234,7 +234,7 @@ class Redriver(SessionThread):
     ) -> None:
         next_poll = 0.0
         while not self._stop.is_set():
-            msgs = [m for m in consumer.consume(500, 0.2) if not _failed(m)]
+            msgs = [m for m in consumer.consume(500, 0.2) if has_record(m, log, "re-driver")]
             wake = False
             if msgs:
                 wake = self._index(conn, msgs) > 0
@@ -380,15 +380,6 @@ def _claimed(row: Sequence[Any]) -> Claimed:
     )
 
 
-def _failed(msg: Message) -> bool:
-    err = msg.error()
-    if err is None:
-        return False
-    if err.code() != KafkaError._PARTITION_EOF:
-        log.warning("re-driver consumer error: %s", err.str())
-    return True
-
-
 class RedriveClients:
     """The real clients of a re-driver, built from the settings (one factory per client)."""
 
@@ -402,32 +393,16 @@ class RedriveClients:
         )
 
     def consumer(self) -> Consumer:
-        return Consumer(
-            {
-                **librdkafka_config(self.settings),
-                "group.id": self.group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                "log_level": 3,
-            }
-        )
+        return group_consumer(self.settings, self.group_id)
 
     def producer(self) -> Producer:
-        return Producer(
-            {
-                **librdkafka_config(self.settings),
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "message.timeout.ms": 15_000,
-                "message.max.bytes": deadletter_record_max(self.settings.gateway_max_body_bytes),
-                "log_level": 3,
-            }
+        return idempotent_producer(
+            self.settings,
+            **{"message.max.bytes": deadletter_record_max(self.settings.gateway_max_body_bytes)},
         )
 
     def connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.settings.database_dsn(), autocommit=True, connect_timeout=5)
+        return connect(self.settings, "chargify-sink-redrive")
 
 
 def start_redriver(settings: Settings, registry: CollectorRegistry | None = None) -> Redriver:

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from chargify_stream.schemas.codec import encode
 from chargify_stream.schemas.deadletter import dead_letter_headers, format_timestamp
@@ -107,11 +107,22 @@ def ends(settings: Settings) -> dict[str, int]:
 
 
 def sink_caught_up(settings: Settings) -> bool:
-    """True once the sink group has committed every record of its input topics."""
+    """True once the sink group has committed every record of its input topics.
+
+    The typed topics are written in Kafka transactions, so the high watermark also counts
+    commit markers: past the committed offset there must be no record a read_committed
+    reader can see, which is asked by reading from there to the end."""
     consumer = Consumer(
-        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": settings.sink_group_id}
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": settings.sink_group_id,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "enable.auto.commit": False,
+        }
     )
     try:
+        behind = []
         for name in ("transactions", "subscriptions", "sink_retry"):
             topic = settings.topic(name)
             parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -119,8 +130,21 @@ def sink_caught_up(settings: Settings) -> bool:
             for tp in committed:
                 _, high = consumer.get_watermark_offsets(tp, timeout=10)
                 if high > 0 and tp.offset < high:
-                    return False
-        return True
+                    behind.append(TopicPartition(tp.topic, tp.partition, max(tp.offset, 0)))
+        if not behind:
+            return True
+        consumer.assign(behind)
+        waiting = len(behind)
+        deadline = time.monotonic() + 10
+        while waiting and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error() is None:
+                return False  # a committed record the sink has not committed past
+            if msg.error().code() == KafkaError._PARTITION_EOF:
+                waiting -= 1
+        return waiting == 0
     finally:
         consumer.close()
 

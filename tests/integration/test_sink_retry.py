@@ -158,7 +158,11 @@ def test_a_retry_that_fails_again_is_listed_and_replayed_from_the_retry_topic(
     wait_for(lambda: query(settings, "select 1 from transactions"), "the re-driven payment")
     retries = consume(bootstrap, retry, count=2, settle=0.5)
     assert [headers_of(m)["dlq-replay-count"] for m in retries] == [b"1", b"2"]
-    assert ends(settings)["transactions"] == 1
+    # Read as an analyst does (the end offset also counts the transaction's commit marker).
+    typed = consume(
+        settings.kafka_bootstrap_servers, settings.topic("transactions"), count=2, timeout=5
+    )
+    assert len(typed) == 1
     assert query(settings, "select count(*), sum(amount_cents) from transactions") == [(1, 300)]
 
     # The retry topic keeps what it carries like the dead-letter topic does.
