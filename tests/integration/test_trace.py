@@ -149,7 +149,7 @@ def test_every_webhook_outcome_in_trace_and_console(
     assert decisions == [
         (9001, "sink", "recorded", None, 0),
         (9001, "processor", "duplicate", None, 0),
-        (9002, "sink", "unchanged", None, 0),
+        (9002, "processor", "unchanged", None, 0),  # transaction 7001 already emitted
         (9003, "processor", "ignored", "test_event", 0),
         (9004, "sink", "parked", "customer_not_found", 0),
         (9004, "sink", "parked", "customer_not_found", 0),  # the dead letter itself
