@@ -14,11 +14,12 @@ Per record, in order:
    ``chargify-event`` and ``received-at`` headers, or a dead letter carrying the raw key,
    bytes and headers plus the ``dlq-*`` headers, or nothing (ignored: counted and logged);
 3. an Avro record any of whose dedup keys was already emitted (within the dedup window, or
-   earlier in the batch) is dropped as a duplicate. A transaction's key is its Chargify
-   transaction id: DESIGN.md's one record per transaction id, whichever webhook carried it
-   (a retry, a replay, a second endpoint: all carry the same id). A subscription change's
-   keys are Chargify's event id (the same under every webhook id and retry) and the webhook
-   id (for a body without an event id). The keys of a batch are looked up in one query.
+   earlier in the batch) is dropped. Its keys: its webhook id (a retry or replay of the same
+   webhook: decided ``duplicate``), and its Chargify transaction id for a transaction
+   (DESIGN.md's one record per transaction id, whichever webhook carried it) or Chargify's
+   event id for a subscription change (the same under every webhook id, e.g. one event
+   sent to two endpoints): another webhook for what was emitted is decided ``unchanged``.
+   The keys of a batch are looked up in one query.
 
 A webhook ignored or dropped as a duplicate also gets a decision record
 (:mod:`schemas.decisions`) in ``Split.decisions``, published with the outputs (in the same
@@ -58,6 +59,7 @@ OutputTopic = Literal["transactions", "subscriptions", "deadletter", "decisions"
 _EVENT_LABELS: Final = SUPPORTED_EVENTS | {"test"}
 
 DUPLICATE: Final = "duplicate"
+UNCHANGED: Final = "unchanged"
 EMITTED: Final = "emitted"
 IGNORED: Final = "ignored"
 DEAD_LETTERED: Final = "dead_lettered"
@@ -196,12 +198,13 @@ _KEY_SPACE = 1 << 63
 
 
 def dedup_keys(emit: Emit) -> tuple[int, ...]:
-    """The keys an emitted record is deduplicated on (see the module docstring)."""
+    """The keys an emitted record is deduplicated on (see the module docstring); the
+    webhook id's first."""
     record = emit.record
-    if isinstance(record, Transaction):
-        return ((record.transaction_id * 4 + TRANSACTION_KEY) % _KEY_SPACE,)
     keys = [(record.webhook_id * 4 + WEBHOOK_KEY) % _KEY_SPACE]
-    if record.event_id is not None:
+    if isinstance(record, Transaction):
+        keys.append((record.transaction_id * 4 + TRANSACTION_KEY) % _KEY_SPACE)
+    elif record.event_id is not None:
         keys.append((record.event_id * 4 + EVENT_KEY) % _KEY_SPACE)
     return tuple(keys)
 
@@ -315,14 +318,18 @@ def split(batch: Sequence[Incoming], state: State) -> Split:
         if keyed is not None:
             partition, keys = keyed
             if any(key in already for key in keys):
+                # The same webhook again (a retry, a replay) is a duplicate; another webhook
+                # for an event or transaction already emitted leaves the data unchanged.
+                verdict = DUPLICATE if keys[0] in already else UNCHANGED
                 tally.events[_event_label(event), DUPLICATE] += 1
                 log.info(
-                    "dropped duplicate webhook %s (%s)",
+                    "dropped %s webhook %s (%s)",
+                    "duplicate" if verdict == DUPLICATE else "already emitted",
                     webhook_id,
                     event,
-                    extra=fields(webhook_id, event, DUPLICATE),
+                    extra=fields(webhook_id, event, verdict),
                 )
-                result.note(record, webhook_id, DUPLICATE, None, event, received_at, replays)
+                result.note(record, webhook_id, verdict, None, event, received_at, replays)
                 continue
             already.update(keys)
             result.emitted.setdefault(partition, []).extend(keys)

@@ -149,7 +149,7 @@ def test_every_webhook_outcome_in_trace_and_console(
     assert decisions == [
         (9001, "sink", "recorded", None, 0),
         (9001, "processor", "duplicate", None, 0),
-        (9002, "sink", "unchanged", None, 0),
+        (9002, "processor", "unchanged", None, 0),  # transaction 7001 already emitted
         (9003, "processor", "ignored", "test_event", 0),
         (9004, "sink", "parked", "customer_not_found", 0),
         (9004, "sink", "parked", "customer_not_found", 0),  # the dead letter itself
@@ -179,8 +179,8 @@ def test_every_webhook_outcome_in_trace_and_console(
     assert recorded["record"]["headers"]["chargify-webhook-id"] == "9001"
     [row] = first["postgres"]["transactions"]
     assert (row["transaction_id"], row["partner_key"], row["webhook_id"]) == (7001, "p1", 9001)
-    # The other webhook for the same transaction shows the row it found there.
-    assert traces[9002]["postgres"]["transactions"][0]["webhook_id"] == 9001
+    # The other webhook for the same transaction: dropped by the processor, which says so.
+    assert [d["decision"] for d in traces[9002]["decisions"]] == ["unchanged"]
 
     parked = traces[9004]
     [letter] = parked["dead_letters"]

@@ -113,7 +113,7 @@ def test_emits_avro_under_the_customer_with_the_carried_headers(make_store: Make
         (h.RECEIVED_AT, b"2024-10-11T19:28:31.000Z"),
         (h.RAW_POSITION, b"raw/0/0"),
     ]
-    assert result.emitted == {0: [t(70)]}
+    assert result.emitted == {0: [w(1), t(70)]}
     assert result.tally.events == {("payment_success", "emitted"): 1}
     assert result.tally.published == {"transactions": 1}
 
@@ -134,7 +134,7 @@ def test_dead_letter_keeps_the_raw_record_and_says_why(make_store: MakeStore) ->
 
 
 def test_duplicates_are_dropped_across_and_within_batches(make_store: MakeStore) -> None:
-    store = make_store(seen={t(70_005)})
+    store = make_store(seen={w(5), t(70_005)})
     batch = [
         incoming("payment_success", 5),  # emitted earlier
         incoming("payment_success", 6, offset=1),
@@ -155,6 +155,13 @@ def test_one_chargify_event_under_two_webhook_ids_is_emitted_once(make_store: Ma
     second = incoming("payment_success", 3000000011, event_id=55, transaction_id=8000000001)
     result = split([first, second], store)
     assert [o.headers[0] for o in result.outgoing] == [(h.WEBHOOK_ID, b"3000000010")]
+    from schemas.decisions import decode_decision
+
+    [decided] = (decode_decision(d.value) for d in result.decisions)
+    assert decided is not None and (decided.webhook_id, decided.decision) == (
+        "3000000011",
+        "unchanged",
+    )
     commit(store, result)
     # In a later batch, and by the transaction id alone (a replay under a new webhook id).
     later = incoming("payment_success", 3000000012, event_id=56, transaction_id=8000000001)
@@ -182,7 +189,7 @@ def test_without_an_id_header_the_body_id_is_used(make_store: MakeStore) -> None
 def test_a_dead_letter_replay_of_an_emitted_webhook_is_a_duplicate(make_store: MakeStore) -> None:
     """Exactly once on the typed topics holds for replays too (DESIGN.md)."""
     replay = incoming("payment_success", 5, extra_headers=[(h.DLQ_REPLAY_COUNT, b"1")])
-    assert split([replay], make_store(seen={t(70_005)})).outgoing == []
+    assert split([replay], make_store(seen={w(5), t(70_005)})).outgoing == []
     # A replay of what was dead-lettered (never emitted) goes through.
     assert len(split([replay], make_store()).outgoing) == 1
 
@@ -348,8 +355,8 @@ def test_ignored_and_duplicate_webhooks_leave_a_decision_record(make_store: Make
         "payment_success", 5, offset=6, reference="c", transaction_id=71,
         extra_headers=[(h.DLQ_REPLAY_COUNT, b"1")],
     )  # fmt: skip
-    result = split([test_event, again, replayed], make_store(seen={t(71)}))
-    # Transaction 71 was emitted before: a retry and a replay of it are both duplicates.
+    result = split([test_event, again, replayed], make_store(seen={w(5), t(71)}))
+    # Webhook 5 was emitted before: a retry and a replay of it are both duplicates.
     assert result.outgoing == []
     assert [(d.topic, d.key, d.headers) for d in result.decisions] == [
         ("decisions", b"9", []),
