@@ -155,7 +155,7 @@ def test_one_chargify_event_under_two_webhook_ids_is_emitted_once(make_store: Ma
     second = incoming("payment_success", 3000000011, event_id=55, transaction_id=8000000001)
     result = split([first, second], store)
     assert [o.headers[0] for o in result.outgoing] == [(h.WEBHOOK_ID, b"3000000010")]
-    from schemas.decisions import decode_decision
+    from chargify_stream.schemas.decisions import decode_decision
 
     [decided] = (decode_decision(d.value) for d in result.decisions)
     assert decided is not None and (decided.webhook_id, decided.decision) == (
