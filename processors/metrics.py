@@ -66,6 +66,12 @@ class ProcessorMetrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self.lag = Gauge(
+            "processor_consumer_lag",
+            "Raw records behind the end of each partition this worker reads, after its last batch",
+            ["partition"],
+            registry=self.registry,
+        )
         self.seen = Gauge(
             "processor_dedup_keys",
             "Dedup keys (transaction and event ids) stored since the worker started",

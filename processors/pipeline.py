@@ -291,7 +291,21 @@ class Pipeline:
         self.metrics.record(result.tally)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        self._observe_lag(ends)
         return True
+
+    def _observe_lag(self, ends: dict[int, int]) -> None:
+        """``processor_consumer_lag`` of the batch's partitions, from the watermarks the
+        consumer's last fetch brought (no broker round trip)."""
+        for partition, position in ends.items():
+            try:
+                _, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(self.raw, partition), cached=True
+                )
+            except KafkaException:
+                continue
+            if high >= 0:
+                self.metrics.lag.labels(str(partition)).set(max(high - position, 0))
 
     # Sending ---------------------------------------------------------------------------
 

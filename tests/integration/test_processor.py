@@ -189,6 +189,9 @@ def test_each_event_lands_on_its_topic_under_its_customer(
     assert 'processor_dead_letters_total{reason="unknown_subscription"} 1.0' in metrics
     assert 'processor_records_published_total{topic="subscriptions"} 4.0' in metrics
     assert 'processor_events_total{event="payment_success",outcome="emitted"} 1.0' in metrics
+    # Every record read: no partition it took a batch from is behind.
+    lag = [line for line in metrics.splitlines() if line.startswith("processor_consumer_lag{")]
+    assert lag and all(line.endswith(" 0.0") for line in lag), lag
 
 
 def test_state_survives_a_restart(make_settings: Callable[..., Settings], stages: Any) -> None:
