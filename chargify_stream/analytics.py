@@ -25,7 +25,7 @@ never seen, so each Chargify transaction appears once on ``chargify.transactions
 assign partitions by hand, join no consumer group and commit nothing: reading changes
 nothing on the broker.
 
-Failures raise :class:`~chargify_stream.errors.ChargifyStreamError` subclasses with a
+Failures raise :class:`~chargify_stream.base.errors.ChargifyStreamError` subclasses with a
 message that says why: ``TransientError`` when Kafka cannot be reached or stops answering,
 ``TopicNotFound`` for a missing topic, ``UndecodableRecord`` for a value that is not what
 the topic's contract says.
@@ -47,15 +47,16 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from chargify_stream.base.errors import ChargifyStreamError, TransientError
+from chargify_stream.base.kafka_config import librdkafka_config
+from chargify_stream.base.settings import Settings, load_settings
 from chargify_stream.dlq import message_headers, parse_time
-from chargify_stream.errors import ChargifyStreamError, TransientError
-from chargify_stream.kafka_config import librdkafka_config
 from chargify_stream.schemas import form
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.codec import decode_record
 from chargify_stream.schemas.deadletter import parse_dead_letter
+from chargify_stream.schemas.errors import RecordError
 from chargify_stream.schemas.records import AvroRecord, Customer, SubscriptionChange, Transaction
-from chargify_stream.settings import Settings, load_settings
 
 __all__ = [
     "TOPICS",
@@ -173,7 +174,7 @@ def _record_dict(value: bytes) -> dict[str, Any] | None:
     """An Avro value of the typed topics as a dict; ``None`` when it is not one."""
     try:
         record = decode_record(value)
-    except ChargifyStreamError:
+    except RecordError:
         return None
     if isinstance(record, Transaction):
         return transaction_dict(record)
@@ -195,7 +196,7 @@ def body_reference(body: bytes) -> str | None:
     """The customer reference a raw webhook body names, if any (``None`` if undecodable)."""
     try:
         decoded = form.decode_form(body)
-    except ChargifyStreamError:
+    except RecordError:
         return None
     for path in _REFERENCE_PATHS:
         value = form.get(decoded, *path)
@@ -224,7 +225,7 @@ def _decode_as(msg: Message, kind: type[_R]) -> _R:
     """The message's value as a ``kind``, or :class:`UndecodableRecord`."""
     try:
         record = decode_record(msg.value() or b"")
-    except ChargifyStreamError as exc:
+    except RecordError as exc:
         raise _undecodable(msg, str(exc)) from None
     if not isinstance(record, kind):
         raise _undecodable(msg, f"a {type(record).__name__} value, not a {kind.__name__}")

@@ -38,8 +38,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
-from chargify_stream.errors import ChargifyStreamError, ConfigError, TransientError
-from chargify_stream.retry import backoff
+from chargify_stream.base.errors import ChargifyStreamError, ConfigError, TransientError
+from chargify_stream.base.retry import backoff
 
 __all__ = [
     "MAX_PER_PAGE",

@@ -18,9 +18,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from chargify_stream.errors import ChargifyStreamError, ConfigError
-from chargify_stream.logs import setup_logging
-from chargify_stream.settings import Settings, load_settings
+from chargify_stream.base.errors import ChargifyStreamError, ConfigError
+from chargify_stream.base.logs import setup_logging
+from chargify_stream.base.settings import Settings, load_settings
+from chargify_stream.schemas.errors import RecordError
 
 log = logging.getLogger("chargify_stream")
 
@@ -245,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(settings.log_level, settings.log_format)
         _dump_stacks_on_sigquit()
         if args.command in KAFKA_COMMANDS:
-            from chargify_stream.kafka_config import check_credentials
+            from chargify_stream.base.kafka_config import check_credentials
 
             check_credentials(settings)
         code: int = args.handler(args, settings)
@@ -253,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"chargify-stream: {exc}", file=sys.stderr)
         return 2
-    except ChargifyStreamError as exc:
+    except (ChargifyStreamError, RecordError) as exc:
         print(f"chargify-stream: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from chargify_stream.base.errors import ConfigError, TransientError
+from chargify_stream.base.settings import Settings
 from chargify_stream.chargify_api import ChargifyApi, ChargifyUnavailable
-from chargify_stream.errors import ConfigError, TransientError
-from chargify_stream.settings import Settings
 
 __all__ = ["EVENTS", "EXIT_ENDPOINT_INOPERATIVE", "ConnectResult", "connect", "endpoint_advice"]
 

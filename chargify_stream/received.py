@@ -28,10 +28,10 @@ from typing import Any
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from chargify_stream.errors import ChargifyStreamError, TransientError
-from chargify_stream.kafka_config import librdkafka_config
+from chargify_stream.base.errors import ChargifyStreamError, TransientError
+from chargify_stream.base.kafka_config import librdkafka_config
+from chargify_stream.base.settings import Settings
 from chargify_stream.schemas import headers as h
-from chargify_stream.settings import Settings
 
 __all__ = ["RawTopicReader", "outcome_ids"]
 

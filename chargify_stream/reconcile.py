@@ -39,6 +39,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from chargify_stream import connect
+from chargify_stream.base.errors import ChargifyStreamError, ConfigError, TransientError
+from chargify_stream.base.settings import Settings
 from chargify_stream.chargify_api import (
     MAX_REPLAY_IDS,
     ChargifyApi,
@@ -46,7 +48,6 @@ from chargify_stream.chargify_api import (
     ChargifyUnavailable,
 )
 from chargify_stream.dlq import parse_time
-from chargify_stream.errors import ChargifyStreamError, ConfigError, TransientError
 from chargify_stream.received import RawTopicReader, outcome_ids
 from chargify_stream.reconcile_report import (
     Report,
@@ -57,7 +58,6 @@ from chargify_stream.reconcile_report import (
     parse_api_time,
     print_report,
 )
-from chargify_stream.settings import Settings
 
 __all__ = [
     "EXIT_ATTENTION",

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from chargify_stream.errors import ChargifyStreamError, ConfigError
+from chargify_stream.base.errors import ChargifyStreamError, ConfigError
 from chargify_stream.reconcile_report import Report, print_report
 
 log = logging.getLogger("chargify_stream.reconcile")

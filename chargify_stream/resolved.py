@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import psycopg
 
-from chargify_stream.settings import Settings
+from chargify_stream.base.settings import Settings
 
 __all__ = ["RESOLVING", "Resolution", "resolutions"]
 

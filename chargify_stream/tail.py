@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from chargify_stream import analytics
+from chargify_stream.base.settings import Settings
 from chargify_stream.dlq import parse_time
-from chargify_stream.settings import Settings
 
 __all__ = ["add_arguments", "run"]
 

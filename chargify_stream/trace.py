@@ -20,12 +20,12 @@ from typing import Any
 import psycopg
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from chargify_stream.errors import ChargifyStreamError
-from chargify_stream.kafka_config import librdkafka_config
+from chargify_stream.base.errors import ChargifyStreamError
+from chargify_stream.base.kafka_config import librdkafka_config
+from chargify_stream.base.settings import Settings
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.codec import decode
 from chargify_stream.schemas.deadletter import parse_dead_letter
-from chargify_stream.settings import Settings
 
 __all__ = ["WebhookNotFound", "build_trace", "render_text", "run"]
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from chargify_stream.errors import TransientError
+from chargify_stream.base.errors import TransientError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Publisher:
         if max_record_bytes is not None:
             # librdkafka refuses a record (value, key and headers) over message.max.bytes
             # (1,000,000 by default) before sending it, and never sends a batch larger:
-            # the gateway passes the raw topic's own limit (chargify_stream.limits), so
+            # the gateway passes the raw topic's own limit (chargify_stream.base.limits), so
             # every body it accepts fits, and so does every batch of them.
             self._conf["message.max.bytes"] = max_record_bytes
         self._conf.update(config)

@@ -26,15 +26,15 @@ import threading
 import uvicorn
 from confluent_kafka import KafkaException
 
-from chargify_stream.errors import TransientError
+from chargify_stream.base.errors import TransientError
+from chargify_stream.base.kafka_admin import check_raw_topic, ensure_pipeline_topics
+from chargify_stream.base.kafka_config import librdkafka_config
+from chargify_stream.base.limits import raw_record_max
+from chargify_stream.base.retry import RetryStopped, retry
+from chargify_stream.base.settings import Settings
 from chargify_stream.ingest.app import WEBHOOK_PATH, GatewayApp, Sink
 from chargify_stream.ingest.connection import Deadlines, protocol_class, raise_open_files
 from chargify_stream.ingest.publisher import Publisher
-from chargify_stream.kafka_admin import check_raw_topic, ensure_pipeline_topics
-from chargify_stream.kafka_config import librdkafka_config
-from chargify_stream.limits import raw_record_max
-from chargify_stream.retry import RetryStopped, retry
-from chargify_stream.settings import Settings
 
 __all__ = ["build_app", "run"]
 

@@ -1,7 +1,7 @@
 """The processor's Kafka clients and topics: every configuration in one place.
 
 The connection part (bootstrap servers, security protocol, SASL, TLS) of every client is
-:func:`chargify_stream.kafka_config.librdkafka_config`; this module adds what each client
+:func:`chargify_stream.base.kafka_config.librdkafka_config`; this module adds what each client
 of the processor needs on top.
 
 - the raw topic's consumer (group ``PROCESSOR_APP_ID``, offsets only through transactions,
@@ -23,14 +23,14 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
-from chargify_stream.errors import ConfigError
-from chargify_stream.kafka_admin import ensure_topics
-from chargify_stream.kafka_config import librdkafka_config
-from chargify_stream.limits import deadletter_record_max
+from chargify_stream.base.errors import ConfigError
+from chargify_stream.base.kafka_admin import ensure_topics
+from chargify_stream.base.kafka_config import librdkafka_config
+from chargify_stream.base.limits import deadletter_record_max
+from chargify_stream.base.settings import Settings
 from chargify_stream.processors.metrics import ProcessorMetrics
 from chargify_stream.processors.pipeline import Pipeline
 from chargify_stream.processors.state import REFERENCES, Store, bucket_seconds
-from chargify_stream.settings import Settings
 
 __all__ = [
     "TRANSACTION_TIMEOUT_MS",

@@ -23,7 +23,7 @@ import re
 from binascii import a2b_qp
 from typing import Any, Final
 
-from chargify_stream.errors import MalformedPayload
+from chargify_stream.schemas.errors import MalformedPayload
 from chargify_stream.schemas.form import decode_form, get
 
 try:

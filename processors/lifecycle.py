@@ -27,9 +27,9 @@ from typing import TypeVar
 
 from confluent_kafka import KafkaException
 
-from chargify_stream.errors import TransientError
-from chargify_stream.kafka_config import librdkafka_config
-from chargify_stream.settings import Settings
+from chargify_stream.base.errors import TransientError
+from chargify_stream.base.kafka_config import librdkafka_config
+from chargify_stream.base.settings import Settings
 
 __all__ = [
     "START_ATTEMPTS",

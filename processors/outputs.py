@@ -4,10 +4,10 @@ The records go out through librdkafka (confluent-kafka): a ``produce()`` call is
 microseconds of C, and batching, compression and the network run on librdkafka's own
 threads. The pipeline (:mod:`processors.pipeline`) opens the transaction, hands the
 batch's records here, and commits; the producer's ``message.max.bytes`` is the dead-letter
-record limit of :mod:`chargify_stream.limits`, so the dead letter of any raw record fits.
+record limit of :mod:`chargify_stream.base.limits`, so the dead letter of any raw record fits.
 
 One record can never stop the processor. A record Kafka refuses for itself
-(:mod:`chargify_stream.kafka_errors`: too large, invalid) is replaced by its
+(:mod:`chargify_stream.base.kafka_errors`: too large, invalid) is replaced by its
 :func:`processors.splitter.fallback` (an output record by the dead letter of its raw
 record, a dead letter by a pointer to it):
 
@@ -30,7 +30,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from chargify_stream.kafka_errors import refusal, refused_for_itself
+from chargify_stream.base.kafka_errors import refusal, refused_for_itself
 from chargify_stream.processors.splitter import Outgoing, fallback
 from chargify_stream.schemas.deadletter import parse_dead_letter
 

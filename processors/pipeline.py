@@ -77,13 +77,13 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.processors.lifecycle import exit_on_failure
 from chargify_stream.processors.metrics import ProcessorMetrics
 from chargify_stream.processors.outputs import Outputs, Unplaceable
 from chargify_stream.processors.restore import restore
 from chargify_stream.processors.splitter import Incoming, Outgoing, Split, Tally, split
 from chargify_stream.processors.state import Store, dedup_record
-from chargify_stream.settings import Settings
 
 if TYPE_CHECKING:
     from chargify_stream.processors.clients import Changelogs

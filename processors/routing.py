@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal, TypeVar
 
-from chargify_stream.errors import MalformedPayload
 from chargify_stream.processors.fields import Fields, Path, extract_fields
 from chargify_stream.schemas import headers
+from chargify_stream.schemas.errors import MalformedPayload
 from chargify_stream.schemas.records import ComponentAllocation, SubscriptionChange, Transaction
 from chargify_stream.schemas.values import to_float, to_int, to_timestamp
 

@@ -38,9 +38,9 @@ from faust.app.base import BootStrategy
 from faust.web import Request, Response, View
 from mode import Service
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.processors import lifecycle
 from chargify_stream.processors.metrics import CONTENT_TYPE, ProcessorMetrics
-from chargify_stream.settings import Settings
 
 __all__ = ["NoKafka", "ProcessorApp", "ThreadService", "Worker", "build_app", "execute"]
 

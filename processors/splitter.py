@@ -39,7 +39,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, NamedTuple, Protocol
 
-from chargify_stream.logs import fields, log_failure
+from chargify_stream.base.logs import fields, log_failure
 from chargify_stream.processors.routing import SUPPORTED_EVENTS, DeadLetter, Emit, Ignore, route
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.codec import encode

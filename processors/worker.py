@@ -27,13 +27,13 @@ import logging
 
 from confluent_kafka import KafkaException
 
-from chargify_stream.errors import TransientError
-from chargify_stream.kafka_admin import check_deadletter_topic, ensure_pipeline_topics
+from chargify_stream.base.errors import TransientError
+from chargify_stream.base.kafka_admin import check_deadletter_topic, ensure_pipeline_topics
+from chargify_stream.base.settings import Settings
 from chargify_stream.processors import clients, lifecycle
 from chargify_stream.processors.fields import NATIVE_SCAN
 from chargify_stream.processors.metrics import ProcessorMetrics
 from chargify_stream.processors.state import Slot, Store
-from chargify_stream.settings import Settings
 
 __all__ = ["run"]
 

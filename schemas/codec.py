@@ -46,7 +46,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint as _crc64_hex
 from fastavro.schema import to_parsing_canonical_form
 
-from chargify_stream.errors import UnsupportedSchema
+from chargify_stream.schemas.errors import UnsupportedSchema
 from chargify_stream.schemas.records import Customer, SubscriptionChange, Transaction
 
 __all__ = ["MARKER", "Event", "Record", "decode", "decode_record", "encode", "fingerprint"]

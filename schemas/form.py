@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
-from chargify_stream.errors import MalformedPayload
+from chargify_stream.schemas.errors import MalformedPayload
 
 __all__ = ["decode_form", "encode_form", "encode_pairs", "get", "parse_pairs"]
 

@@ -11,7 +11,7 @@ import math
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from chargify_stream.errors import MalformedPayload
+from chargify_stream.schemas.errors import MalformedPayload
 
 __all__ = [
     "none_if_empty",

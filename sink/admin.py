@@ -21,8 +21,8 @@ import psycopg
 from psycopg import errors
 from psycopg.rows import dict_row
 
-from chargify_stream.errors import ChargifyStreamError, ConfigError, TransientError
-from chargify_stream.settings import Settings
+from chargify_stream.base.errors import ChargifyStreamError, ConfigError, TransientError
+from chargify_stream.base.settings import Settings
 from chargify_stream.sink.upsert import PLAN_LINK_LOCK
 
 COLUMNS = {

@@ -15,8 +15,8 @@ from typing import Any
 import psycopg
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 
-from chargify_stream.kafka_config import librdkafka_config
-from chargify_stream.settings import Settings
+from chargify_stream.base.kafka_config import librdkafka_config
+from chargify_stream.base.settings import Settings
 
 __all__ = ["connect", "group_consumer", "has_record", "idempotent_producer"]
 

@@ -30,7 +30,7 @@ Faults are told apart by type, for the database by SQLSTATE class
   in halves until the record is alone, which is dead-lettered (``malformed_payload``,
   with the SQLSTATE in ``dlq-error``); the rest of the batch is written;
 - a dead letter Kafka refuses for itself (too large for the dead-letter topic, invalid:
-  :mod:`chargify_stream.kafka_errors`) is written again at once as a pointer to the
+  :mod:`chargify_stream.base.kafka_errors`) is written again at once as a pointer to the
   record (``schemas.deadletter``), which stays on its source topic;
 - anything else (an unknown table: the schema was not migrated; a bug) stops the sink:
   retrying cannot fix it and dead-lettering would park every record.
@@ -62,14 +62,15 @@ from typing import Any, TypeVar
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from chargify_stream.errors import ChargifyStreamError, RecordError, TransientError
-from chargify_stream.kafka_admin import check_deadletter_topic, ensure_pipeline_topics
-from chargify_stream.kafka_config import librdkafka_config
-from chargify_stream.limits import deadletter_record_max
-from chargify_stream.retry import RetryStopped, retry
+from chargify_stream.base.errors import ChargifyStreamError, TransientError
+from chargify_stream.base.kafka_admin import check_deadletter_topic, ensure_pipeline_topics
+from chargify_stream.base.kafka_config import librdkafka_config
+from chargify_stream.base.limits import deadletter_record_max
+from chargify_stream.base.retry import RetryStopped, retry
+from chargify_stream.base.settings import Settings
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.codec import decode
-from chargify_stream.settings import Settings
+from chargify_stream.schemas.errors import RecordError
 from chargify_stream.sink.clients import has_record
 from chargify_stream.sink.deadletters import (
     DeadLetter,

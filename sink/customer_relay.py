@@ -38,12 +38,12 @@ import psycopg
 from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from chargify_stream.delivery import publish_and_wait
-from chargify_stream.errors import TransientError
-from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.delivery import publish_and_wait
+from chargify_stream.base.errors import TransientError
+from chargify_stream.base.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.settings import Settings
 from chargify_stream.schemas.codec import encode
 from chargify_stream.schemas.records import Customer
-from chargify_stream.settings import Settings
 from chargify_stream.sink.clients import connect, idempotent_producer
 from chargify_stream.sink.sessions import SessionThread
 

@@ -3,7 +3,7 @@
 A consumed record the sink cannot write (undecodable, poison, unknown customer) is
 published to the dead-letter topic with the ``dlq-*`` headers of
 :mod:`schemas.deadletter`, keyed and valued as it was consumed. A record Kafka refuses for
-itself (too large for the dead-letter topic, invalid: :mod:`chargify_stream.kafka_errors`)
+itself (too large for the dead-letter topic, invalid: :mod:`chargify_stream.base.kafka_errors`)
 is written again at once as a pointer to the record, which stays on its source topic, so
 that one record never stops the sink. What the broker does not acknowledge is returned to
 the caller, :class:`sink.consumer.Sink`, which publishes it again after a backoff.
@@ -19,10 +19,10 @@ from typing import Any, cast
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from chargify_stream.errors import TransientError
-from chargify_stream.kafka_errors import refusal, refused_for_itself
-from chargify_stream.logs import fields
-from chargify_stream.retry import RetryStopped
+from chargify_stream.base.errors import TransientError
+from chargify_stream.base.kafka_errors import refusal, refused_for_itself
+from chargify_stream.base.logs import fields
+from chargify_stream.base.retry import RetryStopped
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import dead_letter_headers, pointer
 
@@ -60,7 +60,7 @@ def produce_dead_letters(
     Returns the letters the broker did not take (to send again after a backoff) and
     those Kafka refused for themselves (too large, invalid), marked to be written again
     as pointers (see ``schemas.deadletter``), so that one record never stops the sink.
-    Raises :class:`~chargify_stream.retry.RetryStopped` when ``stop`` is set while
+    Raises :class:`~chargify_stream.base.retry.RetryStopped` when ``stop`` is set while
     waiting for acknowledgements.
     """
     failed: list[DeadLetter] = []

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from chargify_stream.errors import ChargifyStreamError, TransientError
+from chargify_stream.base.errors import ChargifyStreamError, TransientError
 
 log = logging.getLogger(__name__)
 

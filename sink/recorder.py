@@ -35,11 +35,11 @@ import psycopg
 from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.settings import Settings
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import parse_dead_letter
 from chargify_stream.schemas.decisions import decode_decision
-from chargify_stream.settings import Settings
 from chargify_stream.sink.clients import connect, group_consumer, has_record
 from chargify_stream.sink.deadletters import message_headers
 from chargify_stream.sink.outcomes import (

@@ -46,12 +46,12 @@ import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from chargify_stream.errors import TransientError
-from chargify_stream.kafka_admin import ensure_pipeline_topics
-from chargify_stream.kafka_errors import refusal, refused_for_itself
-from chargify_stream.limits import deadletter_record_max
+from chargify_stream.base.errors import TransientError
+from chargify_stream.base.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.kafka_errors import refusal, refused_for_itself
+from chargify_stream.base.limits import deadletter_record_max
+from chargify_stream.base.settings import Settings
 from chargify_stream.schemas.deadletter import parse_dead_letter, replay_headers
-from chargify_stream.settings import Settings
 from chargify_stream.sink.clients import connect, group_consumer, has_record, idempotent_producer
 from chargify_stream.sink.deadletters import message_headers
 from chargify_stream.sink.parked import Claimed, ParkedEvent, choose_redrives, parkable
@@ -309,7 +309,7 @@ class Redriver(SessionThread):
         """Re-publish each record; return once the broker acknowledged every one, with the
         number Kafka refused.
 
-        A record Kafka refuses for itself (:mod:`chargify_stream.kafka_errors`) is logged
+        A record Kafka refuses for itself (:mod:`chargify_stream.base.kafka_errors`) is logged
         and left for an operator, not retried: raising would roll back every claim, and
         the same record would be claimed first, and refused, for ever.
         """

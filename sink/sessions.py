@@ -19,7 +19,7 @@ from typing import Self
 import psycopg
 from prometheus_client import Counter
 
-from chargify_stream.retry import backoff
+from chargify_stream.base.retry import backoff
 
 __all__ = ["SessionThread", "run_sessions"]
 

@@ -44,8 +44,9 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg.types.numeric import Int8BinaryDumper
 
-from chargify_stream.errors import RecordError, TransientError
+from chargify_stream.base.errors import TransientError
 from chargify_stream.schemas import headers
+from chargify_stream.schemas.errors import RecordError
 from chargify_stream.schemas.records import SubscriptionChange, Transaction
 from chargify_stream.sink.outcomes import (
     PARKED,

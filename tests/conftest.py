@@ -16,10 +16,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from chargify_stream.kafka_admin import ensure_pipeline_topics, ensure_topics
+from chargify_stream.base.kafka_admin import ensure_pipeline_topics, ensure_topics
+from chargify_stream.base.settings import Settings, load_settings
 from chargify_stream.local.kafka import LocalKafka, Scram
 from chargify_stream.local.ports import free_port
-from chargify_stream.settings import Settings, load_settings
 from chargify_stream.sink.migrate import migrate
 from tests.services import KafkaService, PostgresService, start_kafka, start_postgres
 from tests.stages import Stage

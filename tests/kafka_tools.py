@@ -1,7 +1,7 @@
 """Small, blocking Kafka helpers for tests: read what a topic holds, write test records.
 
 Each takes the broker as bootstrap servers (a PLAINTEXT broker) or as the test's
-settings (any broker, through :mod:`chargify_stream.kafka_config`).
+settings (any broker, through :mod:`chargify_stream.base.kafka_config`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
-from chargify_stream.delivery import publish_and_wait
-from chargify_stream.kafka_config import librdkafka_config
-from chargify_stream.settings import Settings
+from chargify_stream.base.delivery import publish_and_wait
+from chargify_stream.base.kafka_config import librdkafka_config
+from chargify_stream.base.settings import Settings
 
 
 def connection(kafka: str | Settings) -> dict[str, Any]:

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import psycopg
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.ingest.signature import sign
 from chargify_stream.local.ports import free_port
-from chargify_stream.settings import Settings
 from tests.conftest import TEST_SHARED_KEY
 from tests.stages import Stage
 

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.local.launch import StageProcess, stage_command
-from chargify_stream.settings import Settings
 
 
 class Stage(StageProcess):

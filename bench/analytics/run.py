@@ -26,11 +26,11 @@ from datetime import UTC, datetime, timedelta
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from chargify_stream.analytics import read_transactions
-from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.base.kafka_admin import ensure_topics
+from chargify_stream.base.settings import Settings, load_settings
 from chargify_stream.local.kafka import LocalKafka
 from chargify_stream.schemas.codec import encode
 from chargify_stream.schemas.records import Transaction
-from chargify_stream.settings import Settings, load_settings
 
 PARTITIONS = 3
 

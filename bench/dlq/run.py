@@ -23,12 +23,12 @@ from datetime import UTC, datetime, timedelta
 
 from confluent_kafka import Producer
 
-from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.settings import Settings, load_settings
 from chargify_stream.local.kafka import LocalKafka
 from chargify_stream.local.ports import free_port
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import dead_letter_headers
-from chargify_stream.settings import Settings, load_settings
 
 
 def fill(settings: Settings, count: int, size: int) -> None:

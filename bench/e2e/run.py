@@ -62,8 +62,9 @@ import psycopg  # noqa: E402
 import workload as wl  # noqa: E402
 from confluent_kafka import Consumer, Message, Producer, TopicPartition  # noqa: E402
 
-from chargify_stream.delivery import Record, publish_and_wait  # noqa: E402
-from chargify_stream.kafka_admin import ensure_topics  # noqa: E402
+from chargify_stream.base.delivery import Record, publish_and_wait  # noqa: E402
+from chargify_stream.base.kafka_admin import ensure_topics  # noqa: E402
+from chargify_stream.base.settings import Settings, load_settings  # noqa: E402
 from chargify_stream.local.kafka import LocalKafka  # noqa: E402
 from chargify_stream.local.launch import (  # noqa: E402
     StageProcess,
@@ -75,7 +76,6 @@ from chargify_stream.local.launch import (  # noqa: E402
 from chargify_stream.local.ports import free_port  # noqa: E402
 from chargify_stream.local.postgres import LocalPostgres  # noqa: E402
 from chargify_stream.schemas import headers as h  # noqa: E402
-from chargify_stream.settings import Settings, load_settings  # noqa: E402
 from chargify_stream.sink.admin import add_customer, add_partner  # noqa: E402
 from chargify_stream.sink.migrate import migrate  # noqa: E402
 

@@ -60,13 +60,13 @@ import workload as wl  # noqa: E402
 from confluent_kafka import Consumer, KafkaException, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient, ConfigResource  # noqa: E402
 
+from chargify_stream.base.kafka_admin import ensure_pipeline_topics  # noqa: E402
+from chargify_stream.base.kafka_config import librdkafka_config  # noqa: E402
+from chargify_stream.base.settings import Settings, load_settings  # noqa: E402
 from chargify_stream.ingest.signature import sign  # noqa: E402
-from chargify_stream.kafka_admin import ensure_pipeline_topics  # noqa: E402
-from chargify_stream.kafka_config import librdkafka_config  # noqa: E402
 from chargify_stream.local.kafka import LocalKafkaCluster  # noqa: E402
 from chargify_stream.local.ports import free_port  # noqa: E402
 from chargify_stream.local.postgres import LocalPostgres  # noqa: E402
-from chargify_stream.settings import Settings, load_settings  # noqa: E402
 from chargify_stream.sink.admin import add_customer, add_partner  # noqa: E402
 from chargify_stream.sink.migrate import migrate  # noqa: E402
 from tests.stages import Stage  # noqa: E402

@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 from loadgen import ensure_wrk, wrk  # bench/gateway/, the script's folder
 
-from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.base.kafka_admin import ensure_topics
 from chargify_stream.local.kafka import LocalKafka
 from chargify_stream.local.launch import StageProcess
 from chargify_stream.local.ports import free_port

@@ -15,11 +15,11 @@ import os
 import sys
 from pathlib import Path
 
+from chargify_stream.base.logs import setup_logging
+from chargify_stream.base.settings import Settings, load_settings
 from chargify_stream.ingest.app import GatewayApp
 from chargify_stream.ingest.publisher import Headers
 from chargify_stream.ingest.server import build_app, uvicorn_config
-from chargify_stream.logs import setup_logging
-from chargify_stream.settings import Settings, load_settings
 
 
 class NullSink:

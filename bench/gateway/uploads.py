@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.base.kafka_admin import ensure_topics
 from chargify_stream.local.kafka import LocalKafka
 from chargify_stream.local.launch import StageProcess, stage_command
 from chargify_stream.local.ports import free_port

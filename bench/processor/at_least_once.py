@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import sys
 
-from chargify_stream.logs import setup_logging
+from chargify_stream.base.logs import setup_logging
+from chargify_stream.base.settings import load_settings
 from chargify_stream.processors.worker import run
-from chargify_stream.settings import load_settings
 
 if __name__ == "__main__":
     settings = load_settings()

@@ -53,10 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from workload import Workload, make_workload
 
-from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.base.kafka_admin import ensure_topics
+from chargify_stream.base.settings import Settings, load_settings
 from chargify_stream.local.kafka import LocalKafka
 from chargify_stream.local.ports import free_port
-from chargify_stream.settings import Settings, load_settings
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results"

@@ -36,11 +36,11 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, Producer
 
+from chargify_stream.base.settings import load_settings
 from chargify_stream.local.kafka import LocalKafka
 from chargify_stream.processors.clients import ensure_changelogs, restorer_config
 from chargify_stream.processors.restore import restore
 from chargify_stream.processors.state import Store, dedup_record
-from chargify_stream.settings import load_settings
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 KEYS_PER_RECORD = 1000

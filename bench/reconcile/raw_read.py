@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from confluent_kafka import Producer
 
-from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.settings import load_settings
 from chargify_stream.received import RawTopicReader
-from chargify_stream.settings import load_settings
 from tests.builders import build_body
 from tests.services import start_kafka
 

@@ -44,12 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from workload import Workload, empty_sink_tables, make_workload, seed
 
-from chargify_stream.delivery import publish_and_wait
-from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.base.delivery import publish_and_wait
+from chargify_stream.base.kafka_admin import ensure_topics
+from chargify_stream.base.settings import Settings, load_settings
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.codec import encode
 from chargify_stream.schemas.records import SubscriptionChange, Transaction
-from chargify_stream.settings import Settings, load_settings
 from chargify_stream.sink import upsert
 from chargify_stream.sink.consumer import Prepared, build_sink
 from chargify_stream.sink.migrate import migrate

@@ -23,8 +23,8 @@ import psycopg
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from chargify_stream.kafka_config import librdkafka_config
-from chargify_stream.settings import Settings
+from chargify_stream.base.kafka_config import librdkafka_config
+from chargify_stream.base.settings import Settings
 
 __all__ = ["AGE_BUCKETS", "gather"]
 

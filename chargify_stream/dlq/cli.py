@@ -11,6 +11,10 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Producer
 
+from chargify_stream.base.errors import ChargifyStreamError, ConfigError
+from chargify_stream.base.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.limits import deadletter_record_max
+from chargify_stream.base.settings import Settings
 from chargify_stream.dlq.events import DeadLetterEvent, Filters, parse_time
 from chargify_stream.dlq.replay import (
     DEFAULT_MAX_ATTEMPTS,
@@ -21,13 +25,9 @@ from chargify_stream.dlq.replay import (
 )
 from chargify_stream.dlq.report import print_list, print_replay, print_stats, replay_summary
 from chargify_stream.dlq.scan import Progress, Scan, fill_latest, kafka_config, read_originals, scan
-from chargify_stream.errors import ChargifyStreamError, ConfigError
-from chargify_stream.kafka_admin import ensure_pipeline_topics
-from chargify_stream.limits import deadletter_record_max
 from chargify_stream.resolved import Resolution, resolutions
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import format_timestamp
-from chargify_stream.settings import Settings
 
 
 class ReplayError(ChargifyStreamError):

@@ -18,17 +18,17 @@ from typing import Any, TextIO, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from chargify_stream.base.errors import ChargifyStreamError, TransientError
+from chargify_stream.base.kafka_config import describe, librdkafka_config
+from chargify_stream.base.settings import Settings
 from chargify_stream.dlq.events import (
     DeadLetterEvent,
     DeadLetterRecord,
     EventGrouper,
     message_headers,
 )
-from chargify_stream.errors import ChargifyStreamError, TransientError
-from chargify_stream.kafka_config import describe, librdkafka_config
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import DeadLetterInfo
-from chargify_stream.settings import Settings
 
 # How much librdkafka may prefetch per partition: enough to keep a scan busy, little
 # enough that the prefetch, not the topic, bounds the reader's memory.

@@ -34,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from chargify_stream.errors import ServiceError
+from chargify_stream.base.errors import ServiceError
 from chargify_stream.local.launch import LocalService, spawn, wait_ready
 from chargify_stream.local.ports import free_port
 

@@ -23,8 +23,8 @@ from typing import ClassVar, Self
 
 import httpx
 
-from chargify_stream.errors import ServiceError
-from chargify_stream.settings import Settings
+from chargify_stream.base.errors import ServiceError
+from chargify_stream.base.settings import Settings
 
 __all__ = [
     "LaunchError",

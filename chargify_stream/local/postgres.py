@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psycopg
 
-from chargify_stream.errors import ServiceError
+from chargify_stream.base.errors import ServiceError
 from chargify_stream.local.launch import LocalService, spawn, wait_ready
 from chargify_stream.local.ports import free_port
 

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from chargify_stream.errors import ConfigError, ServiceError
-from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.errors import ConfigError, ServiceError
+from chargify_stream.base.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.settings import Settings, load_settings
 from chargify_stream.local.kafka import LocalKafka
 from chargify_stream.local.launch import StageProcess, stop_all
 from chargify_stream.local.postgres import LocalPostgres
-from chargify_stream.settings import Settings, load_settings
 from chargify_stream.sink.migrate import migrate
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

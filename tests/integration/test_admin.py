@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from chargify_stream.settings import Settings
+from chargify_stream.base.settings import Settings
 from chargify_stream.sink.migrate import available, migrate
 from tests.stages import run_cli as cli
 

@@ -24,12 +24,12 @@ import pytest
 from confluent_kafka import Producer
 
 from chargify_stream import analytics
-from chargify_stream.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.settings import Settings, load_settings
 from chargify_stream.schemas import codec
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import dead_letter_headers
 from chargify_stream.schemas.records import Customer, SubscriptionChange, Transaction
-from chargify_stream.settings import Settings, load_settings
 from tests.builders import build_body
 from tests.conftest import unique
 from tests.services import KafkaService

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.local.ports import free_port
-from chargify_stream.settings import Settings
 from tests.stages import run_cli
 
 pytestmark = pytest.mark.integration

@@ -17,9 +17,9 @@ import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.schemas.codec import decode, decode_record
 from chargify_stream.schemas.records import Customer, Transaction
-from chargify_stream.settings import Settings
 from chargify_stream.sink.customer_relay import CustomerRelay
 from tests.integration.test_dlq import cli, query, wait_for
 from tests.integration.test_sink_retry import webhook

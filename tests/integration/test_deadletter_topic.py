@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from chargify_stream.kafka_admin import check_deadletter_topic
-from chargify_stream.settings import Settings
+from chargify_stream.base.kafka_admin import check_deadletter_topic
+from chargify_stream.base.settings import Settings
 from tests.kafka_tools import alter_topic
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ def test_a_finite_retention_or_a_small_record_limit_is_warned_about(
         settings.topic("deadletter"),
         {"retention.ms": WEEK_MS, "retention.bytes": "1073741824", "max.message.bytes": "1048588"},
     )
-    with caplog.at_level(logging.WARNING, logger="chargify_stream.kafka_admin"):
+    with caplog.at_level(logging.WARNING, logger="chargify_stream.base.kafka_admin"):
         problems = check_deadletter_topic(settings)
     assert len(problems) == 3
     assert "deletes records after 7 days (retention.ms=604800000)" in problems[0]
@@ -60,6 +60,6 @@ def test_an_unreachable_broker_is_logged_not_raised(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     away = settings.model_copy(update={"kafka_bootstrap_servers": "127.0.0.1:1"})
-    with caplog.at_level(logging.WARNING, logger="chargify_stream.kafka_admin"):
+    with caplog.at_level(logging.WARNING, logger="chargify_stream.base.kafka_admin"):
         assert check_deadletter_topic(away, timeout=1.0) == []
     assert "could not read the configuration of topic" in caplog.text

@@ -17,10 +17,10 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.schemas.codec import encode
 from chargify_stream.schemas.deadletter import dead_letter_headers, format_timestamp
 from chargify_stream.schemas.records import SubscriptionChange, Transaction
-from chargify_stream.settings import Settings
 from tests.kafka_tools import consume, end_offsets, headers_of, produce
 from tests.stages import run_cli as cli
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from chargify_stream.settings import Settings
+from chargify_stream.base.settings import Settings
 from chargify_stream.sink.admin import add_customer, add_partner, add_plan, connect
 from tests.builders import build_body
 from tests.kafka_tools import consume, headers_of

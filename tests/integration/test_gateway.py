@@ -26,12 +26,12 @@ import httpx
 import pytest
 from confluent_kafka import KafkaError
 
+from chargify_stream.base.kafka_admin import ensure_pipeline_topics, ensure_topics
+from chargify_stream.base.settings import Settings, load_settings
 from chargify_stream.ingest.connection import DRAIN_MAX_BYTES
 from chargify_stream.ingest.publisher import Publisher
 from chargify_stream.ingest.signature import sign
-from chargify_stream.kafka_admin import ensure_pipeline_topics, ensure_topics
 from chargify_stream.local.ports import free_port
-from chargify_stream.settings import Settings, load_settings
 from tests.builders import build_body
 from tests.kafka_tools import consume, end_offsets, headers_of
 from tests.samples import raw_form_samples
@@ -108,7 +108,7 @@ def gateway_settings(kafka: KafkaService, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     settings = load_settings(**values)
-    # As the gateway itself creates it: with the raw record limit of chargify_stream.limits.
+    # As the gateway itself creates it: with the raw record limit of chargify_stream.base.limits.
     ensure_pipeline_topics(settings, [settings.topic("raw")])
     return settings
 

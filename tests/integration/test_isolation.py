@@ -20,15 +20,15 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from chargify_stream.errors import RecordError
-from chargify_stream.kafka_admin import ensure_topics
-from chargify_stream.limits import deadletter_record_max, raw_record_max
+from chargify_stream.base.kafka_admin import ensure_topics
+from chargify_stream.base.limits import deadletter_record_max, raw_record_max
+from chargify_stream.base.settings import Settings
 from chargify_stream.processors.splitter import Incoming, split
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.codec import decode
 from chargify_stream.schemas.deadletter import dead_letter_headers
+from chargify_stream.schemas.errors import RecordError
 from chargify_stream.schemas.records import Transaction
-from chargify_stream.settings import Settings
 from tests.builders import build_body
 from tests.conftest import unique
 from tests.integration.test_dlq import carried, cli_json

@@ -180,8 +180,8 @@ def test_the_sink_records_each_record_outcome_in_its_transaction(
 def test_resolved_dead_letters_are_those_with_a_later_good_outcome(
     database_factory: Callable[..., str],
 ) -> None:
+    from chargify_stream.base.settings import load_settings
     from chargify_stream.resolved import resolutions
-    from chargify_stream.settings import load_settings
 
     dsn = database_factory()
     settings = load_settings(database_url=dsn)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.processors.clients import (
     consumer_config,
     ensure_changelogs,
@@ -27,7 +28,6 @@ from chargify_stream.processors.pipeline import Pipeline, incoming
 from chargify_stream.processors.splitter import Incoming
 from chargify_stream.processors.state import Store
 from chargify_stream.schemas.codec import decode
-from chargify_stream.settings import Settings
 from tests.integration.test_processor import committed, webhook
 from tests.kafka_tools import consume, produce
 

@@ -17,12 +17,12 @@ import httpx
 import pytest
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
-from chargify_stream.kafka_admin import ensure_topics
+from chargify_stream.base.kafka_admin import ensure_topics
+from chargify_stream.base.settings import Settings
 from chargify_stream.processors.clients import ensure_changelogs
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.codec import decode
 from chargify_stream.schemas.records import SubscriptionChange, Transaction
-from chargify_stream.settings import Settings
 from tests.builders import build_body
 from tests.kafka_tools import consume, end_offsets, headers_of, produce
 from tests.stages import run_cli

@@ -19,10 +19,10 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.connect import EVENTS
 from chargify_stream.local.ports import free_port
 from chargify_stream.received import RawTopicReader
-from chargify_stream.settings import Settings
 from chargify_stream.sink.admin import add_customer, add_partner, connect
 from tests.builders import build_body
 from tests.chargify_standin import ChargifyStandIn

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.local.ports import free_port
 from chargify_stream.schemas.deadletter import format_timestamp
-from chargify_stream.settings import Settings
 from tests.builders import build_body
 from tests.integration.test_dlq import cli, cli_json, ends, payment, query, wait_for
 from tests.kafka_tools import consume, headers_of, produce

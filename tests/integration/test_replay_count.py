@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.schemas import headers as h
-from chargify_stream.settings import Settings
 from tests.integration.test_dlq import cli_json, wait_for
 from tests.integration.test_processor import webhook
 from tests.kafka_tools import consume, headers_of, produce

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from chargify_stream.kafka_admin import ensure_pipeline_topics
-from chargify_stream.kafka_config import librdkafka_config
+from chargify_stream.base.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.kafka_config import librdkafka_config
+from chargify_stream.base.settings import Settings, load_settings
 from chargify_stream.local.kafka import LocalKafka
-from chargify_stream.settings import Settings, load_settings
 from chargify_stream.sink.admin import add_customer, add_partner, connect
 from tests.builders import build_body
 from tests.conftest import settings_values

@@ -21,15 +21,15 @@ import httpx
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from chargify_stream.settings import Settings
+from chargify_stream.base.settings import Settings
 
 pytestmark = pytest.mark.integration
 
 _WORKER = textwrap.dedent(
     """
     import threading
-    from chargify_stream.logs import setup_logging
-    from chargify_stream.settings import load_settings
+    from chargify_stream.base.logs import setup_logging
+    from chargify_stream.base.settings import load_settings
     from chargify_stream.processors import seam
     from chargify_stream.processors.metrics import ProcessorMetrics
 

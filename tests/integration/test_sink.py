@@ -22,11 +22,11 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.local.ports import free_port
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.codec import encode
 from chargify_stream.schemas.records import ComponentAllocation, SubscriptionChange, Transaction
-from chargify_stream.settings import Settings
 from chargify_stream.sink.admin import add_customer, add_partner, add_plan, connect
 from chargify_stream.sink.consumer import build_sink
 from chargify_stream.sink.upsert import Record, write_batch

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.schemas.codec import decode
 from chargify_stream.schemas.deadletter import format_timestamp
 from chargify_stream.schemas.records import SubscriptionChange, Transaction
-from chargify_stream.settings import Settings
 from tests.builders import build_body
 from tests.integration.test_dlq import (
     cli_json,

@@ -16,8 +16,8 @@ import httpx
 import psycopg
 import pytest
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.ingest.signature import sign
-from chargify_stream.settings import Settings
 from tests.conftest import TEST_SHARED_KEY
 from tests.kafka_tools import consume, headers_of
 from tests.samples import require_samples

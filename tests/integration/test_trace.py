@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
+from chargify_stream.base.settings import Settings
 from chargify_stream.local.ports import free_port
 from chargify_stream.schemas.deadletter import format_timestamp
-from chargify_stream.settings import Settings
 from chargify_stream.sink.admin import add_customer, add_partner, connect
 from tests.browser import dump_dom, figures, screenshot
 from tests.builders import build_body

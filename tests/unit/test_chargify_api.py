@@ -10,16 +10,16 @@ from typing import Any
 import pytest
 
 from chargify_stream import connect
+from chargify_stream.base.errors import ConfigError, TransientError
+from chargify_stream.base.settings import load_settings
 from chargify_stream.chargify_api import (
     ChargifyApi,
     ChargifyApiError,
     ChargifyAuthError,
     ChargifyUnavailable,
 )
-from chargify_stream.errors import ConfigError, TransientError
 from chargify_stream.local.ports import free_port
 from chargify_stream.reconcile import ReplayIncomplete, Webhook, parse_interval, request_replays
-from chargify_stream.settings import load_settings
 from tests.chargify_standin import ChargifyStandIn
 
 GATEWAY = "https://hooks.example.com/webhooks/chargify"

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from chargify_stream.errors import ConfigError
+from chargify_stream.base.errors import ConfigError
 from chargify_stream.reconcile import our_endpoint
 from chargify_stream.reconcile_report import Webhook, Window
 from tests.chargify_standin import EASTERN, ChargifyStandIn

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chargify_stream.errors import UnsupportedSchema
 from chargify_stream.schemas import codec
+from chargify_stream.schemas.errors import UnsupportedSchema
 from chargify_stream.schemas.records import (
     ComponentAllocation,
     Customer,

@@ -15,6 +15,7 @@ from importlib.metadata import version
 import uvicorn
 from uvicorn.protocols.http import httptools_impl
 
+from chargify_stream.base.settings import load_settings
 from chargify_stream.ingest.connection import (
     Deadlines,
     GatewayProtocol,
@@ -22,7 +23,6 @@ from chargify_stream.ingest.connection import (
     raise_open_files,
 )
 from chargify_stream.ingest.server import build_app, uvicorn_config
-from chargify_stream.settings import load_settings
 from tests.unit.test_gateway_app import FakeSink
 
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chargify_stream.errors import MalformedPayload
 from chargify_stream.schemas import form
+from chargify_stream.schemas.errors import MalformedPayload
 from chargify_stream.schemas.form import decode_form, encode_form, encode_pairs, get, parse_pairs
 from tests.samples import raw_form_params, raw_form_samples, sample_body
 

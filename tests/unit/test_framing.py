@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chargify_stream.errors import MalformedPayload
 from chargify_stream.ingest.framing import Frame, FramingError, frame
+from chargify_stream.schemas.errors import MalformedPayload
 from chargify_stream.schemas.form import parse_pairs
 from tests.builders import build_body
 from tests.samples import raw_form_params, sample_body

@@ -16,12 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chargify_stream.errors import ConfigError
+from chargify_stream.base.errors import ConfigError
+from chargify_stream.base.settings import load_settings
 from chargify_stream.ingest.app import GatewayApp
 from chargify_stream.ingest.publisher import Headers, PublishError
 from chargify_stream.ingest.server import build_app
 from chargify_stream.ingest.signature import sign
-from chargify_stream.settings import load_settings
 
 KEY = b"unit-key"
 FORM = b"application/x-www-form-urlencoded"

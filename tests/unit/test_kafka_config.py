@@ -8,14 +8,14 @@ from typing import Any
 import faust
 import pytest
 
-from chargify_stream.errors import ConfigError
-from chargify_stream.kafka_config import (
+from chargify_stream.base.errors import ConfigError
+from chargify_stream.base.kafka_config import (
     aiokafka_config,
     describe,
     faust_credentials,
     librdkafka_config,
 )
-from chargify_stream.settings import load_settings
+from chargify_stream.base.settings import load_settings
 from tests.stages import run_cli
 
 SCRAM = {
@@ -137,11 +137,11 @@ def _a_ca_certificate(tmp_path: Path) -> str:
 def test_every_client_in_the_package_connects_through_kafka_config() -> None:
     # A client built from a bare "bootstrap.servers" cannot reach a cluster that needs TLS
     # or SASL (tests/integration/test_sasl.py finds that too, but slowly): each stage and
-    # command takes its connection from chargify_stream.kafka_config.
+    # command takes its connection from chargify_stream.base.kafka_config.
     root = Path(__file__).resolve().parents[2]
     allowed = {
-        "chargify_stream/kafka_config.py",  # the one place
-        "chargify_stream/kafka_admin.py",  # bare bootstrap servers given by a test or bench
+        "chargify_stream/base/kafka_config.py",  # the one place
+        "chargify_stream/base/kafka_admin.py",  # bare bootstrap servers given by a test or bench
         "chargify_stream/local/kafka.py",  # the local broker's own readiness check
         "ingest/publisher.py",  # takes its connection from ingest/server.py as **config
     }

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from chargify_stream.logs import JsonFormatter, TextFormatter, fields
+from chargify_stream.base.logs import JsonFormatter, TextFormatter, fields
 
 
 def record(message: str, *args: object, **extra: object) -> logging.LogRecord:

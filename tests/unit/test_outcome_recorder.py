@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from chargify_stream.base.settings import load_settings
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import dead_letter_headers
 from chargify_stream.schemas.decisions import Decision, encode_decision
-from chargify_stream.settings import load_settings
 from chargify_stream.sink.outcomes import parse_position, source_of
 from chargify_stream.sink.recorder import delivery_of
 

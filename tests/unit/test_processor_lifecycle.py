@@ -11,7 +11,7 @@ import time
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from chargify_stream.errors import TransientError
+from chargify_stream.base.errors import TransientError
 from chargify_stream.processors import lifecycle
 
 
@@ -51,7 +51,7 @@ def test_other_errors_are_not_retried() -> None:
 _HANGING_STOP = textwrap.dedent(
     """
     import sys, time
-    from chargify_stream.logs import setup_logging
+    from chargify_stream.base.logs import setup_logging
     from chargify_stream.processors import lifecycle
     setup_logging("INFO")
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from prometheus_client import generate_latest
 
-from chargify_stream.errors import ConfigError, TransientError
+from chargify_stream.base.errors import ConfigError, TransientError
 from chargify_stream.reconcile_metrics import ReconcileMetrics, run_forever
 from chargify_stream.reconcile_report import Report, Webhook, Window
 

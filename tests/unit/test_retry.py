@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from chargify_stream.errors import TransientError
-from chargify_stream.retry import RetryStopped, backoff, retry
+from chargify_stream.base.errors import TransientError
+from chargify_stream.base.retry import RetryStopped, backoff, retry
 
 
 def test_pauses_double_up_to_the_most() -> None:

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chargify_stream.errors import MalformedPayload
 from chargify_stream.processors import fields, routing
 from chargify_stream.processors.fields import FIELDS, extract_fields
 from chargify_stream.processors.routing import (
@@ -24,6 +23,7 @@ from chargify_stream.processors.routing import (
     Ignore,
     route,
 )
+from chargify_stream.schemas.errors import MalformedPayload
 from chargify_stream.schemas.form import decode_form, encode_pairs
 from chargify_stream.schemas.records import ComponentAllocation, SubscriptionChange, Transaction
 from tests.builders import DEFAULT_OCCURRED_AT, EVENTS, build_body, build_pairs

@@ -18,9 +18,9 @@ import psycopg
 import pytest
 from psycopg import errors
 
+from chargify_stream.base.settings import load_settings
 from chargify_stream.schemas.codec import encode
 from chargify_stream.schemas.records import Transaction
-from chargify_stream.settings import load_settings
 from chargify_stream.sink.consumer import Sink, SinkMetrics, Stopping
 from chargify_stream.sink.upsert import (
     BatchResult,

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from chargify_stream.errors import MalformedPayload
+from chargify_stream.schemas.errors import MalformedPayload
 from chargify_stream.schemas.values import (
     none_if_empty,
     to_bool,

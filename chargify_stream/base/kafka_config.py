@@ -24,8 +24,8 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from chargify_stream.errors import ConfigError
-from chargify_stream.settings import Settings
+from chargify_stream.base.errors import ConfigError
+from chargify_stream.base.settings import Settings
 
 __all__ = [
     "aiokafka_config",

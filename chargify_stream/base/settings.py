@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from chargify_stream.errors import ConfigError
+from chargify_stream.base.errors import ConfigError
 
 # Local defaults: the addresses `chargify-stream up` starts Kafka and Postgres on.
 DEFAULT_KAFKA = "127.0.0.1:9092"
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
 
     kafka_bootstrap_servers: str = DEFAULT_KAFKA
-    # How every Kafka client connects (chargify_stream.kafka_config turns these into
+    # How every Kafka client connects (chargify_stream.base.kafka_config turns these into
     # each client library's settings). PLAINTEXT is a local broker; managed clusters
     # take SASL_SSL with a SCRAM or PLAIN mechanism.
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"

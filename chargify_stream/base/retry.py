@@ -1,7 +1,7 @@
 """Retry with backoff: the one schedule of pauses, and a loop that uses it.
 
 Transient faults (the broker or the database away, a throttled API) are retried, never
-turned into dead letters (``chargify_stream.errors``). The pause starts at ``first``,
+turned into dead letters (``chargify_stream.base.errors``). The pause starts at ``first``,
 doubles after every failure and stays at ``most``; with ``jitter`` each pause is drawn
 from its upper half, so that several processes do not reconnect in step.
 """
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from chargify_stream.errors import ChargifyStreamError
+from chargify_stream.base.errors import ChargifyStreamError
 
 __all__ = ["RetryStopped", "backoff", "retry"]
 

@@ -16,10 +16,10 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
-from chargify_stream.errors import TransientError
-from chargify_stream.kafka_config import describe, librdkafka_config
-from chargify_stream.limits import deadletter_record_max, raw_record_max
-from chargify_stream.settings import Settings
+from chargify_stream.base.errors import TransientError
+from chargify_stream.base.kafka_config import describe, librdkafka_config
+from chargify_stream.base.limits import deadletter_record_max, raw_record_max
+from chargify_stream.base.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def ensure_topics(
 ) -> None:
     """Create each missing topic; topics that already exist are left as they are.
 
-    ``kafka`` is the settings (their connection: see :mod:`chargify_stream.kafka_config`),
+    ``kafka`` is the settings (their connection: see :mod:`chargify_stream.base.kafka_config`),
     a librdkafka connection dict, or bare bootstrap servers of a PLAINTEXT broker.
     ``config`` is added to the new topics' configuration. Returns once every topic it
     created shows a leader for each partition in the broker's metadata (at most
@@ -71,7 +71,7 @@ def pipeline_topic_config(settings: Settings, name: str) -> dict[str, str]:
     """The configuration the pipeline gives its topic ``name`` (a full topic name).
 
     The raw and dead-letter topics take records up to the size budget of
-    :mod:`chargify_stream.limits`; dead letters are kept until dealt with
+    :mod:`chargify_stream.base.limits`; dead letters are kept until dealt with
     (``DEADLETTER_RETENTION_MS``, unlimited by default) instead of the broker's 7 days. The
     sink's retry topic carries dead letters back to the sink, so it is configured alike.
     The customers topic is compacted: the latest record of each customer is kept for good.
