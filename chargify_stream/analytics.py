@@ -38,7 +38,6 @@ conversion to plain dicts, each a few lines, next to the reader that picks it.
 from __future__ import annotations
 
 import dataclasses
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,8 +48,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from chargify_stream.base.errors import ChargifyStreamError, TransientError
 from chargify_stream.base.kafka_config import librdkafka_config
+from chargify_stream.base.messages import message_headers, read_to_end
 from chargify_stream.base.settings import Settings, load_settings
-from chargify_stream.dlq import message_headers, parse_time
+from chargify_stream.dlq import parse_time
 from chargify_stream.schemas import form
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.codec import decode_record
@@ -426,39 +426,15 @@ def _to_end(
     timeout: float,
 ) -> Iterator[Message]:
     """The records from ``starts`` up to ``ends`` (the high watermarks taken at start)."""
-    pending = {p: ends[p] for p, start in starts.items() if start < ends[p]}
-    if not pending:
-        return
-    consumer.assign([TopicPartition(topic, p, starts[p]) for p in pending])
-    heard = time.monotonic()
-    while pending:
-        msgs = consumer.consume(500, 0.5)
-        if msgs:
-            heard = time.monotonic()
-        elif time.monotonic() - heard > timeout:
-            # Also when a Kafka transaction stays open: read_committed cannot pass it.
-            raise TransientError(
-                f"reading {topic} stalled: no answer from Kafka for {timeout:.0f}s "
-                f"before the end of partitions {sorted(pending)}"
-            )
-        for msg in msgs:
-            partition = msg.partition() or 0
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    # In read_committed the last offsets may be transaction markers, which
-                    # are never delivered: the end is reached when EOF says so.
-                    if (msg.offset() or 0) >= pending.get(partition, 0):
-                        pending.pop(partition, None)
-                    continue
-                raise TransientError(f"reading {topic}: {err.str()}")
-            if partition not in pending:
-                continue
-            offset = msg.offset() or 0
-            if offset < pending[partition]:
-                yield msg
-            if offset >= pending[partition] - 1:
-                pending.pop(partition)
+
+    def stalled(pending: list[int]) -> str:
+        return (
+            f"reading {topic} stalled: no answer from Kafka for {timeout:.0f}s "
+            f"before the end of partitions {pending}"
+        )
+
+    for batch in read_to_end(consumer, topic, starts, ends, timeout=timeout, stalled=stalled):
+        yield from batch
 
 
 def _follow(

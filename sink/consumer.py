@@ -66,6 +66,7 @@ from chargify_stream.base.errors import ChargifyStreamError, TransientError
 from chargify_stream.base.kafka_admin import check_deadletter_topic, ensure_pipeline_topics
 from chargify_stream.base.kafka_config import librdkafka_config
 from chargify_stream.base.limits import deadletter_record_max
+from chargify_stream.base.messages import message_headers
 from chargify_stream.base.retry import RetryStopped, retry
 from chargify_stream.base.settings import Settings
 from chargify_stream.schemas import headers as h
@@ -75,7 +76,6 @@ from chargify_stream.sink.clients import has_record
 from chargify_stream.sink.deadletters import (
     DeadLetter,
     DeadLetterUnacknowledged,
-    message_headers,
     produce_dead_letters,
 )
 from chargify_stream.sink.health import serve_health

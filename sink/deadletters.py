@@ -15,13 +15,14 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import cast
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from chargify_stream.base.errors import TransientError
 from chargify_stream.base.kafka_errors import refusal, refused_for_itself
 from chargify_stream.base.logs import fields
+from chargify_stream.base.messages import message_headers
 from chargify_stream.base.retry import RetryStopped
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import dead_letter_headers, pointer
@@ -29,7 +30,6 @@ from chargify_stream.schemas.deadletter import dead_letter_headers, pointer
 __all__ = [
     "DeadLetter",
     "DeadLetterUnacknowledged",
-    "message_headers",
     "produce_dead_letters",
 ]
 
@@ -127,13 +127,6 @@ def produce_dead_letters(
         if stop.is_set():
             raise RetryStopped("stopped while waiting for dead-letter acknowledgements")
     return failed, refused
-
-
-def message_headers(msg: Message) -> list[tuple[str, bytes]]:
-    """A consumed record's headers as (name, bytes) pairs, without empty values."""
-    raw: Any = msg.headers() or []
-    items = raw.items() if isinstance(raw, dict) else raw
-    return [(k, v.encode() if isinstance(v, str) else v) for k, v in items if v is not None]
 
 
 def _log_fields(dl: DeadLetter) -> dict[str, str]:

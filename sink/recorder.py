@@ -36,12 +36,12 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from chargify_stream.base.kafka_admin import ensure_pipeline_topics
+from chargify_stream.base.messages import consumed_fields
 from chargify_stream.base.settings import Settings
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import parse_dead_letter
 from chargify_stream.schemas.decisions import decode_decision
 from chargify_stream.sink.clients import connect, group_consumer, has_record
-from chargify_stream.sink.deadletters import message_headers
 from chargify_stream.sink.outcomes import (
     DEAD_LETTERED,
     PARKED,
@@ -94,10 +94,13 @@ def delivery_of(
     key: bytes | None,
     value: bytes | None,
     headers: Sequence[tuple[str, bytes]],
-    timestamp: datetime,
+    timestamp: datetime | None,
 ) -> Delivery | None:
     """The decision one record of the dead-letter or decisions topic stands for; ``None``
-    for a record without a usable webhook id (nothing to key its outcome on)."""
+    for a record without a usable webhook id (nothing to key its outcome on). A record
+    without a ``timestamp`` stands for now."""
+    if timestamp is None:
+        timestamp = datetime.now(UTC)
     if topic == settings.topic("decisions"):
         decision = decode_decision(value or b"")
         if decision is None:
@@ -224,17 +227,7 @@ class Recorder(SessionThread):
     def _record(self, conn: psycopg.Connection[Any], msgs: Sequence[Message]) -> None:
         deliveries = []
         for msg in msgs:
-            kind, stamp = msg.timestamp()
-            delivery = delivery_of(
-                self.settings,
-                topic=msg.topic() or "",
-                partition=msg.partition() or 0,
-                offset=msg.offset() or 0,
-                key=msg.key(),
-                value=msg.value(),
-                headers=message_headers(msg),
-                timestamp=datetime.fromtimestamp(stamp / 1000, UTC) if kind else datetime.now(UTC),
-            )
+            delivery = delivery_of(self.settings, **consumed_fields(msg))
             if delivery is not None:
                 deliveries.append(delivery)
                 self.metrics.deliveries.labels(delivery.decision).inc()

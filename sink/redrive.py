@@ -50,10 +50,10 @@ from chargify_stream.base.errors import TransientError
 from chargify_stream.base.kafka_admin import ensure_pipeline_topics
 from chargify_stream.base.kafka_errors import refusal, refused_for_itself
 from chargify_stream.base.limits import deadletter_record_max
+from chargify_stream.base.messages import message_headers
 from chargify_stream.base.settings import Settings
 from chargify_stream.schemas.deadletter import parse_dead_letter, replay_headers
 from chargify_stream.sink.clients import connect, group_consumer, has_record, idempotent_producer
-from chargify_stream.sink.deadletters import message_headers
 from chargify_stream.sink.parked import Claimed, ParkedEvent, choose_redrives, parkable
 from chargify_stream.sink.sessions import SessionThread
 

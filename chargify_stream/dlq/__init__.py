@@ -48,7 +48,6 @@ from chargify_stream.dlq.events import (
     Filters,
     group_events,
     identity,
-    message_headers,
     parse_time,
 )
 from chargify_stream.dlq.replay import (
@@ -82,7 +81,6 @@ __all__ = [
     "format_age",
     "group_events",
     "identity",
-    "message_headers",
     "parse_time",
     "plan_replay",
     "read_originals",

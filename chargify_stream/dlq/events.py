@@ -22,6 +22,7 @@ from typing import Any, TypeVar, cast
 
 from confluent_kafka import Message
 
+from chargify_stream.base.messages import consumed_fields
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import (
     DeadLetterInfo,
@@ -114,17 +115,7 @@ class DeadLetterRecord:
 
     @classmethod
     def from_message(cls, msg: Message, *, keep_value: bool = True) -> DeadLetterRecord:
-        kind, millis = msg.timestamp()
-        return cls.build(
-            topic=msg.topic() or "",
-            partition=msg.partition() or 0,
-            offset=msg.offset() or 0,
-            key=msg.key(),
-            value=msg.value(),
-            headers=message_headers(msg),
-            timestamp=datetime.fromtimestamp(millis / 1000, UTC) if kind and millis > 0 else None,
-            keep_value=keep_value,
-        )
+        return cls.build(**consumed_fields(msg), keep_value=keep_value)
 
     def header(self, name: str) -> str | None:
         """The last value of header ``name``, as text."""
@@ -151,13 +142,6 @@ class DeadLetterRecord:
     @property
     def position(self) -> str:
         return f"{self.topic}[{self.partition}]@{self.offset}"
-
-
-def message_headers(msg: Message) -> list[tuple[str, bytes]]:
-    """A consumed record's headers as (name, bytes) pairs, in order; valueless ones dropped."""
-    raw: Any = msg.headers() or []
-    items = raw.items() if isinstance(raw, dict) else raw
-    return [(k, v.encode() if isinstance(v, str) else v) for k, v in items if v is not None]
 
 
 def identity(record: DeadLetterRecord) -> str:

@@ -20,12 +20,12 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from chargify_stream.base.errors import ChargifyStreamError, TransientError
 from chargify_stream.base.kafka_config import describe, librdkafka_config
+from chargify_stream.base.messages import message_headers, read_to_end
 from chargify_stream.base.settings import Settings
 from chargify_stream.dlq.events import (
     DeadLetterEvent,
     DeadLetterRecord,
     EventGrouper,
-    message_headers,
 )
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import DeadLetterInfo
@@ -156,36 +156,20 @@ def _read(
     progress: Progress | None,
 ) -> int:
     total = sum(high - low for low, high in ends.values())
-    pending = {p: high for p, (low, high) in ends.items() if high > low}
-    consumer.assign([TopicPartition(topic, p, ends[p][0]) for p in pending])
     read = 0
-    stalled_since = time.monotonic()
-    while pending:
-        msgs = consumer.consume(500, 0.5)
-        if msgs:
-            stalled_since = time.monotonic()
-        elif time.monotonic() - stalled_since > timeout:
-            raise TransientError(
-                f"reading {topic} stalled after {read} of {total} records "
-                f"(no answer from Kafka for {timeout:.0f}s); nothing was changed"
-            )
-        for msg in msgs:
-            partition = msg.partition() or 0
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    if (msg.offset() or 0) >= pending.get(partition, 0):
-                        pending.pop(partition, None)
-                    continue
-                raise TransientError(f"reading {topic}: {err.str()}")
-            if partition not in pending:
-                continue
-            offset = msg.offset() or 0
-            if offset < pending[partition]:
-                grouper.add(DeadLetterRecord.from_message(msg, keep_value=False))
-                read += 1
-            if offset >= pending[partition] - 1:
-                pending.pop(partition)
+
+    def stalled(_pending: list[int]) -> str:
+        return (
+            f"reading {topic} stalled after {read} of {total} records "
+            f"(no answer from Kafka for {timeout:.0f}s); nothing was changed"
+        )
+
+    starts = {p: low for p, (low, _high) in ends.items()}
+    highs = {p: high for p, (_low, high) in ends.items()}
+    for batch in read_to_end(consumer, topic, starts, highs, timeout=timeout, stalled=stalled):
+        for msg in batch:
+            grouper.add(DeadLetterRecord.from_message(msg, keep_value=False))
+        read += len(batch)
         if progress is not None:
             progress.update(read, total)
     return read
