@@ -46,11 +46,11 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from chargify_stream.arguments import parse_time
 from chargify_stream.base.errors import ChargifyStreamError, TransientError
 from chargify_stream.base.kafka_config import librdkafka_config
 from chargify_stream.base.messages import message_headers, read_to_end
 from chargify_stream.base.settings import Settings, load_settings
-from chargify_stream.dlq import parse_time
 from chargify_stream.schemas import form
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.codec import decode_record

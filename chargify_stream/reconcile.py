@@ -39,6 +39,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from chargify_stream import connect
+from chargify_stream.arguments import argument, parse_time
 from chargify_stream.base.errors import ChargifyStreamError, ConfigError, TransientError
 from chargify_stream.base.settings import Settings
 from chargify_stream.chargify_api import (
@@ -47,7 +48,6 @@ from chargify_stream.chargify_api import (
     ChargifyApiError,
     ChargifyUnavailable,
 )
-from chargify_stream.dlq import parse_time
 from chargify_stream.received import RawTopicReader, outcome_ids
 from chargify_stream.reconcile_report import (
     Report,
@@ -293,13 +293,6 @@ def parse_interval(text: str) -> float:
     return float(found.group(1)) * _SECONDS[found.group(2)]
 
 
-def _interval_arg(text: str) -> float:
-    try:
-        return parse_interval(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _seconds_arg(text: str) -> float:
     try:
         value = float(text)
@@ -335,7 +328,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="after replaying, wait up to SECONDS for the replayed webhooks to arrive",
     )  # fmt: skip
     parser.add_argument(
-        "--every", type=_interval_arg, metavar="INTERVAL",
+        "--every", type=argument(parse_interval), metavar="INTERVAL",
         help="run a pass every INTERVAL (e.g. 15m) forever, with Prometheus metrics on "
         "RECONCILE_METRICS_PORT",
     )  # fmt: skip

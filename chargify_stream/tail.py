@@ -12,12 +12,11 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from chargify_stream import analytics
+from chargify_stream.arguments import at_least_one, positive, time_arg
 from chargify_stream.base.settings import Settings
-from chargify_stream.dlq import parse_time
 
 __all__ = ["add_arguments", "run"]
 
@@ -74,29 +73,6 @@ _COLUMNS: dict[str, tuple[tuple[str, str, int], ...]] = {
 _NUMERIC = {"amount_cents", "transaction_id", "subscription_id", "webhook_id", "product_id"}
 
 
-def _time_arg(text: str) -> datetime:
-    try:
-        return parse_time(text, datetime.now(UTC))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _count_arg(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
-    return int(text)
-
-
-def _timeout_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, not {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``tail``'s arguments."""
     parser.add_argument("topic", choices=analytics.TOPICS, help="which topic to read")
@@ -110,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     start.add_argument(
         "--since",
-        type=_time_arg,
+        type=time_arg,
         metavar="TIME",
         help="start at the first record written at or after TIME: RFC 3339, a date, "
         "or an age (90s, 2h, 7d)",
@@ -118,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     start.add_argument(
         "-n",
         "--last",
-        type=_count_arg,
+        type=at_least_one,
         metavar="N",
         help=f"start N records before the end of each partition (default {DEFAULT_LAST})",
     )
@@ -129,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=_timeout_arg,
+        type=positive("a number of seconds"),
         default=30.0,
         metavar="SECONDS",
         help="how long Kafka may stay silent before giving up (default 30)",

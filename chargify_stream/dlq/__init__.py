@@ -48,7 +48,6 @@ from chargify_stream.dlq.events import (
     Filters,
     group_events,
     identity,
-    parse_time,
 )
 from chargify_stream.dlq.replay import (
     DEFAULT_MAX_ATTEMPTS,
@@ -81,7 +80,6 @@ __all__ = [
     "format_age",
     "group_events",
     "identity",
-    "parse_time",
     "plan_replay",
     "read_originals",
     "replay_destination",

@@ -11,11 +11,12 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Producer
 
+from chargify_stream.arguments import at_least_one, positive, time_arg
 from chargify_stream.base.errors import ChargifyStreamError, ConfigError
 from chargify_stream.base.kafka_admin import ensure_pipeline_topics
 from chargify_stream.base.limits import deadletter_record_max
 from chargify_stream.base.settings import Settings
-from chargify_stream.dlq.events import DeadLetterEvent, Filters, parse_time
+from chargify_stream.dlq.events import DeadLetterEvent, Filters
 from chargify_stream.dlq.replay import (
     DEFAULT_MAX_ATTEMPTS,
     ReplayOutcome,
@@ -45,27 +46,7 @@ def _reasons(text: str) -> list[str]:
     return codes
 
 
-def _time_arg(text: str) -> datetime:
-    try:
-        return parse_time(text, datetime.now(UTC))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, not {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
-    return int(text)
+_positive = positive()
 
 
 def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
@@ -94,17 +75,17 @@ def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--since",
-        type=_time_arg,
+        type=time_arg,
         metavar="TIME",
         help="last dead-lettered at or after TIME: RFC 3339, a date, or an age (2h, 7d)",
     )
     parser.add_argument(
-        "--until", type=_time_arg, metavar="TIME", help="last dead-lettered before TIME"
+        "--until", type=time_arg, metavar="TIME", help="last dead-lettered before TIME"
     )
     parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=_positive,
         default=10.0,
         metavar="SECONDS",
         help="how long to wait for Kafka before giving up (default 10)",
@@ -126,11 +107,11 @@ def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
             "unchanged or ignored (webhook_outcomes); skipped by default",
         )
         parser.add_argument(
-            "--rate", type=_positive_float, metavar="N", help="at most N records per second"
+            "--rate", type=_positive, metavar="N", help="at most N records per second"
         )
         parser.add_argument(
             "--max-attempts",
-            type=_positive_int,
+            type=at_least_one,
             default=DEFAULT_MAX_ATTEMPTS,
             metavar="N",
             help="refuse events that already failed N times "

@@ -14,10 +14,9 @@ So memory grows with the number of events, not with the topic's bytes.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 from confluent_kafka import Message
@@ -34,8 +33,6 @@ from chargify_stream.schemas.deadletter import (
 
 NO_HEADERS = "(no dlq headers)"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _T = TypeVar("_T")
 _SUMMARY_HEADERS = frozenset({h.WEBHOOK_ID, h.EVENT})
 _SHARED_MAX = 4096
@@ -307,26 +304,6 @@ class Filters:
     @property
     def active(self) -> bool:
         return bool(self.reasons or self.events or self.customers or self.since or self.until)
-
-
-def parse_time(text: str, now: datetime) -> datetime:
-    """An RFC 3339 time, a date (UTC midnight), or an age before ``now`` (``90s``, ``2h``, ``7d``).
-
-    A time without an offset is taken as UTC. Raise ``ValueError`` with the accepted forms.
-    """
-    age = _AGE.match(text)
-    if age is not None:
-        return now - timedelta(seconds=float(age.group(1)) * _UNITS[age.group(2)])
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not a time: use RFC 3339 (2026-11-27T10:00:00Z), "
-            "a date (2026-11-27) or an age (90s, 15m, 2h, 7d, 2w)"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
 
 
 def text(value: bytes | None) -> str | None:

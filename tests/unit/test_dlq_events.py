@@ -6,13 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from chargify_stream.arguments import parse_time
 from chargify_stream.dlq import (
     DeadLetterEvent,
     DeadLetterRecord,
     Filters,
     format_age,
     group_events,
-    parse_time,
     plan_replay,
     replay_destination,
 )
