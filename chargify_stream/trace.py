@@ -14,7 +14,7 @@ import json
 import sys
 import uuid
 from collections.abc import Sequence
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -200,9 +200,13 @@ def _describe(msg: Message) -> dict[str, Any]:
     return out
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """JSON for the values ``json`` cannot write (times, durations, bytes): a trace's
+    ``default``, here and in the console."""
     if isinstance(value, datetime | date):
         return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
     if isinstance(value, bytes | memoryview):
         return bytes(value).decode(errors="replace")
     return str(value)
@@ -219,8 +223,8 @@ def render_text(trace: dict[str, Any]) -> str:
         f"webhook {trace['webhook_id']} ({o['event'] or 'event unknown'})",
         f"  outcome   {o['outcome']}"
         + (f" ({o['reason']})" if o["reason"] else "")
-        + f" by {o['stage']} at {_plain(o['decided_at'])}; {o['attempts']} attempt(s)",
-        f"  received  {_plain(o['received_at']) if o['received_at'] else 'not on the raw topic'}",
+        + f" by {o['stage']} at {plain(o['decided_at'])}; {o['attempts']} attempt(s)",
+        f"  received  {plain(o['received_at']) if o['received_at'] else 'not on the raw topic'}",
     ]
     for r in trace["received"]:
         replay = f", replay {r['replay_count']}" if r["replay_count"] else ""
@@ -233,7 +237,7 @@ def render_text(trace: dict[str, Any]) -> str:
         record = d.get("record")
         gone = "" if record is not None else "  (record no longer on the topic)"
         lines.append(
-            f"    {_plain(d['at'])}  {d['stage']:<9} {d['decision']}{reason}{replay}"
+            f"    {plain(d['at'])}  {d['stage']:<9} {d['decision']}{reason}{replay}"
             f"  {_where(d)}{gone}"
         )
         if record is not None and record.get("dead_letter"):
@@ -245,8 +249,8 @@ def render_text(trace: dict[str, Any]) -> str:
             lines.append(f"        record: {shown}")
     for r in trace["redrives"]:
         lines.append(
-            f"  parked    {_plain(r['parked_at'])}; "
-            + (f"re-driven {_plain(r['redriven_at'])}" if r["redriven_at"] else "waiting")
+            f"  parked    {plain(r['parked_at'])}; "
+            + (f"re-driven {plain(r['redriven_at'])}" if r["redriven_at"] else "waiting")
         )
     rows = trace["postgres"]
     if not rows["transactions"] and not rows["subscriptions"]:
@@ -273,7 +277,7 @@ def run(webhook_id: str, settings: Settings, *, as_json: bool) -> int:
         return 2
     trace = build_trace(settings, number)
     if as_json:
-        print(json.dumps(trace, default=_plain, indent=2))
+        print(json.dumps(trace, default=plain, indent=2))
     else:
         print(render_text(trace))
     return 0

@@ -19,9 +19,9 @@ from urllib.parse import parse_qs
 import uvicorn
 
 from chargify_stream.base.settings import Settings
-from chargify_stream.console.page import plain, render_summary, render_trace
+from chargify_stream.console.page import render_summary, render_trace
 from chargify_stream.console.summary import gather
-from chargify_stream.trace import WebhookNotFound, build_trace, render_text
+from chargify_stream.trace import WebhookNotFound, build_trace, plain, render_text
 
 __all__ = ["ConsoleApp", "run"]
 

@@ -8,11 +8,12 @@ scraping the page. Every value is escaped.
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timedelta
 from html import escape
 from typing import Any
 
 from chargify_stream.console.summary import AGE_BUCKETS
+from chargify_stream.dlq.report import format_age
+from chargify_stream.trace import plain
 
 __all__ = ["plain", "render_summary", "render_trace"]
 
@@ -26,29 +27,6 @@ text-align:left}th{background:#f0f0f0}td.n{text-align:right;font-variant-numeric
 form{margin:.6em 0}input[type=text]{width:16em;padding:3px}pre{background:#fff;padding:1em;
 border:1px solid #ddd;overflow:auto}
 """
-
-
-def plain(value: Any) -> Any:
-    """JSON for values ``json`` cannot write (datetimes, durations)."""
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, bytes | memoryview):
-        return bytes(value).decode(errors="replace")
-    return str(value)
-
-
-def _age(seconds: int | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    if seconds < 172800:
-        return f"{seconds // 3600}h"
-    return f"{seconds // 86400}d"
 
 
 def _n(value: Any, figure: str) -> str:
@@ -126,7 +104,7 @@ def render_summary(s: dict[str, Any]) -> str:
         f"<tr><td>{escape(reason)}</td><td>{escape(d['outcome'])}</td>"
         f"{_n(d['total'], f'dead.{reason}')}"
         + "".join(_n(d["ages"][b], f"dead.{reason}.{b}") for b in AGE_BUCKETS)
-        + f"{_n(_age(d['oldest_s']), f'dead.{reason}.oldest')}</tr>"
+        + f"{_n(format_age(d['oldest_s']), f'dead.{reason}.oldest')}</tr>"
         for reason, d in sorted(s.get("dead_letters", {}).items())
     ]
     parts.append("<h2>Dead letters not yet resolved, by reason and age</h2>")
@@ -138,7 +116,7 @@ def render_summary(s: dict[str, Any]) -> str:
         parts.append(
             "<h2>Parked events waiting for their customer</h2><table>"
             f"<tr><td>waiting</td>{_n(parked['waiting'], 'parked.waiting')}</tr>"
-            f"<tr><td>oldest</td>{_n(_age(parked['oldest_s']), 'parked.oldest')}</tr></table>"
+            f"<tr><td>oldest</td>{_n(format_age(parked['oldest_s']), 'parked.oldest')}</tr></table>"
         )
     lag = [_lag_row(r) for r in s["consumer_lag"]]
     parts.append("<h2>Consumer lag</h2>")
