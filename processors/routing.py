@@ -134,38 +134,24 @@ class _Body:
             return value or None
         raise _not_one_value(path, value)
 
-    # The typed readers repeat ``text`` inline: they run a dozen times per webhook.
-
     def integer(self, *path: str) -> int | None:
-        value = self.fields.get(path)
-        if value is None or value == "":
-            return None
-        if type(value) is not str:
-            raise _not_one_value(path, value)
-        try:
-            return to_int(value)
-        except MalformedPayload as exc:
-            raise MalformedPayload(f"{_name(path)}: {exc}") from None
+        return self._parsed(path, to_int)
 
     def quantity(self, *path: str) -> float | None:
-        value = self.fields.get(path)
-        if value is None or value == "":
-            return None
-        if type(value) is not str:
-            raise _not_one_value(path, value)
-        try:
-            return to_float(value)
-        except MalformedPayload as exc:
-            raise MalformedPayload(f"{_name(path)}: {exc}") from None
+        return self._parsed(path, to_float)
 
     def timestamp(self, *path: str) -> datetime | None:
+        return self._parsed(path, to_timestamp)
+
+    def _parsed(self, path: Path, parse: Callable[[str], _T]) -> _T | None:
+        """``parse`` of the string at ``path``; its error is prefixed with the field's name."""
         value = self.fields.get(path)
         if value is None or value == "":
             return None
         if type(value) is not str:
             raise _not_one_value(path, value)
         try:
-            return to_timestamp(value)
+            return parse(value)
         except MalformedPayload as exc:
             raise MalformedPayload(f"{_name(path)}: {exc}") from None
 

@@ -4,7 +4,8 @@ The ``.avsc`` files in ``schemas/avro/`` are the one definition of each record: 
 list, its order, which fields are optional and their defaults, and the Avro datum
 (:meth:`to_avro`, :meth:`from_avro`) all come from the schema, through :func:`avro_record`.
 A class here adds only what Avro cannot say: the Python type of each field (for mypy) and
-checks on construction (``__post_init__``). A field the class does not declare is added
+checks on construction (``__post_init__``); fields that records share are typed once, on
+a base class they extend (``_FromWebhook``). A field the class does not declare is added
 from its schema, so a field added to a schema reaches the record, the writer in
 :mod:`schemas.codec` and the datum without touching this module; declare it here to give it
 a type. A declared field the schema does not have, or a default the schema does not give,
@@ -73,6 +74,9 @@ _SCHEMAS = record_schemas()
 _CLASSES: dict[str, type[AvroRecord]] = {}  # the record classes built so far, by full name
 
 
+# Also on the base, so that mypy counts fields declared on an undecorated base of a record
+# (``_FromWebhook``) among the record's fields, as :func:`avro_record` does.
+@dataclass_transform(kw_only_default=True, frozen_default=True)
 class AvroRecord:
     """Base of the records: the Avro datum, both ways, from the schema's field list."""
 
@@ -160,7 +164,11 @@ def avro_record(schema: str | dict[str, Any]) -> Callable[[_R], _R]:
     full_name = spec["name"] if "." in spec["name"] else f"{namespace}.{spec['name']}"
 
     def build(cls: _R) -> _R:
-        declared: dict[str, Any] = inspect.get_annotations(cls)
+        # The class's declarations and those it inherits from its bases (``_FromWebhook``).
+        declaring = [c for c in reversed(cls.__mro__) if c not in (object, AvroRecord)]
+        declared: dict[str, Any] = {}
+        for base in declaring:
+            declared.update(inspect.get_annotations(base))
         avro_fields = {f["name"]: f for f in spec["fields"]}
         unknown = [name for name in declared if name not in avro_fields]
         if unknown:
@@ -169,7 +177,7 @@ def avro_record(schema: str | dict[str, Any]) -> Callable[[_R], _R]:
         plan = []
         for name, avro_field in avro_fields.items():
             annotations[name] = declared.get(name, "Any")
-            has_default = name in cls.__dict__
+            has_default = any(name in c.__dict__ for c in declaring)
             if name not in declared and "default" in avro_field:
                 setattr(cls, name, _default(avro_field))
             elif has_default != ("default" in avro_field) or (
@@ -195,8 +203,22 @@ def _utc(value: datetime, name: str) -> datetime:
     return value.astimezone(UTC)
 
 
+class _FromWebhook(AvroRecord):
+    """The fields that end each record cut from one webhook: when it happened, and which
+    webhook, event and site it came from. Their types only; the schemas list the fields."""
+
+    __slots__ = ()
+
+    occurred_at: datetime
+    webhook_id: int
+    event_id: int | None = None
+    event: str
+    site_id: int | None = None
+    site_subdomain: str | None = None
+
+
 @avro_record("io.chargifystream.Transaction")
-class Transaction(AvroRecord):
+class Transaction(_FromWebhook):
     """One Chargify payment or refund (Avro ``io.chargifystream.Transaction``)."""
 
     transaction_id: int
@@ -207,12 +229,6 @@ class Transaction(AvroRecord):
     subscription_id: int | None = None
     refunded_payment_id: int | None = None
     memo: str | None = None
-    occurred_at: datetime
-    webhook_id: int
-    event_id: int | None = None
-    event: str
-    site_id: int | None = None
-    site_subdomain: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("payment", "refund"):
@@ -231,7 +247,7 @@ class ComponentAllocation(AvroRecord):
 
 
 @avro_record("io.chargifystream.SubscriptionChange")
-class SubscriptionChange(AvroRecord):
+class SubscriptionChange(_FromWebhook):
     """One accepted subscription event and the state after it (Avro ``SubscriptionChange``)."""
 
     subscription_id: int
@@ -243,12 +259,6 @@ class SubscriptionChange(AvroRecord):
     previous_product_id: int | None = None
     previous_product_handle: str | None = None
     components: tuple[ComponentAllocation, ...] = ()
-    occurred_at: datetime
-    webhook_id: int
-    event_id: int | None = None
-    event: str
-    site_id: int | None = None
-    site_subdomain: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "occurred_at", _utc(self.occurred_at, "occurred_at"))

@@ -22,8 +22,9 @@ Headers = list[tuple[str, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
-class ParkedEvent:
-    """One ``customer_not_found`` dead letter, as a ``parked_events`` row."""
+class _Parked:
+    """What a parked event and a claimed row both hold: where the dead letter sits, where
+    its record was read, the record to re-publish, and how often it was replayed."""
 
     dlq_topic: str
     dlq_partition: int
@@ -36,8 +37,14 @@ class ParkedEvent:
     value: bytes
     headers: Headers
     webhook_id: str | None
-    event: str | None
     replay_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedEvent(_Parked):
+    """One ``customer_not_found`` dead letter, as a ``parked_events`` row."""
+
+    event: str | None
     failed_at: datetime | None
 
     def row(self) -> tuple[Any, ...]:
@@ -111,21 +118,8 @@ def _text(value: bytes | None) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
-class Claimed:
+class Claimed(_Parked):
     """A claimed ``parked_events`` row: what is needed to re-publish it and mark it."""
-
-    dlq_topic: str
-    dlq_partition: int
-    dlq_offset: int
-    customer_key: str
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    record_key: bytes
-    value: bytes
-    headers: Headers
-    webhook_id: str | None
-    replay_count: int
 
     @property
     def identity(self) -> str:

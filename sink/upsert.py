@@ -415,6 +415,7 @@ def _write_batch(
     inserted: set[int] = set()  # transaction ids this batch inserted
     written: set[int] = set()  # subscription ids this batch changed
     folded: list[SubscriptionRow] = []
+    logged = sources is not None  # the outcome log needs the ids each statement changed
     with conn.transaction(), conn.cursor() as cur:
         # Every int is sent as int8, so the statements keep one parameter signature and
         # psycopg can prepare them once per connection.
@@ -433,26 +434,18 @@ def _write_batch(
             # In id order, as every writer does: duplicates in two concurrent batches
             # (replays) then wait for each other instead of deadlocking.
             txns.sort(key=lambda row: row[0])
-            if sources is None:
-                cur.execute(INSERT_TRANSACTIONS, columns(txns))
-                count = cur.rowcount
-            else:
-                cur.execute(INSERT_TRANSACTIONS_RETURNING, columns(txns))
-                inserted = {row[0] for row in cur.fetchall()}
-                count = len(inserted)
+            count, inserted = _apply(
+                cur, INSERT_TRANSACTIONS, INSERT_TRANSACTIONS_RETURNING, txns, ids=logged
+            )
             result.transactions_written = count
             result.transactions_unchanged = len(txns) - count
         if changes:
             folded = fold_subscriptions(changes)
             rows = [subscription_row(s) for s in folded]
             cur.execute("select pg_advisory_xact_lock_shared(%s)", (PLAN_LINK_LOCK,))
-            if sources is None:
-                cur.execute(UPSERT_SUBSCRIPTIONS, columns(rows))
-                count = cur.rowcount
-            else:
-                cur.execute(UPSERT_SUBSCRIPTIONS_RETURNING, columns(rows))
-                written = {row[0] for row in cur.fetchall()}
-                count = len(written)
+            count, written = _apply(
+                cur, UPSERT_SUBSCRIPTIONS, UPSERT_SUBSCRIPTIONS_RETURNING, rows, ids=logged
+            )
             result.subscriptions_written = count
             result.subscriptions_unchanged = len(rows) - count
         if sources is not None:
@@ -470,6 +463,24 @@ def _write_batch(
 
 INSERT_TRANSACTIONS_RETURNING = INSERT_TRANSACTIONS + " returning transaction_id"
 UPSERT_SUBSCRIPTIONS_RETURNING = UPSERT_SUBSCRIPTIONS + " returning t.subscription_id"
+
+
+def _apply(
+    cur: psycopg.Cursor[Any],
+    plain: str,
+    returning: str,
+    rows: Sequence[tuple[Any, ...]],
+    *,
+    ids: bool,
+) -> tuple[int, set[int]]:
+    """Run an unnest statement over ``rows``: how many rows it changed and, with ``ids``
+    (for the outcome log), which ones, by its ``returning`` form; else no ids."""
+    if not ids:
+        cur.execute(plain, columns(rows))
+        return cur.rowcount, set()
+    cur.execute(returning, columns(rows))
+    changed = {row[0] for row in cur.fetchall()}
+    return len(changed), changed
 
 
 def record_outcomes(

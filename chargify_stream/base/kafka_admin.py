@@ -141,18 +141,13 @@ def check_deadletter_topic(settings: Settings, *, timeout: float = 10.0) -> list
     logged and skipped (the stage starts anyway).
     """
     name = settings.topic("deadletter")
-    admin = AdminClient(librdkafka_config(settings, log_level=0))
-    resource = ConfigResource(ResourceType.TOPIC, name)
-    try:
-        config = admin.describe_configs([resource], request_timeout=timeout)[resource].result(
-            timeout=timeout
-        )
-        retention_ms = int(config["retention.ms"].value)
-        retention_bytes = int(config["retention.bytes"].value)
-        limit = int(config["max.message.bytes"].value)
-    except (KafkaException, TimeoutError, KeyError, ValueError, TypeError) as exc:
-        log.warning("could not read the configuration of topic %s: %s", name, exc)
+    keys = ("retention.ms", "retention.bytes", "max.message.bytes")
+    config = _topic_numbers(settings, name, keys, timeout)
+    if config is None:
         return []
+    retention_ms = config["retention.ms"]
+    retention_bytes = config["retention.bytes"]
+    limit = config["max.message.bytes"]
     problems = []
     if retention_ms >= 0:
         problems.append(
@@ -188,16 +183,10 @@ def check_raw_topic(settings: Settings, *, timeout: float = 10.0) -> list[str]:
     warning and returned; a broker that does not answer is logged and skipped.
     """
     name = settings.topic("raw")
-    admin = AdminClient(librdkafka_config(settings, log_level=0))
-    resource = ConfigResource(ResourceType.TOPIC, name)
-    try:
-        config = admin.describe_configs([resource], request_timeout=timeout)[resource].result(
-            timeout=timeout
-        )
-        limit = int(config["max.message.bytes"].value)
-    except (KafkaException, TimeoutError, KeyError, ValueError, TypeError) as exc:
-        log.warning("could not read the configuration of topic %s: %s", name, exc)
+    config = _topic_numbers(settings, name, ("max.message.bytes",), timeout)
+    if config is None:
         return []
+    limit = config["max.message.bytes"]
     planned = raw_record_max(settings.gateway_max_body_bytes)
     if limit >= planned:
         return []
@@ -209,6 +198,23 @@ def check_raw_topic(settings: Settings, *, timeout: float = 10.0) -> list[str]:
     )
     log.warning("%s", problem)
     return [problem]
+
+
+def _topic_numbers(
+    settings: Settings, name: str, keys: tuple[str, ...], timeout: float
+) -> dict[str, int] | None:
+    """The numeric settings ``keys`` of topic ``name`` as the broker has them; ``None``
+    (logged as a warning) when it does not answer or a value is missing or not a number."""
+    admin = AdminClient(librdkafka_config(settings, log_level=0))
+    resource = ConfigResource(ResourceType.TOPIC, name)
+    try:
+        config = admin.describe_configs([resource], request_timeout=timeout)[resource].result(
+            timeout=timeout
+        )
+        return {key: int(config[key].value) for key in keys}
+    except (KafkaException, TimeoutError, KeyError, ValueError, TypeError) as exc:
+        log.warning("could not read the configuration of topic %s: %s", name, exc)
+        return None
 
 
 def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> None:

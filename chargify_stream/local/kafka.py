@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from chargify_stream.base.errors import ServiceError
-from chargify_stream.local.launch import LocalService, spawn, wait_ready
+from chargify_stream.local.launch import LocalService, spawn
 from chargify_stream.local.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,8 @@ class LocalKafka(LocalService):
     with :meth:`client_config` or :meth:`settings_overrides`. ``node_id``, ``voters``,
     ``cluster_id`` and ``replicas`` make it one node of a :class:`LocalKafkaCluster`.
     """
+
+    service_name = "Kafka"
 
     port: int = 0
     controller_port: int = 0
@@ -399,16 +401,7 @@ class LocalKafka(LocalService):
             except Exception:
                 return False
 
-        wait_ready(
-            self._proc,
-            registered,
-            name="Kafka",
-            what="a metadata answer",
-            log_path=self.log_file,
-            timeout=timeout,
-            interval=0.2,
-            give_up=self.kill,
-        )
+        self._wait_until(registered, timeout, "a metadata answer", interval=0.2)
 
 
 class LocalKafkaCluster:

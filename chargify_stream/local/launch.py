@@ -148,16 +148,46 @@ def terminate(
 
 
 class LocalService:
-    """Stop, kill and clean up a service run by :func:`spawn` (the local Kafka, Postgres).
+    """Wait for, stop, kill and clean up a service run by :func:`spawn` (the local Kafka,
+    Postgres).
 
-    The service keeps its child in ``_proc`` and, when it made its data folder itself, the
-    temporary folder in ``_tmp``. ``stop()`` sends ``stop_signal`` and kills after a timeout.
+    The service keeps its child in ``_proc``, its output in ``log_file`` and, when it made
+    its data folder itself, the temporary folder in ``_tmp``. ``stop()`` sends
+    ``stop_signal`` and kills after a timeout.
     """
 
     _proc: subprocess.Popen[bytes] | None
     _tmp: tempfile.TemporaryDirectory[str] | None
+    service_name: ClassVar[str]  # in errors: "Kafka exited with code 1 while waiting for ..."
     stop_signal: ClassVar[int] = signal.SIGTERM
     stop_whole_group: ClassVar[bool] = True  # False: the signal goes to the main process
+
+    @property
+    def log_file(self) -> Path:
+        raise NotImplementedError
+
+    def _wait_until(
+        self,
+        check: Callable[[], bool],
+        timeout: float,
+        what: str,
+        *,
+        interval: float = 0.1,
+        tail_lines: int = 30,
+    ) -> None:
+        """:func:`wait_ready` for this service; if it exits or time runs out it is killed,
+        and the ``LaunchError`` carries the end of its log."""
+        wait_ready(
+            self._proc,
+            check,
+            name=self.service_name,
+            what=what,
+            log_path=self.log_file,
+            timeout=timeout,
+            interval=interval,
+            tail_lines=tail_lines,
+            give_up=self.kill,
+        )
 
     def stop(self, timeout: float = 20.0) -> None:
         """``stop_signal``, then SIGKILL after ``timeout`` seconds."""

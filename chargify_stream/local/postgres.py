@@ -23,7 +23,7 @@ from pathlib import Path
 import psycopg
 
 from chargify_stream.base.errors import ServiceError
-from chargify_stream.local.launch import LocalService, spawn, wait_ready
+from chargify_stream.local.launch import LocalService, spawn
 from chargify_stream.local.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class LocalPostgres(LocalService):
     timeout. ``kill()`` is SIGKILL at once; ``start()`` again recovers from the WAL.
     """
 
+    service_name = "Postgres"
     # To the postmaster alone, which shuts its backends down.
     stop_signal = signal.SIGINT
     stop_whole_group = False
@@ -170,16 +171,7 @@ class LocalPostgres(LocalService):
             except psycopg.OperationalError:
                 return False
 
-        wait_ready(
-            self._proc,
-            answers,
-            name="Postgres",
-            what="a query",
-            log_path=self.log_file,
-            timeout=timeout,
-            tail_lines=20,
-            give_up=self.kill,
-        )
+        self._wait_until(answers, timeout, "a query", tail_lines=20)
 
     def create_database(self, name: str) -> str:
         """Create database ``name`` (if missing) and return its DSN."""
