@@ -70,7 +70,7 @@ class _TopicKeeper:
             ensure_pipeline_topics(s, [s.topic("raw")], timeout=10.0)
             check_raw_topic(s)
 
-        def unreachable(exc: BaseException, _pause: float) -> None:
+        def unreachable(exc: BaseException, _pause: float, _attempt: int) -> None:
             log.warning("cannot reach Kafka to check topic %s yet: %s", s.topic("raw"), exc)
 
         with contextlib.suppress(RetryStopped):

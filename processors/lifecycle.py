@@ -21,7 +21,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -29,6 +28,7 @@ from confluent_kafka import KafkaException
 
 from chargify_stream.base.errors import TransientError
 from chargify_stream.base.kafka_config import librdkafka_config
+from chargify_stream.base.retry import retry
 from chargify_stream.base.settings import Settings
 
 __all__ = [
@@ -67,24 +67,26 @@ def exit_early_on_signal() -> None:
 
 def retry_at_start(what: str, call: Callable[[], _T], *, pause: float = 1.0) -> _T:
     """``call()``, again while the broker is away, ``START_ATTEMPTS`` times at most."""
-    for attempt in range(1, START_ATTEMPTS + 1):
-        try:
-            return call()
-        except (TransientError, KafkaException) as exc:
-            if attempt == START_ATTEMPTS:
-                raise
-            wait = min(pause * 2 ** (attempt - 1), 15.0)
-            log.error(
-                "%s failed (attempt %d of %d: %s; most often Kafka is unreachable); "
-                "trying again in %.0fs",
-                what,
-                attempt,
-                START_ATTEMPTS,
-                exc,
-                wait,
-            )
-            time.sleep(wait)
-    raise AssertionError("unreachable")
+
+    def waiting(exc: BaseException, wait: float, attempt: int) -> None:
+        log.error(
+            "%s failed (attempt %d of %d: %s; most often Kafka is unreachable); "
+            "trying again in %.0fs",
+            what,
+            attempt,
+            START_ATTEMPTS,
+            exc,
+            wait,
+        )
+
+    return retry(
+        call,
+        retry_on=(TransientError, KafkaException),
+        first=pause,
+        most=15.0,
+        give_up=lambda _exc, attempt: attempt >= START_ATTEMPTS,
+        on_retry=waiting,
+    )
 
 
 def partition_count(settings: Settings, topic: str) -> int:

@@ -77,6 +77,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from chargify_stream.base.retry import RetryStopped, retry
 from chargify_stream.base.settings import Settings
 from chargify_stream.processors.lifecycle import exit_on_failure
 from chargify_stream.processors.metrics import ProcessorMetrics
@@ -382,27 +383,22 @@ class Pipeline:
         """Call a transaction step, again while it fails retriably: ``STEP_ATTEMPTS`` times
         for a step of the transaction (then the error goes up, and the transaction is
         aborted), for ever for the abort itself."""
-        delay = 0.1
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                call()
-                return
-            except KafkaException as exc:
-                error: KafkaError = exc.args[0]
-                if error.fatal() or (abortable and error.txn_requires_abort()):
-                    raise
-                if not error.retriable() or (abortable and attempt >= STEP_ATTEMPTS):
-                    raise
-                log.warning(
-                    "transaction step failed (attempt %d: %s); retrying in %.1fs",
-                    attempt,
-                    error,
-                    delay,
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+
+        def give_up(exc: BaseException, attempt: int) -> bool:
+            error: KafkaError = exc.args[0]
+            if error.fatal() or (abortable and error.txn_requires_abort()):
+                return True
+            return not error.retriable() or (abortable and attempt >= STEP_ATTEMPTS)
+
+        def again(exc: BaseException, pause: float, attempt: int) -> None:
+            log.warning(
+                "transaction step failed (attempt %d: %s); retrying in %.1fs",
+                attempt,
+                exc.args[0],
+                pause,
+            )
+
+        retry(call, retry_on=KafkaException, first=0.1, most=2.0, give_up=give_up, on_retry=again)
 
     def _at_least_once(
         self, outgoing: Sequence[Outgoing], result: Split, ends: dict[int, int], now: float
@@ -431,18 +427,27 @@ class Pipeline:
                 log.info("not rewinding %s[%d]: %s", self.raw, partition, exc)
 
     def _retry(self, what: str, call: Callable[[], None], stop: threading.Event | None) -> None:
-        delay = 0.5
-        while stop is None or not stop.is_set():
-            try:
-                call()
-                return
-            except KafkaException as exc:
-                error: KafkaError = exc.args[0]
-                if error.fatal() or not error.retriable():
-                    raise
-                log.warning("%s failed (%s); retrying in %.1fs", what, error, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        """``call()``, again while it fails retriably; until ``stop`` is set."""
+        if stop is not None and stop.is_set():
+            return
+
+        def give_up(exc: BaseException, _attempt: int) -> bool:
+            error: KafkaError = exc.args[0]
+            return error.fatal() or not error.retriable()
+
+        def again(exc: BaseException, pause: float, _attempt: int) -> None:
+            log.warning("%s failed (%s); retrying in %.1fs", what, exc.args[0], pause)
+
+        with contextlib.suppress(RetryStopped):
+            retry(
+                call,
+                retry_on=KafkaException,
+                first=0.5,
+                most=5.0,
+                stop=stop,
+                give_up=give_up,
+                on_retry=again,
+            )
 
     # Rebalances ------------------------------------------------------------------------
 

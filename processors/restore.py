@@ -10,12 +10,12 @@ end-of-partition (the last stable offset); that position is stored with what was
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from chargify_stream.base.retry import retry
 from chargify_stream.processors.state import DEDUP, REFERENCES, Store, parse_dedup
 
 if TYPE_CHECKING:
@@ -60,18 +60,23 @@ def restore(
 def _watermarks(consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
     """The partition's low and high watermarks, asked again while the broker cannot say
     (a topic just created has no leader for a moment)."""
-    delay = 0.1
-    while True:
-        try:
-            low, high = consumer.get_watermark_offsets(tp, timeout=CALL_TIMEOUT_S)
-            return low, high
-        except KafkaException as exc:
-            error: KafkaError = exc.args[0]
-            if error.fatal() or not (error.retriable() or _no_leader(error)):
-                raise
-            log.info("asking for %s[%d]'s offsets: %s; again", tp.topic, tp.partition, error)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+
+    def give_up(exc: BaseException, _attempt: int) -> bool:
+        error: KafkaError = exc.args[0]
+        return error.fatal() or not (error.retriable() or _no_leader(error))
+
+    def again(exc: BaseException, _pause: float, _attempt: int) -> None:
+        log.info("asking for %s[%d]'s offsets: %s; again", tp.topic, tp.partition, exc.args[0])
+
+    low, high = retry(
+        lambda: consumer.get_watermark_offsets(tp, timeout=CALL_TIMEOUT_S),
+        retry_on=KafkaException,
+        first=0.1,
+        most=2.0,
+        give_up=give_up,
+        on_retry=again,
+    )
+    return low, high
 
 
 def _no_leader(error: KafkaError) -> bool:

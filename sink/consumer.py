@@ -197,7 +197,7 @@ class Sink:
         or when ``step`` itself raises :class:`RetryStopped` (a stop while it waited).
         """
 
-        def waiting(exc: BaseException, pause: float) -> None:
+        def waiting(exc: BaseException, pause: float, _attempt: int) -> None:
             self._waiting_on = target
             self.metrics.retries.labels(target).inc()
             log.warning("%s unavailable (%s); retrying in %.1fs", target, exc, pause)

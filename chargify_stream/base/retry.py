@@ -42,22 +42,29 @@ def retry(
     most: float = 5.0,
     jitter: bool = False,
     stop: threading.Event | None = None,
-    on_retry: Callable[[BaseException, float], None] | None = None,
+    on_retry: Callable[[BaseException, float, int], None] | None = None,
+    give_up: Callable[[BaseException, int], bool] | None = None,
 ) -> _T:
     """Run ``step`` until it returns without raising ``retry_on``.
 
-    Before each pause ``on_retry(error, pause)`` is called (to log, count, reconnect).
-    With ``stop``, the pause ends early when the event is set, raising
-    :class:`RetryStopped` from the last error.
+    After a failed attempt (counted from 1), ``give_up(error, attempt)`` may end it: when
+    it says so, the error is raised as it is (an error that retrying cannot mend, or the
+    last of a number of attempts). Otherwise ``on_retry(error, pause, attempt)`` is called
+    (to log, count, reconnect) before the pause. With ``stop``, the pause ends early when
+    the event is set, raising :class:`RetryStopped` from the last error.
     """
     pauses = backoff(first, most, jitter=jitter)
+    attempt = 0
     while True:
+        attempt += 1
         try:
             return step()
         except retry_on as exc:
+            if give_up is not None and give_up(exc, attempt):
+                raise
             pause = next(pauses)
             if on_retry is not None:
-                on_retry(exc, pause)
+                on_retry(exc, pause, attempt)
             if stop is None:
                 time.sleep(pause)
             elif stop.wait(pause):

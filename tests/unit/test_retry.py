@@ -40,7 +40,7 @@ def test_retry_returns_once_the_step_succeeds() -> None:
         retry_on=TransientError,
         first=0.001,
         most=0.002,
-        on_retry=lambda exc, pause: seen.append((str(exc), pause)),
+        on_retry=lambda exc, pause, _attempt: seen.append((str(exc), pause)),
     )
     assert result == "done"
     assert seen == [("away 1", 0.001), ("away 2", 0.002)]
@@ -64,3 +64,34 @@ def test_a_stop_ends_the_wait() -> None:
     with pytest.raises(RetryStopped) as raised:
         retry(step, retry_on=TransientError, first=60.0, stop=stop)
     assert isinstance(raised.value.__cause__, TransientError)
+
+
+def test_give_up_ends_it_with_the_error_itself() -> None:
+    attempts: list[int] = []
+
+    def step() -> None:
+        raise TransientError(f"away {len(attempts)}")
+
+    def give_up(exc: BaseException, attempt: int) -> bool:
+        attempts.append(attempt)
+        return attempt >= 3
+
+    with pytest.raises(TransientError, match="away 2"):
+        retry(step, retry_on=TransientError, first=0.001, give_up=give_up)
+    assert attempts == [1, 2, 3]
+
+
+def test_the_attempt_is_told_before_each_pause() -> None:
+    seen: list[int] = []
+
+    def step() -> None:
+        if len(seen) < 2:
+            raise TransientError("away")
+
+    retry(
+        step,
+        retry_on=TransientError,
+        first=0.001,
+        on_retry=lambda _exc, _pause, attempt: seen.append(attempt),
+    )
+    assert seen == [1, 2]
