@@ -13,8 +13,10 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from chargify_stream.base.delivery import publish_and_wait
+from chargify_stream.base.kafka_admin import ensure_pipeline_topics
 from chargify_stream.base.kafka_config import librdkafka_config
-from chargify_stream.base.settings import Settings
+from chargify_stream.base.settings import Settings, load_settings
+from tests.conftest import unique
 
 
 def connection(kafka: str | Settings) -> dict[str, Any]:
@@ -22,6 +24,18 @@ def connection(kafka: str | Settings) -> dict[str, Any]:
     if isinstance(kafka, Settings):
         return librdkafka_config(kafka)
     return {"bootstrap.servers": kafka}
+
+
+def topics_only_settings(bootstrap_servers: str) -> Settings:
+    """Settings with a test's own topics (the pipeline's and customers, two partitions
+    each) and no database, for tests that only write and read topics."""
+    settings = load_settings(
+        kafka_bootstrap_servers=bootstrap_servers,
+        kafka_topic_prefix=f"t{unique('')}.",
+        topic_partitions=2,
+    )
+    ensure_pipeline_topics(settings, [*settings.all_topics, settings.topic("customers")])
+    return settings
 
 
 def consume(
