@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
@@ -16,6 +17,7 @@ from chargify_stream.base.delivery import publish_and_wait
 from chargify_stream.base.kafka_admin import ensure_pipeline_topics
 from chargify_stream.base.kafka_config import librdkafka_config
 from chargify_stream.base.settings import Settings, load_settings
+from chargify_stream.schemas.codec import decode
 from tests.conftest import unique
 
 
@@ -81,6 +83,21 @@ def consume(
     finally:
         consumer.close()
     return out
+
+
+def transaction_ids(
+    settings: Settings, count: int, *, timeout: float = 60.0, settle: float = 3.0
+) -> Counter[int]:
+    """What a read_committed reader of the transactions topic sees, by transaction id: read
+    until ``count`` records arrived, then ``settle`` seconds more to catch a duplicate."""
+    out = consume(
+        settings.kafka_bootstrap_servers,
+        settings.topic("transactions"),
+        count=count,
+        timeout=timeout,
+        settle=settle,
+    )
+    return Counter(decode(m.value()).transaction_id for m in out)  # type: ignore[union-attr]
 
 
 def end_offsets(bootstrap_servers: str | Settings, topic: str) -> int:
