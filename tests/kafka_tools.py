@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from chargify_stream.base.delivery import publish_and_wait
+from chargify_stream.base.kafka_admin import ensure_pipeline_topics
 from chargify_stream.base.kafka_config import librdkafka_config
-from chargify_stream.base.settings import Settings
+from chargify_stream.base.settings import Settings, load_settings
+from chargify_stream.schemas.codec import decode
+from tests.conftest import unique
 
 
 def connection(kafka: str | Settings) -> dict[str, Any]:
@@ -22,6 +26,18 @@ def connection(kafka: str | Settings) -> dict[str, Any]:
     if isinstance(kafka, Settings):
         return librdkafka_config(kafka)
     return {"bootstrap.servers": kafka}
+
+
+def topics_only_settings(bootstrap_servers: str) -> Settings:
+    """Settings with a test's own topics (the pipeline's and customers, two partitions
+    each) and no database, for tests that only write and read topics."""
+    settings = load_settings(
+        kafka_bootstrap_servers=bootstrap_servers,
+        kafka_topic_prefix=f"t{unique('')}.",
+        topic_partitions=2,
+    )
+    ensure_pipeline_topics(settings, [*settings.all_topics, settings.topic("customers")])
+    return settings
 
 
 def consume(
@@ -67,6 +83,21 @@ def consume(
     finally:
         consumer.close()
     return out
+
+
+def transaction_ids(
+    settings: Settings, count: int, *, timeout: float = 60.0, settle: float = 3.0
+) -> Counter[int]:
+    """What a read_committed reader of the transactions topic sees, by transaction id: read
+    until ``count`` records arrived, then ``settle`` seconds more to catch a duplicate."""
+    out = consume(
+        settings.kafka_bootstrap_servers,
+        settings.topic("transactions"),
+        count=count,
+        timeout=timeout,
+        settle=settle,
+    )
+    return Counter(decode(m.value()).transaction_id for m in out)  # type: ignore[union-attr]
 
 
 def end_offsets(bootstrap_servers: str | Settings, topic: str) -> int:

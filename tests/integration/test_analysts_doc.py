@@ -24,14 +24,13 @@ import pytest
 from confluent_kafka import Producer
 
 from chargify_stream import analytics
-from chargify_stream.base.kafka_admin import ensure_pipeline_topics
-from chargify_stream.base.settings import Settings, load_settings
+from chargify_stream.base.settings import Settings
 from chargify_stream.schemas import codec
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import dead_letter_headers
 from chargify_stream.schemas.records import Customer, SubscriptionChange, Transaction
 from tests.builders import build_body
-from tests.conftest import unique
+from tests.kafka_tools import topics_only_settings
 from tests.services import KafkaService
 
 pytestmark = pytest.mark.integration
@@ -95,12 +94,7 @@ def _carried(webhook_id: int, event: str) -> list[tuple[str, bytes]]:
 @pytest.fixture
 def settings(kafka_service: KafkaService) -> Settings:
     """This test's topics, with records of every kind on them."""
-    s = load_settings(
-        kafka_bootstrap_servers=kafka_service.bootstrap_servers,
-        kafka_topic_prefix=f"t{unique('')}.",
-        topic_partitions=2,
-    )
-    ensure_pipeline_topics(s, [*s.all_topics, s.topic("customers")])
+    s = topics_only_settings(kafka_service.bootstrap_servers)
 
     def typed(record: Transaction | SubscriptionChange) -> tuple[bytes, bytes, list[Any]]:
         headers = _carried(record.webhook_id, record.event)

@@ -18,10 +18,9 @@ from typing import Any
 import pytest
 
 from chargify_stream.base.settings import Settings
-from chargify_stream.schemas.codec import decode
 from chargify_stream.sink.admin import add_customer, add_partner, connect
 from tests.builders import build_body
-from tests.kafka_tools import consume
+from tests.kafka_tools import transaction_ids
 from tests.pipeline import Pipeline
 from tests.services import KafkaService, PostgresService
 
@@ -196,18 +195,6 @@ class SteadySender:
                 self.pipeline.post_until_accepted(body)
 
 
-def transactions_on_the_topic(settings: Settings, count: int) -> Counter[int]:
-    """What a read_committed reader of chargify.transactions sees, by transaction id."""
-    out = consume(
-        settings.kafka_bootstrap_servers,
-        settings.topic("transactions"),
-        count=count,
-        timeout=60,
-        settle=3.0,
-    )
-    return Counter(decode(m.value()).transaction_id for m in out)  # type: ignore[union-attr]
-
-
 @pytest.mark.timeout(600)
 def test_exactly_once_on_the_topic_through_kills_rebalances_and_a_broker_restart(
     make_settings: Callable[..., Settings],
@@ -267,7 +254,7 @@ def test_exactly_once_on_the_topic_through_kills_rebalances_and_a_broker_restart
     print(f"{restarted} processor(s) exited and were started again")
 
     expected = Counter(FIRST_TXN + i for i in range(len(bodies)))
-    seen = transactions_on_the_topic(settings, len(bodies))
+    seen = transaction_ids(settings, len(bodies))
     if seen != expected:
         for processor in pipeline.processors:
             processor.dump_stacks()  # where a worker that stopped making progress waits
@@ -298,4 +285,4 @@ def test_one_event_under_two_webhook_ids_is_recorded_once(
     assert pipeline.post(first) == 200  # and a Chargify retry of the first
     time.sleep(3)
     assert_exactly_once(pipeline, 1)
-    assert transactions_on_the_topic(settings, 1) == Counter([FIRST_TXN])
+    assert transaction_ids(settings, 1) == Counter([FIRST_TXN])

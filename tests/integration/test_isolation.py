@@ -222,6 +222,26 @@ def wait_for_transactions(stage: Stage, settings: Settings, ids: Sequence[int]) 
     stage.wait_until(landed, 90, f"transactions {expected} in Postgres")
 
 
+def between_two_payments(settings: Settings, stages: Any, records: list[Raw]) -> Stage:
+    """Write ``records`` to the raw topic between two good payments (7001 and 7002), start a
+    processor and a sink, and wait until both payments are in Postgres: the processor went
+    on past every record. Returns the processor."""
+    first = webhook("payment_success", webhook_id=1, subscription_id=11, reference="c1",
+                    transaction_id=7001)  # fmt: skip
+    last = webhook("payment_success", webhook_id=2, subscription_id=11, reference="c1",
+                   transaction_id=7002)  # fmt: skip
+    produce(
+        settings.kafka_bootstrap_servers,
+        settings.topic("raw"),
+        [first, *records, last],
+        max_bytes=2 * settings.gateway_max_body_bytes,
+    )
+    processor = stages("processor", settings)
+    sink = stages("sink", settings)
+    wait_for_transactions(sink, settings, [7001, 7002])
+    return processor
+
+
 def assert_whole(letter: Message, body: bytes) -> None:
     assert letter.value() == body
     assert h.DLQ_POINTER not in headers_of(letter)
@@ -275,20 +295,7 @@ def test_the_processor_dead_letters_any_record_the_raw_topic_takes_and_keeps_goi
         )
         for wid, size in ((refused_sync, 700_000), (refused_by_broker, 560_000))
     ]
-    first = webhook("payment_success", webhook_id=1, subscription_id=11, reference="c1",
-                    transaction_id=7001)  # fmt: skip
-    last = webhook("payment_success", webhook_id=2, subscription_id=11, reference="c1",
-                   transaction_id=7002)  # fmt: skip
-    produce(
-        settings.kafka_bootstrap_servers,
-        settings.topic("raw"),
-        [first, *records, *huge, last],
-        max_bytes=2 * budget,
-    )
-
-    processor = stages("processor", settings)
-    sink = stages("sink", settings)
-    wait_for_transactions(sink, settings, [7001, 7002])
+    processor = between_two_payments(settings, stages, [*records, *huge])
 
     letters = dead_letters_by_webhook(settings, len(records) + len(huge))
     for wid, (_, body, _) in zip(wids, records, strict=True):
@@ -319,20 +326,7 @@ def test_a_dead_letter_the_topic_cannot_take_whole_becomes_a_pointer(
     print(f"largest body whose dead letter a {BROKER_DEFAULT_MAX:,}-byte topic takes: {at:,}")
     wids = [next(_webhook_ids) for _ in sizes]
     records = [noise_raw(size, webhook_id=wid) for size, wid in zip(sizes, wids, strict=True)]
-    first = webhook("payment_success", webhook_id=1, subscription_id=11, reference="c1",
-                    transaction_id=7001)  # fmt: skip
-    last = webhook("payment_success", webhook_id=2, subscription_id=11, reference="c1",
-                   transaction_id=7002)  # fmt: skip
-    produce(
-        settings.kafka_bootstrap_servers,
-        settings.topic("raw"),
-        [first, *records, last],
-        max_bytes=2 * budget,
-    )
-
-    processor = stages("processor", settings)
-    sink = stages("sink", settings)
-    wait_for_transactions(sink, settings, [7001, 7002])
+    processor = between_two_payments(settings, stages, records)
 
     letters = dead_letters_by_webhook(settings, len(records))
     bodies = [body for _, body, _ in records]

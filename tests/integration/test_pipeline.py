@@ -27,9 +27,8 @@ from chargify_stream.processors.metrics import ProcessorMetrics
 from chargify_stream.processors.pipeline import Pipeline, incoming
 from chargify_stream.processors.splitter import Incoming
 from chargify_stream.processors.state import Store
-from chargify_stream.schemas.codec import decode
 from tests.integration.test_processor import committed, webhook
-from tests.kafka_tools import consume, produce
+from tests.kafka_tools import consume, produce, transaction_ids
 
 pytestmark = pytest.mark.integration
 
@@ -75,17 +74,6 @@ def payments(count: int, start: int = 0) -> list[Any]:
     ]
 
 
-def transaction_ids(settings: Settings, count: int) -> Counter[int]:
-    out = consume(
-        settings.kafka_bootstrap_servers,
-        settings.topic("transactions"),
-        count=count,
-        timeout=30,
-        settle=1.0,
-    )
-    return Counter(decode(m.value()).transaction_id for m in out)  # type: ignore[union-attr]
-
-
 def take_batch(pipeline: Pipeline, timeout: float = 30.0) -> list[Incoming]:
     """Join the group and read one batch, without processing it."""
     deadline = time.monotonic() + timeout
@@ -123,7 +111,9 @@ def test_a_worker_that_left_the_group_cannot_commit_its_batch(
     run_until(other, lambda: committed(settings, 2) == 300, timeout=90)
 
     assert zombie.process(held) is False  # aborted: its outputs are never seen
-    assert transaction_ids(settings, 300) == Counter(80_000 + i for i in range(300))
+    assert transaction_ids(settings, 300, timeout=30, settle=1.0) == Counter(
+        80_000 + i for i in range(300)
+    )
     assert committed(settings, 2) == 300
 
 

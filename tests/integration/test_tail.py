@@ -27,8 +27,7 @@ import pytest
 from confluent_kafka import Producer
 
 from chargify_stream import analytics
-from chargify_stream.base.kafka_admin import ensure_pipeline_topics
-from chargify_stream.base.settings import Settings, load_settings
+from chargify_stream.base.settings import Settings
 from chargify_stream.local.ports import free_port
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.codec import encode
@@ -40,7 +39,7 @@ from chargify_stream.schemas.records import (
     Transaction,
 )
 from tests.builders import build_body
-from tests.conftest import unique
+from tests.kafka_tools import topics_only_settings
 from tests.pipeline import Pipeline
 from tests.services import KafkaService
 from tests.stages import Stage
@@ -97,13 +96,7 @@ Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
 @pytest.fixture
 def settings(kafka_service: KafkaService) -> Settings:
     """Settings with this test's own topics (two partitions each), and no database."""
-    values = load_settings(
-        kafka_bootstrap_servers=kafka_service.bootstrap_servers,
-        kafka_topic_prefix=f"t{unique('')}.",
-        topic_partitions=2,
-    )
-    ensure_pipeline_topics(values, [*values.all_topics, values.topic("customers")])
-    return values
+    return topics_only_settings(kafka_service.bootstrap_servers)
 
 
 def carried(webhook_id: int, event: str) -> list[tuple[str, bytes]]:

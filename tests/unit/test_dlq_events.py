@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TypedDict
 
 import pytest
 
@@ -53,6 +55,29 @@ def dead_letter(
     )
     return DeadLetterRecord.build(
         topic=DLQ, partition=0, offset=next(offsets), key=key, value=value, headers=headers
+    )
+
+
+class Consumed(TypedDict):
+    """Where a record was read and what it held: the fields a consumer hands over."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes | None]]
+
+
+def consumed(record: DeadLetterRecord) -> Consumed:
+    """``record`` as the message it was read from, to read it again another way."""
+    return Consumed(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        headers=record.headers,
     )
 
 
@@ -251,15 +276,7 @@ def test_a_pointer_whose_original_is_gone_is_refused_and_says_where_it_was() -> 
 
 def test_a_scan_keeps_a_summary_of_each_record_without_its_value() -> None:
     full = dead_letter(webhook="9100", replay_count=2)
-    summary = DeadLetterRecord.build(
-        topic=full.topic,
-        partition=full.partition,
-        offset=full.offset,
-        key=full.key,
-        value=full.value,
-        headers=full.headers,
-        keep_value=False,
-    )
+    summary = DeadLetterRecord.build(**consumed(full), keep_value=False)
     assert (summary.value, summary.has_value, summary.info) == (None, True, full.info)
     assert {name for name, _ in summary.headers} == {"chargify-webhook-id", "chargify-event"}
     first = dead_letter(webhook="9100", replay_count=1)

@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-from chargify_stream.sink.parked import Claimed, choose_redrives, parkable
-from tests.unit.test_dlq_events import DLQ, RAW, RETRY, TXNS, dead_letter
+from chargify_stream.dlq import DeadLetterRecord
+from chargify_stream.sink.parked import Claimed, ParkedEvent, choose_redrives, parkable
+from tests.unit.test_dlq_events import DLQ, RAW, RETRY, TXNS, consumed, dead_letter
 
 SINK_TOPICS = (TXNS, "chargify.subscriptions", RETRY)
 
 
-def park(**kw: object) -> object:
-    record = dead_letter(**kw)  # type: ignore[arg-type]
-    return parkable(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=record.value,
-        headers=record.headers,
-        sink_topics=SINK_TOPICS,
-    )
+def park_record(record: DeadLetterRecord) -> ParkedEvent | None:
+    return parkable(**consumed(record), sink_topics=SINK_TOPICS)
+
+
+def park(**kw: object) -> ParkedEvent | None:
+    return park_record(dead_letter(**kw))  # type: ignore[arg-type]
 
 
 def test_a_sink_customer_not_found_is_parked_under_its_key() -> None:
     record = dead_letter(key=b"cust-9", replay_count=2)
-    parked = parkable(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=record.value,
-        headers=record.headers,
-        sink_topics=SINK_TOPICS,
-    )
+    parked = park_record(record)
     assert parked is not None
     assert (parked.customer_key, parked.source_topic, parked.replay_count) == ("cust-9", TXNS, 2)
     assert (parked.webhook_id, parked.event) == ("9001", "payment_success")

@@ -46,25 +46,24 @@ def test_every_metric_name_starts_with_its_stage(stage: str, registry: object) -
     assert {n for n in found if not n.startswith(f"{stage}_")} == set()
 
 
+def promtool_check(promtool: str, kind: str, path: Path) -> subprocess.CompletedProcess[str]:
+    """``promtool check <kind> <path>``, its output captured."""
+    return subprocess.run(
+        [promtool, "check", kind, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_the_alert_rules_pass_promtool() -> None:
     promtool = shutil.which("promtool")
     assert promtool, "promtool is not installed: run scripts/install"
-    done = subprocess.run(
-        [promtool, "check", "rules", str(OPS / "prometheus" / "alerts.yml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = promtool_check(promtool, "rules", OPS / "prometheus" / "alerts.yml")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout
-    config = subprocess.run(
-        [promtool, "check", "config", str(OPS / "prometheus" / "prometheus.yml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    config = promtool_check(promtool, "config", OPS / "prometheus" / "prometheus.yml")
     assert config.returncode == 0, config.stdout + config.stderr
 
 

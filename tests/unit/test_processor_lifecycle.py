@@ -69,15 +69,20 @@ _HANGING_STOP = textwrap.dedent(
 )
 
 
-def test_a_stop_that_hangs_is_cut_short_with_the_stacks() -> None:
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-c", _HANGING_STOP, "stuck"],
+def run_hanging_stop(how: str) -> subprocess.CompletedProcess[str]:
+    """Run ``_HANGING_STOP`` in its own process; ``how``: ``"stuck"``, or ``"done"`` in time."""
+    return subprocess.run(
+        [sys.executable, "-c", _HANGING_STOP, how],
         capture_output=True,
         text=True,
         timeout=20,
         check=False,
     )
+
+
+def test_a_stop_that_hangs_is_cut_short_with_the_stacks() -> None:
+    started = time.monotonic()
+    done = run_hanging_stop("stuck")
     assert done.returncode == 1, done.stderr
     assert time.monotonic() - started < 15
     output = done.stdout + done.stderr
@@ -86,13 +91,7 @@ def test_a_stop_that_hangs_is_cut_short_with_the_stacks() -> None:
 
 
 def test_a_stop_done_in_time_calls_the_watchdog_off() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _HANGING_STOP, "done"],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,
-    )
+    done = run_hanging_stop("done")
     assert done.returncode == 0, done.stderr
     assert "still here" in done.stdout
     assert "did not stop" not in done.stderr
