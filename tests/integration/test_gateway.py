@@ -795,7 +795,11 @@ def test_publisher_replaces_a_producer_after_a_fatal_error(gateway: Gateway) -> 
             assert not publisher.healthy
             assert not await publisher.ready(gateway.topic)
             deadline = time.monotonic() + 10
-            while publisher._producer is broken and time.monotonic() < deadline:
+            # The new producer is in place before the broken one is purged; healthy
+            # follows once the purge is done.
+            while (publisher._producer is broken or not publisher.healthy) and (
+                time.monotonic() < deadline
+            ):
                 await asyncio.sleep(0.05)
             assert publisher._producer is not broken
             assert publisher.healthy
