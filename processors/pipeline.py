@@ -163,6 +163,7 @@ class Pipeline:
         self.outputs = Outputs(self.producer, self.topics)
         self._written: dict[tuple[str, int], int] = {}  # changelog records in the transaction
         self._busy_since: float | None = None  # when the batch in hand was taken
+        self._closed = threading.Event()  # ends the stall watchdog
         self._positions: dict[tuple[str, int], int] = {}  # where the changelogs end
         self._next_report = time.monotonic() + REPORT_INTERVAL_S
         self._next_expiry = time.monotonic() + EXPIRY_INTERVAL_S
@@ -195,14 +196,15 @@ class Pipeline:
         )
 
     def _watch(self) -> None:
-        while True:
-            time.sleep(5.0)
+        while not self._closed.wait(5.0):
             since = self._busy_since
             if since is not None and time.monotonic() - since > STALL_S:
                 exit_on_failure(RuntimeError(f"a batch has not finished in {STALL_S:.0f}s"))
 
     def close(self) -> None:
-        """Leave the group (its partitions move at once) and close the store."""
+        """Leave the group (its partitions move at once), close the store and end the
+        watchdog (which holds the pipeline, and so its producer, while it runs)."""
+        self._closed.set()
         try:
             self.consumer.close()
         finally:
