@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from chargify_stream.base.messages import ConsumedFields
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import event_identity, parse_dead_letter, recency
 
@@ -67,16 +68,7 @@ class ParkedEvent(_Parked):
         )
 
 
-def parkable(
-    *,
-    topic: str,
-    partition: int,
-    offset: int,
-    key: bytes | None,
-    value: bytes | None,
-    headers: Sequence[tuple[str, bytes | None]],
-    sink_topics: Iterable[str],
-) -> ParkedEvent | None:
+def parkable(record: ConsumedFields, *, sink_topics: Iterable[str]) -> ParkedEvent | None:
     """The parked event for one dead-letter record, or ``None`` when it is not one to re-drive.
 
     Only ``customer_not_found`` dead letters written by the sink qualify: their key is the
@@ -84,6 +76,7 @@ def parkable(
     or the retry topic for a retry that failed again). A record without
     readable ``dlq-*`` headers (written by hand, by another tool) is never replayed blindly.
     """
+    key, value, headers = record["key"], record["value"], record["headers"]
     info = parse_dead_letter(headers)
     if info is None or info.reason != h.CUSTOMER_NOT_FOUND or info.stage != h.STAGE_SINK:
         return None
@@ -93,19 +86,18 @@ def parkable(
         customer = key.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    kept: Headers = [(name, v) for name, v in headers if v is not None]
-    found = dict(kept)
+    found = dict(headers)
     return ParkedEvent(
-        dlq_topic=topic,
-        dlq_partition=partition,
-        dlq_offset=offset,
+        dlq_topic=record["topic"],
+        dlq_partition=record["partition"],
+        dlq_offset=record["offset"],
         customer_key=customer,
         source_topic=info.source_topic,
         source_partition=info.source_partition,
         source_offset=info.source_offset,
         record_key=key,
         value=value,
-        headers=kept,
+        headers=list(headers),
         webhook_id=_text(found.get(h.WEBHOOK_ID)),
         event=_text(found.get(h.EVENT)),
         replay_count=info.replay_count,

@@ -50,7 +50,7 @@ from chargify_stream.base.errors import TransientError
 from chargify_stream.base.kafka_admin import ensure_pipeline_topics
 from chargify_stream.base.kafka_errors import refusal, refused_for_itself
 from chargify_stream.base.limits import deadletter_record_max
-from chargify_stream.base.messages import message_headers
+from chargify_stream.base.messages import consumed_fields
 from chargify_stream.base.settings import Settings
 from chargify_stream.schemas.deadletter import parse_dead_letter, replay_headers
 from chargify_stream.sink.clients import connect, group_consumer, has_record, idempotent_producer
@@ -258,18 +258,10 @@ class Redriver(SessionThread):
         rows = []
         labels: list[tuple[str, str]] = []
         for msg in msgs:
-            headers = message_headers(msg)
-            info = parse_dead_letter(headers)
+            record = consumed_fields(msg)
+            info = parse_dead_letter(record["headers"])
             labels.append((info.reason, info.stage) if info else ("none", "none"))
-            parked = parkable(
-                topic=msg.topic() or "",
-                partition=msg.partition() or 0,
-                offset=msg.offset() or 0,
-                key=msg.key(),
-                value=msg.value(),
-                headers=headers,
-                sink_topics=self.sink_topics,
-            )
+            parked = parkable(record, sink_topics=self.sink_topics)
             if parked is not None:
                 rows.append(parked.row())
         if rows:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TypedDict
 
 import pytest
 
 from chargify_stream.arguments import parse_time
+from chargify_stream.base.messages import ConsumedFields
 from chargify_stream.dlq import (
     DeadLetterEvent,
     DeadLetterRecord,
@@ -58,26 +57,16 @@ def dead_letter(
     )
 
 
-class Consumed(TypedDict):
-    """Where a record was read and what it held: the fields a consumer hands over."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes | None]]
-
-
-def consumed(record: DeadLetterRecord) -> Consumed:
+def consumed(record: DeadLetterRecord) -> ConsumedFields:
     """``record`` as the message it was read from, to read it again another way."""
-    return Consumed(
+    return ConsumedFields(
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
         key=record.key,
         value=record.value,
-        headers=record.headers,
+        headers=list(record.headers),
+        timestamp=record.timestamp,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from chargify_stream.base.messages import ConsumedFields
 from chargify_stream.dlq import DeadLetterRecord
 from chargify_stream.sink.parked import Claimed, ParkedEvent, choose_redrives, parkable
 from tests.unit.test_dlq_events import DLQ, RAW, RETRY, TXNS, consumed, dead_letter
@@ -10,7 +11,7 @@ SINK_TOPICS = (TXNS, "chargify.subscriptions", RETRY)
 
 
 def park_record(record: DeadLetterRecord) -> ParkedEvent | None:
-    return parkable(**consumed(record), sink_topics=SINK_TOPICS)
+    return parkable(consumed(record), sink_topics=SINK_TOPICS)
 
 
 def park(**kw: object) -> ParkedEvent | None:
@@ -43,12 +44,15 @@ def test_a_retry_that_failed_again_is_parked_too() -> None:
 def test_a_record_without_dlq_headers_is_never_parked() -> None:
     assert (
         parkable(
-            topic=DLQ,
-            partition=0,
-            offset=1,
-            key=b"cust-1",
-            value=b"v",
-            headers=[("chargify-webhook-id", b"1")],
+            ConsumedFields(
+                topic=DLQ,
+                partition=0,
+                offset=1,
+                key=b"cust-1",
+                value=b"v",
+                headers=[("chargify-webhook-id", b"1")],
+                timestamp=None,
+            ),
             sink_topics=SINK_TOPICS,
         )
         is None
