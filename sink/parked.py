@@ -13,13 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from chargify_stream.base.messages import ConsumedFields
+from chargify_stream.base.messages import ConsumedFields, Headers
 from chargify_stream.schemas import headers as h
 from chargify_stream.schemas.deadletter import event_identity, parse_dead_letter, recency
 
-__all__ = ["Claimed", "Headers", "ParkedEvent", "choose_redrives", "parkable"]
-
-Headers = list[tuple[str, bytes]]
+__all__ = ["Claimed", "ParkedEvent", "choose_redrives", "parkable"]
 
 
 @dataclass(frozen=True, slots=True)

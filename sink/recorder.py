@@ -60,8 +60,6 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 2000
 BATCH_TIMEOUT_S = 0.2
 
-Headers = list[tuple[str, bytes]]
-
 
 class RecorderMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
